@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Every target installs what it needs.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+NPROC_DEMO ?= 2
+
+.PHONY: venv demo test lint bench gpu-check slurm-up slurm-down clean
+
+# The venv is rebuilt only when its inputs change (pyproject.toml or this Makefile's pins).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dali,dev,plot]' torch==2.14.1 torchvision==0.29.1
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) -m mixmo_dist.data.demo --out data/demo
+	bash scripts/launch_demo.sh
+
+test: venv
+	bash scripts/test.sh
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: venv
+	$(PY) -m benchmarks.run_all
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf runs data/demo

@@ -1,0 +1,169 @@
+"""MixMo conversion of a timm ResNet: M encoders, the mixing block, one shared core, M heads; and fold().
+
+Shape legend: M members, B batch, C channels, H/W spatial, D pooled features, K classes.
+
+The conversion reads timm's own metadata (`pretrained_cfg['first_conv']`, `pretrained_cfg['classifier']`), so any
+timm ResNet-family model converts, deep stems included: for `resnet50d` the metadata names `conv1.0`, the stem's
+first bias-free conv, so an encoder never contains BN or ReLU and the eval-time folding stays exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixmo_dist.ops.mixing import MixParams, mix_features
+
+# Every arch the project promises to convert (any timm model passing the structural checks converts too).
+TESTED_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50d",
+    "resnet26t",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+    "seresnet50",
+)
+
+
+def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, leaf = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, new)
+
+
+class MixMoNet(nn.Module):
+    """M encoders (copies of the first conv), a mixing block, a shared core, M linear heads.
+
+    Attributes:
+        encoders: M bias-free `nn.Conv2d` with the original first conv's geometry.
+        core: the timm model with its first conv and classifier replaced by `nn.Identity`.
+        heads: M `nn.Linear(D, K)`.
+    """
+
+    def __init__(self, base: nn.Module, arch: str, num_members: int, timm_kwargs: dict | None = None):
+        super().__init__()
+        cfg = getattr(base, "pretrained_cfg", None) or {}
+        first_conv, classifier = cfg.get("first_conv"), cfg.get("classifier")
+        if not isinstance(first_conv, str) or not isinstance(classifier, str):
+            raise ValueError(f"model.arch {arch!r}: timm metadata names no single first_conv/classifier")
+        try:
+            conv = _get_submodule(base, first_conv)
+            fc = _get_submodule(base, classifier)
+        except AttributeError as err:
+            raise ValueError(f"model.arch {arch!r}: metadata names a missing module ({err})") from None
+        if not isinstance(conv, nn.Conv2d) or conv.bias is not None or conv.groups != 1:
+            raise ValueError(
+                f"model.arch {arch!r} is not supported: its first conv {first_conv!r} must be a bias-free, ungrouped "
+                f"Conv2d (MixMo needs linear encoders); tested archs: {', '.join(TESTED_ARCHS)}"
+            )
+        if not isinstance(fc, nn.Linear) or not hasattr(base, "forward_head"):
+            raise ValueError(f"model.arch {arch!r} is not supported: classifier {classifier!r} is not a Linear layer")
+        self.arch = arch
+        self.num_members = num_members
+        self.num_classes = fc.out_features
+        self.first_conv_name = first_conv
+        self.classifier_name = classifier
+        self.timm_kwargs = dict(timm_kwargs or {})
+        encoders = [conv]
+        for _ in range(num_members - 1):
+            enc = copy.deepcopy(conv)
+            # Same init family as timm's ResNets, but independent draws so members start different.
+            nn.init.kaiming_normal_(enc.weight, mode="fan_out", nonlinearity="relu")
+            encoders.append(enc)
+        self.encoders = nn.ModuleList(encoders)
+        heads = [fc]
+        for _ in range(num_members - 1):
+            head = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None)
+            heads.append(head)
+        self.heads = nn.ModuleList(heads)
+        _set_submodule(base, first_conv, nn.Identity())
+        _set_submodule(base, classifier, nn.Identity())
+        self.core = base
+        self.pretrained_cfg = dict(cfg)
+
+    # -- the flow ---------------------------------------------------------------------------------------------
+    def encoder_output_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of an encoder's output for an input of height x width (the masks' resolution)."""
+        conv = self.encoders[0]
+        sizes = []
+        for size, k, s, p, d in zip((height, width), conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    def _conv(self, x_BCHW: Tensor, weight: Tensor) -> Tensor:
+        conv = self.encoders[0]
+        return F.conv2d(x_BCHW, weight, None, conv.stride, conv.padding, conv.dilation)
+
+    def core_and_heads(self, z_BCHW: Tensor) -> Tensor:
+        """Shared core on the mixed map, then every head: [B,C,H,W] -> logits [M,B,K]."""
+        feats_BD = self.core.forward_head(self.core.forward_features(z_BCHW), pre_logits=True)
+        return torch.stack([head(feats_BD) for head in self.heads])
+
+    def forward_train(self, x_MBCHW: Tensor | Sequence[Tensor], boxes_B4: Tensor, coef_in_MB: Tensor,
+                      coef_out_MB: Tensor) -> Tensor:
+        """Training forward: member m's images through encoder m, mixed, core, heads -> logits [M,B,K].
+
+        The factor M of `z = M * sum_m mask_m * l_m` is folded into the bias-free encoder weights (conv is linear),
+        which costs nothing and is exact for power-of-two M.
+        """
+        m = self.num_members
+        feats = [self._conv(x_MBCHW[i], self.encoders[i].weight * m) for i in range(m)]
+        z_BCHW = mix_features(feats, boxes_B4, coef_in_MB, coef_out_MB)
+        return self.core_and_heads(z_BCHW)
+
+    def forward_eval(self, x_BCHW: Tensor) -> Tensor:
+        """Eval forward: the same image to every encoder, outputs summed = one conv with summed weights."""
+        weight = torch.stack([enc.weight for enc in self.encoders]).sum(0)
+        return self.core_and_heads(self._conv(x_BCHW, weight))
+
+    def forward(self, x: Tensor, mix: MixParams | None = None) -> Tensor:
+        """`forward(x_MBCHW, mix)` trains (mixing), `forward(x_BCHW)` evaluates; both return logits [M,B,K]."""
+        if mix is None:
+            return self.forward_eval(x)
+        return self.forward_train(x, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
+
+    # -- zero-cost inference ------------------------------------------------------------------------------------
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """State dict of the plain timm model equivalent to the ensemble's mean logits."""
+        state = {k: v.detach().clone() for k, v in self.core.state_dict().items()}
+        first, cls = self.first_conv_name, self.classifier_name
+        state[f"{first}.weight"] = torch.stack([e.weight.detach() for e in self.encoders]).sum(0)
+        state[f"{cls}.weight"] = torch.stack([h.weight.detach() for h in self.heads]).mean(0)
+        if self.heads[0].bias is not None:
+            state[f"{cls}.bias"] = torch.stack([h.bias.detach() for h in self.heads]).mean(0)
+        return state
+
+    def fold(self) -> nn.Module:
+        """A plain timm model (same arch) whose logits equal the mean of the member logits: encoders summed into one
+        first conv, head weights and biases averaged."""
+        plain = timm.create_model(self.arch, num_classes=self.num_classes, pretrained=False, **self.timm_kwargs)
+        plain.load_state_dict(self.folded_state_dict(), strict=True)
+        ref = next(self.parameters())
+        return plain.to(device=ref.device, dtype=ref.dtype).train(self.training)
+
+
+def build_model(arch: str, num_members: int, num_classes: int, **timm_kwargs) -> MixMoNet:
+    """`timm.create_model(arch, num_classes=...)` (no pretrained weights) converted to MixMo form.
+
+    Raises:
+        ValueError: unknown arch, or one that cannot be converted (named in the message).
+    """
+    if num_members < 1:
+        raise ValueError(f"mixmo.num_members must be >= 1, got {num_members}")
+    if not timm.is_model(arch):
+        raise ValueError(f"model.arch {arch!r} is not a timm model (tested archs: {', '.join(TESTED_ARCHS)})")
+    base = timm.create_model(arch, num_classes=num_classes, pretrained=False, **timm_kwargs)
+    return MixMoNet(base, arch, num_members, timm_kwargs)
