@@ -129,11 +129,17 @@ class MixMoNet(nn.Module):
         weight = torch.stack([enc.weight for enc in self.encoders]).sum(0)
         return self.core_and_heads(self._conv(x_BCHW, weight))
 
-    def forward(self, x: Tensor, mix: MixParams | None = None) -> Tensor:
-        """`forward(x_MBCHW, mix)` trains (mixing), `forward(x_BCHW)` evaluates; both return logits [M,B,K]."""
+    def forward(self, x: Tensor, mix: MixParams | Tensor | None = None, coef_in_MB: Tensor | None = None,
+                coef_out_MB: Tensor | None = None) -> Tensor:
+        """`forward(x_MBCHW, mix)` trains (mixing), `forward(x_BCHW)` evaluates; both return logits [M,B,K].
+
+        `mix` may also be given as its three tensors `(boxes_B4, coef_in_MB, coef_out_MB)`, the form DDP passes on.
+        """
         if mix is None:
             return self.forward_eval(x)
-        return self.forward_train(x, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
+        if isinstance(mix, MixParams):
+            return self.forward_train(x, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
+        return self.forward_train(x, mix, coef_in_MB, coef_out_MB)
 
     # -- zero-cost inference ------------------------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:

@@ -171,6 +171,8 @@ def mix_features_torch(feats: Sequence[Tensor], boxes_B4: Tensor, coef_in_MB: Te
     once, like `a + b` (the memory floor); autograd gives each member `mask_m * grad`.
     """
     first = feats[0]
+    if len(feats) == 1:  # the vanilla network: nothing to mix
+        return first
     height, width = first.shape[-2:]
     masks_MB1HW = member_masks(boxes_B4, coef_in_MB, coef_out_MB, height, width).to(first.dtype)
     if len(feats) == 2:

@@ -1,0 +1,134 @@
+"""Run reporting on rank 0: run.json, metrics.jsonl + metrics.csv (cut back on resume), progress bar or lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("mixmo_dist")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _flatten(record: dict) -> dict:
+    """Lists become numbered columns for the CSV (member_top1 -> member_top1_0, member_top1_1, ...)."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                flat[f"{key}_{i}"] = item
+        elif not isinstance(value, dict):
+            flat[key] = value
+    return flat
+
+
+class MetricsLog:
+    """`metrics.jsonl` (one flat JSON object per line) and `metrics.csv` with a fixed header.
+
+    The CSV header is fixed when the run starts (train and val columns, one per member), so lines are appended
+    rather than the file rewritten.
+    """
+
+    def __init__(self, output_dir: Path, columns: list[str]):
+        self.jsonl = output_dir / "metrics.jsonl"
+        self.csv = output_dir / "metrics.csv"
+        self.columns = columns
+
+    def truncate_after(self, step: int) -> int:
+        """Drop lines with a step beyond `step` (a resumed run rewrites them); returns how many were dropped."""
+        kept, dropped = [], 0
+        if self.jsonl.exists():
+            for line in self.jsonl.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: drop it
+                    dropped += 1
+                    continue
+                if rec.get("step", 0) > step:
+                    dropped += 1
+                else:
+                    kept.append(rec)
+        self._rewrite(kept)
+        return dropped
+
+    def _rewrite(self, records: list[dict]) -> None:
+        tmp = self.jsonl.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.jsonl)
+        tmp = self.csv.with_name(".metrics.csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            for rec in records:
+                writer.writerow(_flatten(rec))
+        os.replace(tmp, self.csv)
+
+    def append(self, record: dict) -> None:
+        with self.jsonl.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        with self.csv.open("a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerow(_flatten(record))
+
+
+def metric_columns(num_members: int) -> list[str]:
+    members = range(num_members)
+    train = ["loss", *[f"loss_member_{m}" for m in members], "lr", "img_per_s", "unique_img_per_s", "data_time",
+             "compute_time", "kappa_mean", "cut_share", "cut_prob", "grad_norm", "nonfinite_skipped"]
+    val = ["top1", "top5", "nll", "ece", "brier", "prob_ensemble_top1", "prob_ensemble_nll", "prob_ensemble_ece",
+           *[f"member_top1_{m}" for m in members], *[f"member_nll_{m}" for m in members], "diversity",
+           "disagreement", "count"]
+    return ["split", "step", "epoch", *train, *val]
+
+
+class Progress:
+    """A one-line progress bar on a TTY, otherwise a log line every `every` steps (rank 0 only)."""
+
+    def __init__(self, total_steps: int, start_step: int, mode: str, every: int):
+        tty = sys.stderr.isatty()
+        self.bar = mode == "bar" or (mode == "auto" and tty)
+        self.total = total_steps
+        self.every = every
+        self.start_step = start_step
+        self.t0 = time.monotonic()
+
+    def update(self, step: int, rec: dict) -> None:
+        if not self.bar and step % self.every != 0:
+            return
+        done = step - self.start_step
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        text = (
+            f"step {step}/{self.total} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {rec['lr']:.4g} "
+            f"{rec['img_per_s']:.0f} img/s data {rec['data_time']*1e3:.0f}ms compute {rec['compute_time']*1e3:.0f}ms "
+            f"ETA {_hms(eta)}"
+        )
+        if self.bar:
+            width = 24
+            filled = int(width * step / max(self.total, 1))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}   ")
+            sys.stderr.flush()
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        if self.bar:
+            sys.stderr.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

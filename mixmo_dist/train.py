@@ -1,0 +1,62 @@
+"""Entry point: `accelerate launch -m mixmo_dist.train --config configs/X.yaml [--section.key=value ...]`.
+
+Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mixmo_dist.checkpoint import CheckpointError
+from mixmo_dist.config import ConfigError, load_config
+from mixmo_dist.runtime import build_accelerator, die_with_parent
+
+log = logging.getLogger("mixmo_dist")
+
+
+def _setup_logging(main_process: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run(argv: list[str]) -> str:
+    """Train with the config that `argv` describes. Returns "completed" or "preempted".
+
+    Raises:
+        ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
+    """
+    from mixmo_dist.trainer import Trainer
+
+    cfg = load_config(argv)
+    die_with_parent()
+    accelerator = build_accelerator(cfg.run.mixed_precision, output_dir=cfg.run.output_dir,
+                                    tensorboard=cfg.log.tensorboard)
+    _setup_logging(accelerator.is_main_process)
+    if cfg.log.tensorboard:
+        accelerator.init_trackers(cfg.run.name)
+    trainer = Trainer(cfg, accelerator)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = run(argv)
+    except (ConfigError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("run %s", status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
