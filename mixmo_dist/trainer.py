@@ -432,6 +432,7 @@ class Trainer:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
         path = None
         if self.acc.is_main_process:
+            self.store.cleanup_tmp()  # leftovers of saves killed mid-write
             path = self.store.resolve(self.cfg.checkpoint.resume)
             path = str(path) if path else None
         path = self._broadcast(path)

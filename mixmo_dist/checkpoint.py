@@ -1,0 +1,782 @@
+"""How checkpoints are stored: atomic `step_<N>` directories with a sha256 marker, and the one-run-per-directory lock.
+
+The trainer decides what goes into a checkpoint; this module decides how it reaches the disk so that a checkpoint
+that `find_latest()` returns is always whole, whatever moment a process was killed at. Layout:
+
+    <output_dir>/.lock                          RunLock: JSON {pid, host, started, ...} of the run using the dir
+    <output_dir>/checkpoints/                   CheckpointStore root
+        step_00001000/                          one committed checkpoint
+            model.safetensors ...               files written by the ranks (safetensors or JSON, never pickle)
+            COMPLETE                            JSON {"step": N, "<file>": "<sha256>", ...}, written last
+        latest                                  text file naming the newest committed directory (a hint)
+        .tmp_step_00002000_<pid>/               a save in progress (never a candidate for resume)
+        step_00000500.corrupt-<UTC time>/       a checkpoint that failed verification, moved aside, never deleted
+
+A save is a short protocol with no collectives inside, so the caller decides where the barriers go:
+
+    tmp = store.begin(step)              # global rank 0 only; then barrier
+    tmp = store.tmp_dir(step)            # the other ranks find the same directory (shared file system)
+    store.write_tensors(tmp, "model.safetensors", ...)   # each rank writes its own files
+    store.write_json(tmp, f"rank_{rank}.json", ...)
+    # barrier: every rank has finished writing
+    store.commit(tmp, step)              # global rank 0 only
+
+Durability order in `commit`: files fsynced, marker written and fsynced, directory renamed into place, parent
+fsynced, `latest` replaced last; a kill at any point leaves either the old state or the new one. Every file is
+written as a hidden temporary file, fsynced, then `os.replace`d, so a name that exists is a complete file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+LOCK_NAME = ".lock"
+
+# Canonical committed directory names; more than 8 digits is allowed because "%08d" simply grows past 99,999,999.
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_RE = re.compile(r"^\.tmp_(step_\d{8,})_(\d+)$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Keys of the marker that are not file names; file names may not take them.
+_RESERVED_NAMES = frozenset({MARKER, LATEST, "step"})
+_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, checkpoint directory or run lock cannot be used as asked; the message names it."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something was moved aside, replaced or taken over; training can go on, but a person may want to look."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks so a multi-GB checkpoint never sits in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_step_dir_name(name: str) -> int | None:
+    """The step of a canonical committed directory name (`step_00000042` -> 42), else None.
+
+    Non-canonical spellings (`step_42`, `step_00000042.corrupt-...`) are not checkpoints: only names that
+    `CheckpointStore.step_dir_name` would produce count, so moved-aside directories can never be picked up again.
+    """
+    match = _STEP_RE.match(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if name == f"step_{step:08d}" else None
+
+
+def _utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new entry is durable only once the directory holding it is fsynced.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _part_path(path: Path) -> Path:
+    # Hidden, unique per writer (pid alone can repeat across hosts), in the same directory so os.replace is atomic.
+    return path.with_name(f".{path.name}.part-{uuid.uuid4().hex}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    part = _part_path(path)
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def _check_file_name(name: Any, suffix: str | None) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"checkpoint file name must be a str, got {type(name).__name__} ({name!r})")
+    if not name or name != Path(name).name or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"checkpoint file name {name!r} must be a plain, non-hidden file name (no directories)")
+    if name in _RESERVED_NAMES:
+        raise ValueError(f"checkpoint file name {name!r} is reserved by the checkpoint store")
+    if suffix is not None and not name.endswith(suffix):
+        raise ValueError(f"checkpoint file name {name!r} must end with {suffix!r}")
+    return name
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"checkpoint step must be an int, got {type(step).__name__} ({step!r})")
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return step
+
+
+def _to_storable(tensors: Any, file: Path) -> dict[str, Tensor]:
+    """CPU, contiguous tensors that own their memory among the dict, as safetensors requires.
+
+    safetensors refuses two entries backed by the same storage (tied weights, views of one buffer) and
+    non-contiguous tensors; the second and later users of a storage get a clone so both values survive.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{file}: tensors must be a dict[str, Tensor], got {type(tensors).__name__}")
+    seen_storages: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{file}: tensor key {key!r} must be a str, got {type(key).__name__}")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{file}: value of {key!r} must be a torch.Tensor, got {type(value).__name__}")
+        if value.layout != torch.strided:
+            raise TypeError(f"{file}: tensor {key!r} has layout {value.layout}; only dense tensors can be stored")
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu")
+        tensor = tensor.contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen_storages:
+            tensor = tensor.clone()
+            ptr = tensor.untyped_storage().data_ptr()
+        if tensor.numel() > 0:
+            seen_storages.add(ptr)
+        out[key] = tensor
+    return out
+
+
+class CheckpointStore:
+    """Atomic, verifiable `step_<N>` checkpoint directories under one root, with keep-last-k pruning.
+
+    Only one process (global rank 0) may call `begin`, `commit`, `find_latest`, `resolve`, `move_aside` and
+    `cleanup_tmp`, since they rename directories; it shares the resulting path with the other ranks. All ranks may
+    call `tmp_dir`, `write_tensors`, `write_json`, `read_tensors`, `read_json` and `verify`. The root must be on a
+    file system that every rank sees when several hosts write into one checkpoint.
+
+    Args:
+        root: the checkpoint directory, `<output_dir>/checkpoints`; created on the first `begin`.
+        keep_last: how many committed checkpoints to keep (>= 1); older complete ones are deleted after a commit.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int) -> None:
+        if not isinstance(root, (str, Path)):
+            raise TypeError(f"checkpoint root must be a str or Path, got {type(root).__name__}")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int):
+            raise TypeError(f"checkpoint keep_last must be an int, got {type(keep_last).__name__} ({keep_last!r})")
+        if keep_last < 1:
+            raise ValueError(f"checkpoint keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root).expanduser()
+        self.keep_last = keep_last
+
+    # ----------------------------------------------------------------------------------------------- naming
+
+    @staticmethod
+    def step_dir_name(step: int) -> str:
+        """Directory name of the checkpoint of `step`: `step_%08d`."""
+        return f"step_{_check_step(step):08d}"
+
+    def step_dirs(self) -> list[tuple[int, Path]]:
+        """(step, path) of every canonically named entry under the root, oldest first; nothing is verified."""
+        if not self.root.is_dir():
+            return []
+        found = [(parse_step_dir_name(p.name), p) for p in self.root.iterdir()]
+        return sorted((step, p) for step, p in found if step is not None)
+
+    # ----------------------------------------------------------------------------------------------- saving
+
+    def begin(self, step: int) -> Path:
+        """Create the empty temporary directory `root/.tmp_step_<N>_<pid>` of a save (global rank 0 only).
+
+        A leftover temporary directory of the same step (a save killed earlier) is removed first, so
+        `tmp_dir(step)` finds exactly one.
+
+        Returns:
+            The temporary directory; every rank writes its files into it, then rank 0 calls `commit`.
+        """
+        name = self.step_dir_name(step)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f".tmp_{name}_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp_{name}_{os.getpid()}"
+        tmp.mkdir()
+        return tmp
+
+    def tmp_dir(self, step: int) -> Path:
+        """The temporary directory that rank 0's `begin(step)` created, for the other ranks (after a barrier).
+
+        Raises:
+            CheckpointError: if there is none, or more than one (a save of the same step from another process).
+        """
+        name = self.step_dir_name(step)
+        found = sorted(self.root.glob(f".tmp_{name}_*")) if self.root.is_dir() else []
+        if len(found) != 1:
+            raise CheckpointError(
+                f"expected exactly one temporary directory .tmp_{name}_<pid> under {self.root} for step {step}, "
+                f"found {[p.name for p in found]}; rank 0 must call begin({step}) before the barrier"
+            )
+        return found[0]
+
+    def _check_tmp(self, tmp_dir: str | Path) -> tuple[Path, str]:
+        tmp = Path(tmp_dir)
+        match = _TMP_RE.match(tmp.name)
+        if match is None or not tmp.is_dir() or tmp.parent.resolve() != self.root.resolve():
+            raise CheckpointError(
+                f"{tmp} is not a temporary checkpoint directory made by begin() under {self.root}; "
+                "files go into the directory that begin()/tmp_dir() returned, never into a committed checkpoint"
+            )
+        return tmp, match.group(1)
+
+    def write_tensors(
+        self,
+        tmp_dir: str | Path,
+        name: str,
+        tensors: Mapping[str, Tensor],
+        metadata: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Write `tensors` as the safetensors file `tmp_dir/name`, atomically (temp file, fsync, os.replace).
+
+        Tensors are detached, moved to the CPU and made contiguous; entries that share memory (tied weights,
+        views of one buffer) are cloned so each is stored on its own. Shapes and dtypes are kept as they are.
+
+        Args:
+            tmp_dir: the directory returned by `begin` or `tmp_dir`.
+            name: file name ending in `.safetensors`, e.g. `model.safetensors`.
+            tensors: {key: tensor of any shape}; keys are kept as they are.
+            metadata: optional {str: str} stored in the safetensors header (see `read_metadata`).
+
+        Returns:
+            The written file.
+        """
+        tmp, _ = self._check_tmp(tmp_dir)
+        file = tmp / _check_file_name(name, ".safetensors")
+        if metadata is not None:
+            if not isinstance(metadata, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+            ):
+                raise TypeError(f"{file}: metadata must be a dict[str, str], got {metadata!r}")
+            metadata = dict(metadata)
+        storable = _to_storable(tensors, file)
+        part = _part_path(file)
+        try:
+            save_file(storable, str(part), metadata=metadata)
+            _fsync_file(part)
+            os.replace(part, file)
+        except (SafetensorError, RuntimeError, ValueError, TypeError) as err:
+            part.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {file}: {err}") from err
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return file
+
+    def write_json(self, tmp_dir: str | Path, name: str, obj: Any) -> Path:
+        """Write `obj` as the JSON file `tmp_dir/name` (sorted keys), atomically; `name` ends in `.json`."""
+        tmp, _ = self._check_tmp(tmp_dir)
+        file = tmp / _check_file_name(name, ".json")
+        try:
+            text = json.dumps(obj, indent=1, sort_keys=True)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"cannot write {file}: {err}; checkpoint JSON holds only plain Python data") from err
+        _atomic_write_bytes(file, text.encode() + b"\n")
+        return file
+
+    def commit(self, tmp_dir: str | Path, step: int) -> Path:
+        """Turn a finished temporary directory into the committed checkpoint `root/step_<N>` (global rank 0 only).
+
+        Call it after a barrier that follows every rank's writes. Order: fsync every file, write `COMPLETE`
+        ({"step": N, file: sha256, ...}) and fsync it and the directory; move aside an existing `step_<N>`
+        (`.replaced-<time>`) and any checkpoint of a later step (`.superseded-<time>`: a resume from an older
+        checkpoint forks the run, and the later ones belong to the abandoned branch); rename into place; fsync
+        the root; replace `latest`; prune to the newest `keep_last` complete checkpoints (never this one).
+
+        Returns:
+            The committed directory `root/step_<N>`.
+        """
+        tmp, tmp_name = self._check_tmp(tmp_dir)
+        name = self.step_dir_name(step)
+        if tmp_name != name:
+            raise CheckpointError(f"{tmp} was made by begin() for {tmp_name}, not for step {step}")
+        entries = sorted(tmp.iterdir())
+        unfinished = [p.name for p in entries if p.name.startswith(".")]
+        if unfinished:
+            raise CheckpointError(f"{tmp} holds unfinished writes {unfinished}: commit only after every rank wrote")
+        bad = [p.name for p in entries if p.is_symlink() or not p.is_file() or p.name in _RESERVED_NAMES]
+        if bad:
+            raise CheckpointError(f"{tmp} holds entries that cannot be checkpoint files: {bad}")
+        if not entries:
+            raise CheckpointError(f"{tmp} is empty: nothing was written for step {step}")
+        marker: dict[str, Any] = {"step": step}
+        for path in entries:
+            _fsync_file(path)
+            marker[path.name] = sha256_file(path)
+        _atomic_write_bytes(tmp / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode() + b"\n")
+        _fsync_dir(tmp)
+
+        final = self.root / name
+        if final.exists() or final.is_symlink():
+            self.move_aside(final, f"a new checkpoint of step {step} replaces it", tag="replaced")
+        for later_step, later in self.step_dirs():
+            if later_step > step:
+                self.move_aside(later, f"step {later_step} is later than the new checkpoint {name}", tag="superseded")
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self._write_latest(name)
+        self._prune(keep=final)
+        return final
+
+    def _write_latest(self, name: str) -> None:
+        _atomic_write_bytes(self.root / LATEST, name.encode() + b"\n")
+        _fsync_dir(self.root)
+
+    def _prune(self, keep: Path) -> None:
+        # Only directories with a marker count as complete; a marker-less one is evidence, left to find_latest.
+        complete = [p for _, p in reversed(self.step_dirs()) if p != keep and (p / MARKER).is_file()]
+        for old in complete[self.keep_last - 1 :]:
+            # Rename first so a kill mid-delete never leaves a half-deleted directory under a checkpoint's name.
+            trash = self.root / f".trash_{old.name}_{uuid.uuid4().hex}"
+            try:
+                os.rename(old, trash)
+                shutil.rmtree(trash)
+            except OSError as err:
+                warnings.warn(f"could not prune old checkpoint {old}: {err}", CheckpointWarning, stacklevel=3)
+
+    def cleanup_tmp(self) -> list[Path]:
+        """Remove leftovers of killed saves and prunes (`.tmp_*`, `.trash_*`, partial `latest` writes).
+
+        Call it once at start-up while holding the `RunLock`; temporary directories of this very process are kept.
+
+        Returns:
+            The removed paths.
+        """
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            tmp = _TMP_RE.match(path.name)
+            if tmp is not None and int(tmp.group(2)) == os.getpid():
+                continue
+            if tmp is not None or path.name.startswith(".trash_"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(f".{LATEST}.part-"):
+                path.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(path)
+        return removed
+
+    # ----------------------------------------------------------------------------------------------- finding
+
+    def verify(self, path: str | Path) -> str | None:
+        """Check a committed checkpoint directory against its marker.
+
+        Checks: the name is canonical (`step_%08d`); `COMPLETE` exists and is a JSON object whose "step" equals
+        the directory's step and which lists at least one file; every listed file exists, is a regular file and
+        has the listed sha256 (a truncated or modified file fails here).
+
+        Returns:
+            None when the checkpoint is whole, else the reason it is not.
+        """
+        path = Path(path)
+        step = parse_step_dir_name(path.name)
+        if step is None:
+            return f"directory name {path.name!r} is not step_<8 digits>"
+        if not path.is_dir():
+            return "not a directory"
+        marker_path = path / MARKER
+        if not marker_path.is_file():
+            return f"no {MARKER} marker (the save did not finish)"
+        try:
+            marker = json.loads(marker_path.read_bytes())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return f"{MARKER} marker is not valid JSON ({err})"
+        if not isinstance(marker, dict):
+            return f"{MARKER} marker is not a JSON object"
+        marker_step = marker.get("step")
+        if isinstance(marker_step, bool) or marker_step != step:
+            return f"{MARKER} marker says step {marker_step!r}, the directory is step {step}"
+        files = {k: v for k, v in marker.items() if k != "step"}
+        if not files:
+            return f"{MARKER} marker lists no files"
+        for name, digest in sorted(files.items()):
+            if name in _RESERVED_NAMES or name != Path(name).name or name.startswith("."):
+                return f"{MARKER} marker lists an invalid file name {name!r}"
+            if not isinstance(digest, str) or _SHA256_RE.match(digest) is None:
+                return f"{MARKER} marker has no valid sha256 for {name}"
+            file = path / name
+            if file.is_symlink() or not file.is_file():
+                return f"listed file {name} is missing"
+            try:
+                actual = sha256_file(file)
+            except OSError as err:
+                return f"listed file {name} cannot be read ({err})"
+            if actual != digest:
+                return f"sha256 mismatch for {name} (truncated or modified after the save)"
+        return None
+
+    def move_aside(self, path: str | Path, reason: str, tag: str = "corrupt") -> Path | None:
+        """Rename `path` to `<name>.<tag>-<UTC time>` next to it (never delete it) and warn naming it and `reason`.
+
+        Returns:
+            The new path, or None when `path` no longer exists (another process moved it first).
+        """
+        path = Path(path)
+        stamp = _utc_stamp()
+        target = path.with_name(f"{path.name}.{tag}-{stamp}")
+        n = 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        _fsync_dir(target.parent)
+        warnings.warn(f"checkpoint {path} moved aside to {target.name}: {reason}", CheckpointWarning, stacklevel=2)
+        return target
+
+    def _latest_hint(self) -> Path | None:
+        hint_file = self.root / LATEST
+        try:
+            text = hint_file.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as err:
+            warnings.warn(f"{hint_file} is unreadable ({err}); scanning {self.root}", CheckpointWarning, stacklevel=3)
+            return None
+        if parse_step_dir_name(text) is None:
+            warnings.warn(
+                f"{hint_file} holds {text[:80]!r}, not a checkpoint name; scanning {self.root}",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+            return None
+        return self.root / text
+
+    def find_latest(self) -> Path | None:
+        """The checkpoint to resume from: `latest` if it verifies, else the newest step directory that verifies.
+
+        `latest` is trusted first because it is written last by `commit`. Every candidate that fails `verify` is
+        moved aside with a warning and the next older one is tried; `.tmp_*` directories are never candidates.
+        When the scan had to be used, `latest` is rewritten to the answer.
+
+        Returns:
+            The checkpoint directory, or None when no checkpoint verifies (a fresh run).
+        """
+        if not self.root.is_dir():
+            return None
+        hint = self._latest_hint()
+        if hint is not None:
+            if hint.exists():
+                reason = self.verify(hint)
+                if reason is None:
+                    return hint
+                self.move_aside(hint, reason)
+            else:
+                warnings.warn(
+                    f"{self.root / LATEST} names {hint.name}, which does not exist; scanning {self.root}",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+        for _, candidate in reversed(self.step_dirs()):
+            reason = self.verify(candidate)
+            if reason is None:
+                self._write_latest(candidate.name)
+                return candidate
+            self.move_aside(candidate, reason)
+        return None
+
+    def resolve(self, resume: str) -> Path | None:
+        """Apply the config value `checkpoint.resume`.
+
+        Args:
+            resume: "auto" (resume from `find_latest()`, or start fresh when there is none), "never" (start
+                fresh), or the path of a checkpoint directory `.../step_<N>` (it must verify).
+
+        Returns:
+            The checkpoint directory to load, or None to start fresh.
+
+        Raises:
+            CheckpointError: an explicit path that does not exist or does not verify (never ignored silently).
+        """
+        if not isinstance(resume, (str, Path)):
+            raise TypeError(f"checkpoint.resume must be 'auto', 'never' or a path, got {type(resume).__name__}")
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.find_latest()
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint.resume={str(resume)!r}: {path} does not exist")
+        reason = self.verify(path)
+        if reason is not None:
+            raise CheckpointError(
+                f"checkpoint.resume={str(resume)!r}: {path} is not a usable checkpoint: {reason}; "
+                "pass another step directory, or 'auto' to take the newest one that verifies"
+            )
+        return path
+
+    # ----------------------------------------------------------------------------------------------- reading
+
+    @staticmethod
+    def _existing_file(path: str | Path, name: str, suffix: str) -> Path:
+        file = Path(path) / _check_file_name(name, suffix)
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} has no file {name}")
+        return file
+
+    def read_tensors(self, path: str | Path, name: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """Load the safetensors file `path/name` (no pickle) as {key: tensor} on `device`."""
+        file = self._existing_file(path, name, ".safetensors")
+        try:
+            return load_file(str(file), device=str(device))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path}: cannot read {name}: {err}") from err
+
+    def read_metadata(self, path: str | Path, name: str) -> dict[str, str]:
+        """The {str: str} metadata stored by `write_tensors` in `path/name` ({} when none was given)."""
+        file = self._existing_file(path, name, ".safetensors")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"checkpoint {path}: cannot read {name}: {err}") from err
+
+    def read_json(self, path: str | Path, name: str) -> Any:
+        """Load the JSON file `path/name`."""
+        file = self._existing_file(path, name, ".json")
+        try:
+            return json.loads(file.read_bytes())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"checkpoint {path}: cannot read {name}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------- run lock
+
+
+def _boot_id() -> str | None:
+    # Pids and process start ticks restart at boot; a lock from another boot is stale whatever its pid.
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) from /proc/<pid>/stat, or None where unavailable."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: the fields after it start at the last ')'.
+    fields = text.rsplit(")", 1)[-1].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    stat = _proc_stat(pid)
+    # A zombie (killed, not yet reaped) or dead process holds nothing.
+    return stat is None or stat[0] not in ("Z", "X")
+
+
+class RunLock:
+    """One run per output directory: `<output_dir>/.lock`, created atomically, holding who owns the directory.
+
+    The lock file is JSON {pid, host, started (UTC ISO time), proc_start (ticks since boot, from /proc), boot_id,
+    token}. A lock whose process is gone on this host (dead, zombie, another boot, or a pid reused by another
+    process, told apart by `proc_start`) is stale and taken over with a warning. A live one, or one written on
+    another host (which cannot be checked from here), is refused with a `CheckpointError` that says how to proceed.
+    Only one process of a run (global rank 0) should hold it. Usable as a context manager; also released at exit.
+
+    Args:
+        output_dir: the run's output directory; created when missing.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        if not isinstance(output_dir, (str, Path)):
+            raise TypeError(f"output_dir must be a str or Path, got {type(output_dir).__name__}")
+        self.output_dir = Path(output_dir).expanduser()
+        self.path = self.output_dir / LOCK_NAME
+        self._token: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._token is not None
+
+    def _own_record(self) -> dict[str, Any]:
+        stat = _proc_stat(os.getpid())
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "proc_start": None if stat is None else stat[1],
+            "boot_id": _boot_id(),
+            "token": uuid.uuid4().hex,
+        }
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; a no-op when this object already holds it.
+
+        Raises:
+            CheckpointError: another live run holds it, it was written on another host, or it is unreadable.
+        """
+        if self.held:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = self._own_record()
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._clear_if_stale()
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(record, indent=1).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.output_dir)
+            self._token = record["token"]
+            atexit.register(self.release)
+            return
+        raise CheckpointError(f"could not create {self.path}: other processes keep creating and removing it")
+
+    def _read_holder(self) -> tuple[bytes, dict[str, Any]] | None:
+        # O_EXCL creation and the write of the content are two steps: an empty or partial file may be a lock
+        # being written right now, so give its writer a moment before calling it garbage.
+        raw = b""
+        for attempt in range(20):
+            try:
+                raw = self.path.read_bytes()
+            except FileNotFoundError:
+                return None
+            try:
+                holder = json.loads(raw)
+                if isinstance(holder, dict):
+                    return raw, holder
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                pass
+            if attempt < 19:
+                time.sleep(0.05)
+        raise CheckpointError(
+            f"lock file {self.path} is not a lock written by mixmo_dist ({raw[:80]!r}); "
+            f"if no run is using {self.output_dir}, delete {self.path} and start again"
+        )
+
+    def _stale_reason(self, holder: dict[str, Any]) -> str:
+        """Why the lock `holder` is stale; raises CheckpointError when it is (or may be) live."""
+        pid, host, started = holder.get("pid"), holder.get("host"), holder.get("started")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(host, str):
+            raise CheckpointError(
+                f"lock file {self.path} has no valid pid/host ({holder!r}); "
+                f"if no run is using {self.output_dir}, delete {self.path} and start again"
+            )
+        who = f"pid {pid} on host {host} since {started}"
+        me = socket.gethostname()
+        if host != me:
+            raise CheckpointError(
+                f"another run ({who}) may be using {self.output_dir}; its lock {self.path} was written on another "
+                f"host and cannot be checked from {me}. If that run has ended, delete {self.path} and start again; "
+                "otherwise wait for it or choose another output directory"
+            )
+        boot = holder.get("boot_id")
+        if boot is not None and _boot_id() is not None and boot != _boot_id():
+            return f"{who} ran before this host rebooted"
+        if not _pid_alive(pid):
+            return f"{who} is no longer running"
+        stat = _proc_stat(pid)
+        proc_start = holder.get("proc_start")
+        if isinstance(proc_start, int) and stat is not None and stat[1] != proc_start:
+            return f"{who} is gone; pid {pid} now belongs to another process"
+        if pid == os.getpid():
+            raise CheckpointError(f"this process already holds {self.path} through another RunLock")
+        raise CheckpointError(
+            f"another run ({who}) is using {self.output_dir}; wait for it to end, stop it (kill {pid}), or choose "
+            f"another output directory. If you are sure it is not running, delete {self.path}"
+        )
+
+    def _clear_if_stale(self) -> None:
+        found = self._read_holder()
+        if found is None:
+            return  # removed meanwhile: try to create it again
+        raw, holder = found
+        reason = self._stale_reason(holder)
+        # Move the stale lock out of the way by rename, then check that what moved is what was judged: between
+        # reading and renaming, a competing process may have taken over and written a live lock.
+        moved = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return
+        try:
+            if moved.read_bytes() != raw:
+                try:
+                    os.link(moved, self.path)  # put the live lock back; fails harmlessly if one exists again
+                except FileExistsError:
+                    pass
+                return
+            warnings.warn(f"taking over stale run lock {self.path}: {reason}", CheckpointWarning, stacklevel=4)
+        finally:
+            moved.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock file if it is still this process's own; safe to call twice."""
+        if self._token is None:
+            return
+        token, self._token = self._token, None
+        atexit.unregister(self.release)
+        try:
+            holder = json.loads(self.path.read_bytes())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return
+        # After a fork the child shares this object but not the lock: the pid check keeps it from removing it.
+        if isinstance(holder, dict) and holder.get("token") == token and holder.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
