@@ -1,0 +1,550 @@
+"""The DALI loading backend: JPEG decoding and augmentation in DALI pipelines (GPU "mixed" decoding or CPU only).
+
+One pipeline definition serves training and validation on both devices; `build_dali_data` wraps it into the
+`Data` contract of `mixmo_dist.data` (exact batches per epoch, exact validation, resumable position).
+
+How the training order is made (and why it is not DALI's own shuffle):
+    Every epoch has its own global permutation of the sample list, drawn from `numpy.random.default_rng((seed,
+    epoch))`, identical on every rank, and padded (cyclically, with the permutation's first samples) to exactly
+    `world_size * steps * batch` entries. A fresh pipeline reads that list with `shard_id=rank,
+    num_shards=world_size`, so every shard holds exactly `steps` full batches and the ranks together see every
+    sample at least once per epoch, like `DistributedSampler`. DALI's own options were checked and rejected:
+    `random_shuffle` only shuffles a 1024-sample window, and `shuffle_after_epoch` does give a global reshuffle
+    with one seed on all ranks, but its order is hidden inside DALI. Owning the order makes `set_epoch(e)` mean what
+    it means for the torch backend, spreads the padding over different samples every epoch (DALI's
+    `pad_last_batch` repeats one sample up to batch-1 times, which skews BatchNorm), and tells us exactly which
+    files a failing batch held. The price is one pipeline build per epoch (milliseconds on CPU).
+
+Corrupt files: a file DALI cannot decode raises `CorruptImageError` naming it. DALI, like libjpeg-turbo, decodes
+some damaged JPEGs without complaint (a file cut near its end comes out with grey rows), where the torch backend's
+Pillow refuses them; check a dataset with the torch backend or Pillow to catch those.
+
+Shape legend: B batch, C=3 channels, H=W=image_size.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from mixmo_dist.data import Data
+from mixmo_dist.data.folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, load_rgb, scan_split
+
+__all__ = ["DaliTrainLoader", "DaliValLoader", "build_dali_data"]
+
+_READER = "Reader"
+_OUTPUTS = ["images", "index"]
+# Random-crop decoding tries this many (area, aspect) draws before falling back to the whole image (torchvision: 10).
+_CROP_ATTEMPTS = 10
+# pad_random pads this many pixels on every side before the random crop (the CIFAR recipe).
+_PAD = 4
+_STATE_FORMAT = "mixmo_dist.dali/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Augment:
+    """Everything the pipeline graph depends on besides the file list (one per `build_dali_data` call)."""
+
+    image_size: int
+    train_crop: str
+    min_crop_scale: float
+    hflip: bool
+    val_resize: int
+    mean_255: tuple[float, float, float]
+    std_255: tuple[float, float, float]
+    channels_last: bool
+    gpu: bool
+
+
+@pipeline_def(enable_checkpointing=True)
+def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_shards: int, training: bool, aug):
+    """The one DALI graph: read, decode (+ random crop / flip in training), resize, normalise.
+
+    Labels given to the reader are indices into the dataset's sample list, not classes: the wrapper maps them to
+    classes, and they tell tests and error messages exactly which file every row came from.
+
+    Returns:
+        images: float32, [B,H,W,C] when aug.channels_last else [B,C,H,W]; on the GPU when aug.gpu.
+        index: int32 [B,1] sample indices (CPU).
+    """
+    decoder_device = "mixed" if aug.gpu else "cpu"
+    size = aug.image_size
+    # The order is ours (see the module docstring): no shuffling and no shard rotation inside DALI. Shards are
+    # already equal, so pad_last_batch only matters for validation, where the iterator drops the padded rows.
+    jpegs, index = fn.readers.file(
+        files=files,
+        labels=indices,
+        name=_READER,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,
+        stick_to_shard=True,
+        pad_last_batch=True,
+    )
+    crop_pos_x = crop_pos_y = 0.5
+    mirror = 0
+    if not training:
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=aug.val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
+    elif aug.train_crop == "random_resized":
+        # ROI decoding: only the sampled window is decoded, which is most of DALI's edge on the CPU.
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=decoder_device,
+            output_type=types.RGB,
+            random_area=(aug.min_crop_scale, 1.0),
+            random_aspect_ratio=(3 / 4, 4 / 3),
+            num_attempts=_CROP_ATTEMPTS,
+        )
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    else:
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        # Zero (black) padding before normalisation, as torchvision's RandomCrop(padding=4) on the decoded image.
+        padded = size + 2 * _PAD
+        images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
+        # An integer offset in 0..2*PAD, each equally likely: crop_pos * (padded - size) is then exactly that offset.
+        offsets = list(range(2 * _PAD + 1))
+        crop_pos_x = fn.random.uniform(values=offsets, dtype=types.FLOAT) / float(2 * _PAD)
+        crop_pos_y = fn.random.uniform(values=offsets, dtype=types.FLOAT) / float(2 * _PAD)
+    if training and aug.hflip:
+        mirror = fn.random.coin_flip(probability=0.5)
+    images = fn.crop_mirror_normalize(
+        images,
+        crop=(size, size),
+        crop_pos_x=crop_pos_x,
+        crop_pos_y=crop_pos_y,
+        mirror=mirror,
+        mean=list(aug.mean_255),
+        std=list(aug.std_255),
+        dtype=types.FLOAT,
+        # HWC rows are what channels_last means physically; the wrapper only permutes the view.
+        output_layout="HWC" if aug.channels_last else "CHW",
+    )
+    return images, index
+
+
+def _seed31(*words: int) -> int:
+    """A 31-bit seed mixed from `words` (DALI takes non-negative int seeds; SeedSequence decorrelates them)."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class _Batches:
+    """Shared machinery of both loaders: one DALI iterator, tensor conversion and naming a corrupt file."""
+
+    def __init__(
+        self,
+        *,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        aug: _Augment,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        threads: int,
+        prefetch: int,
+        device: torch.device,
+    ) -> None:
+        self._paths = list(paths)
+        # index -> class, on the device, so the label lookup happens where the labels are consumed.
+        self._class_of_N = torch.as_tensor(list(labels), dtype=torch.int64, device=device)
+        self._aug = aug
+        self._batch_size = batch_size
+        self._rank = rank
+        self._world_size = world_size
+        self._threads = threads
+        self._prefetch = prefetch
+        self._device = device
+        self._device_id = (
+            (device.index if device.index is not None else torch.cuda.current_device()) if aug.gpu else None
+        )
+
+    @property
+    def paths(self) -> list[str]:
+        """The split's sample paths; `iter_with_indices` yields indices into this list."""
+        return self._paths
+
+    def _make_iterator(
+        self, files_idx: Sequence[int], *, training: bool, seed: int, policy, checkpoint: bytes | None = None
+    ) -> DALIGenericIterator:
+        """Builds a pipeline over `files_idx` (indices into the sample list) and its PyTorch iterator."""
+        pipe = _image_pipeline(
+            files=[self._paths[i] for i in files_idx],
+            indices=[int(i) for i in files_idx],
+            shard_id=self._rank,
+            num_shards=self._world_size,
+            training=training,
+            aug=self._aug,
+            batch_size=self._batch_size,
+            num_threads=self._threads,
+            device_id=self._device_id,
+            seed=seed,
+            prefetch_queue_depth=self._prefetch,
+            checkpoint=checkpoint,
+        )
+        # prepare_first_batch=False: building must not decode (a corrupt first batch would then escape the
+        # diagnosis in _next, and a restored pipeline must not run ahead of its checkpoint).
+        return DALIGenericIterator(
+            [pipe],
+            _OUTPUTS,
+            reader_name=_READER,
+            last_batch_policy=policy,
+            auto_reset=False,
+            prepare_first_batch=False,
+        )
+
+    def _convert(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DALI outputs -> (images_BCHW float32 on device, labels_B int64 on device, index_B int64 on CPU)."""
+        images = out["images"]
+        if self._aug.channels_last:
+            images = images.permute(0, 3, 1, 2)  # [B,H,W,C] -> a [B,C,H,W] view in channels_last memory format
+        images_BCHW = images.to(self._device, non_blocking=True)
+        index_B = out["index"].reshape(-1).long()
+        labels_B = self._class_of_N[index_B.to(self._device, non_blocking=True)]
+        return images_BCHW, labels_B, index_B.cpu()
+
+    def _corrupt_error(self, err: RuntimeError, candidates: Sequence[int]) -> CorruptImageError | None:
+        """Finds the file behind a DALI pipeline failure, or None when no candidate is at fault.
+
+        DALI names the file for some failures ("Failed to decode sample #1 : PATH") but not for others
+        ("nvImageCodec failure: '#3'", e.g. a damaged header), and the pipeline is unusable afterwards. A file the
+        message names wins; otherwise the `candidates` (indices of the batches not yet delivered, in reading
+        order, so the culprit is usually among the first few) are decoded with Pillow until one fails.
+        """
+        message = str(err)
+        unique = list(dict.fromkeys(int(i) for i in candidates))
+        for i in unique:
+            if self._paths[i] in message:
+                return CorruptImageError(f"DALI cannot decode image {self._paths[i]}: {_dali_reason(message)}")
+        for i in unique:
+            try:
+                load_rgb(self._paths[i])
+            except CorruptImageError as bad:
+                return bad
+        return None
+
+
+def _dali_reason(message: str) -> str:
+    """The informative line of a DALI pipeline error (the text after 'encountered:'), for our error message."""
+    tail = message.split("encountered:", 1)[-1].strip()
+    return tail.splitlines()[0] if tail else message.strip().splitlines()[0]
+
+
+class DaliTrainLoader(_Batches):
+    """Training batches from DALI: exactly `len(self)` full batches per epoch on every rank, resumable mid-epoch.
+
+    Iterating yields `(images_BCHW, labels_B)`: float32 normalised images on the device (channels_last memory
+    format when asked) and int64 class labels on the device. An epoch that is iterated to its end is followed by
+    the next one on the next `iter()`; `set_epoch(e)` jumps to the start of epoch e (a no-op when e is the
+    current epoch, e.g. right after `load_state_dict`).
+    """
+
+    def __init__(self, *, num_samples: int, seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._num_samples = num_samples
+        self._seed = seed
+        self._steps = math.ceil(num_samples / (self._world_size * self._batch_size))
+        self._epoch = 0
+        self._batch = 0  # batches of the current epoch already delivered
+        self._iterator: DALIGenericIterator | None = None
+        self._restore: bytes | None = None  # a DALI checkpoint to build the next pipeline from
+        self._broken = False
+
+    def __len__(self) -> int:
+        return self._steps
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the loader stands in."""
+        return self._epoch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Sample indices this rank reads in `epoch`, in order: int64 [steps * batch]."""
+        per_rank = self._steps * self._batch_size
+        return self._global_order(epoch)[self._rank * per_rank : (self._rank + 1) * per_rank]
+
+    def _global_order(self, epoch: int) -> np.ndarray:
+        """The padded order of `epoch` over all ranks, int64 [world_size * steps * batch]; DALI's shard r of it
+        is rank r's part."""
+        perm = np.random.default_rng((self._seed, epoch)).permutation(self._num_samples)
+        # np.resize repeats the permutation cyclically: the padding is the epoch's first samples, never one
+        # sample over and over (it also covers world_size * batch > num_samples on toy data).
+        return np.resize(perm, self._world_size * self._steps * self._batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to the start of `epoch`; a no-op when `epoch` is the current one (keeps a restored position).
+
+        Same semantics as the torch backend, so a trainer may call it right after `load_state_dict`.
+        """
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
+        if epoch != self._epoch:
+            self._epoch, self._batch = epoch, 0
+            self._drop_pipeline()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images_BCHW, labels_B, _ in self.iter_with_indices():
+            yield images_BCHW, labels_B
+
+    def iter_with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like iterating, but also yields each row's sample index (int64 [B], CPU): which file it came from."""
+        if self._broken:
+            raise RuntimeError("the DALI training pipeline failed earlier; restore a position with load_state_dict")
+        if self._batch >= self._steps:
+            self._epoch, self._batch = self._epoch + 1, 0
+            self._drop_pipeline()
+        while self._batch < self._steps:
+            batch = self._next()
+            self._batch += 1
+            yield batch
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        try:
+            if self._iterator is None:
+                self._iterator = self._make_iterator(
+                    self._global_order(self._epoch),
+                    training=True,
+                    # Augmentation differs per rank and per epoch; the order above is the same on every rank.
+                    seed=_seed31(self._seed, self._rank, self._epoch),
+                    policy=LastBatchPolicy.FILL,
+                    checkpoint=self._restore,
+                )
+                self._restore = None
+            out = next(self._iterator)[0]
+        except RuntimeError as err:
+            self._broken, self._iterator = True, None
+            remaining = self.epoch_indices(self._epoch)[self._batch * self._batch_size :]
+            corrupt = self._corrupt_error(err, remaining)
+            if corrupt is not None:
+                raise corrupt from err
+            raise
+        return self._convert(out)
+
+    def _drop_pipeline(self) -> None:
+        self._iterator, self._restore, self._broken = None, None, False
+
+    def state_dict(self) -> dict:
+        """The exact position: epoch, batches delivered, and DALI's checkpoint (reader position + RNG states).
+
+        Returns:
+            A JSON-able dict; the DALI checkpoint is base64 text, None at an epoch boundary.
+        """
+        if self._iterator is not None and 0 < self._batch < self._steps:
+            checkpoint = self._iterator.checkpoints()[0]
+        else:
+            checkpoint = self._restore if 0 < self._batch < self._steps else None
+        if isinstance(checkpoint, str):
+            checkpoint = checkpoint.encode("latin-1")
+        return {
+            "format": _STATE_FORMAT,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "steps": self._steps,
+            "num_samples": self._num_samples,
+            "world_size": self._world_size,
+            "rank": self._rank,
+            "seed": self._seed,
+            "dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii"),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a position saved by `state_dict` (of this rank, same data and batch layout).
+
+        Raises:
+            ValueError: the state is not a DALI loader state, or it was saved with another dataset size, world
+                size, rank, seed or steps per epoch (the message names the mismatching key).
+        """
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"data state: not a DALI loader state (format {_STATE_FORMAT!r} expected)")
+        # Most telling mismatch first: a changed world size also changes the steps per epoch.
+        expected = {
+            "world_size": self._world_size,
+            "rank": self._rank,
+            "num_samples": self._num_samples,
+            "steps": self._steps,
+            "seed": self._seed,
+        }
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(f"data state: {key} is {state.get(key)!r} in the checkpoint but {value!r} now")
+        epoch, batch = state.get("epoch"), state.get("batch")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(batch, int) and 0 <= batch <= self._steps):
+            raise ValueError(f"data state: bad position epoch={epoch!r} batch={batch!r} (steps {self._steps})")
+        encoded = state.get("dali_checkpoint")
+        if 0 < batch < self._steps and not isinstance(encoded, str):
+            raise ValueError("data state: a mid-epoch position needs its dali_checkpoint")
+        self._drop_pipeline()
+        self._epoch, self._batch = epoch, batch
+        self._restore = base64.b64decode(encoded) if 0 < batch < self._steps else None
+
+
+class DaliValLoader(_Batches):
+    """Validation batches from DALI: this rank's contiguous shard, every sample exactly once, in file order.
+
+    Iterating yields `(images_BCHW, labels_B)` like the training loader; the last batch may be smaller. Each
+    `iter()` is a fresh pass (a fresh pipeline), so an interrupted pass never shifts the next one.
+    """
+
+    def __init__(self, *, num_samples: int, seed: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._num_samples = num_samples
+        self._seed = seed
+        # DALI's shard r of n samples is [floor(n*r/W), floor(n*(r+1)/W)); the iterator drops the padded rows.
+        self._start = num_samples * self._rank // self._world_size
+        self._stop = num_samples * (self._rank + 1) // self._world_size
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per pass (its shard)."""
+        return self._stop - self._start
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self._batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images_BCHW, labels_B, _ in self.iter_with_indices():
+            yield images_BCHW, labels_B
+
+    def iter_with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like iterating, but also yields each row's sample index (int64 [B], CPU)."""
+        iterator = None
+        delivered = 0
+        while delivered < self.num_samples:
+            try:
+                if iterator is None:
+                    iterator = self._make_iterator(
+                        range(self._num_samples), training=False, seed=self._seed, policy=LastBatchPolicy.PARTIAL
+                    )
+                out = next(iterator)[0]
+            except RuntimeError as err:
+                corrupt = self._corrupt_error(err, range(self._start + delivered, self._stop))
+                if corrupt is not None:
+                    raise corrupt from err
+                raise
+            if out["index"].shape[0] == 0:
+                continue  # a batch made only of padding on a shorter shard
+            batch = self._convert(out)
+            delivered += batch[1].shape[0]
+            yield batch
+
+
+def build_dali_data(
+    cfg,
+    *,
+    unique_per_rank: int,
+    val_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    channels_last: bool,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    gpu: bool | None = None,
+) -> Data:
+    """Builds the DALI training and validation loaders of an ImageNet-layout folder `cfg.root`.
+
+    Args:
+        cfg: the DataConfig section (root, image_size, val_resize_ratio, train_crop, min_crop_scale, hflip,
+            dali_threads, dali_prefetch).
+        unique_per_rank: training images per rank per step (B of every training batch).
+        val_batch_size: validation images per rank per step.
+        rank, world_size: this process's global rank and the number of ranks.
+        seed: run seed; the sample order uses it on every rank, the augmentation mixes in the rank.
+        device: where batches are delivered; must be a CUDA device when `gpu`.
+        channels_last: deliver images in the channels_last memory format (decoded as NHWC, so no copy).
+        mean, std: per-channel normalisation in 0-1 units; ImageNet's when None.
+        gpu: decode on the GPU (nvJPEG "mixed" decoder) instead of on the CPU; None reads it from cfg.backend
+            ("dali-gpu" or "dali-cpu").
+    Returns:
+        Data with backend "dali-gpu" or "dali-cpu".
+    Raises:
+        ValueError: bad sizes, rank, device, crop mode, or dataset (missing split, class mismatch, too few
+            validation images for the ranks).
+    """
+    if gpu is None:
+        if cfg.backend not in ("dali-gpu", "dali-cpu"):
+            raise ValueError(
+                f"config key data.backend: build_dali_data needs dali-gpu or dali-cpu, got {cfg.backend!r}"
+            )
+        gpu = cfg.backend == "dali-gpu"
+    _check_args(cfg, unique_per_rank, val_batch_size, rank, world_size, device, gpu)
+    mean = tuple(float(v) for v in (IMAGENET_MEAN if mean is None else mean))
+    std = tuple(float(v) for v in (IMAGENET_STD if std is None else std))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean/std must be 3 values each (std > 0), got mean={mean} std={std}")
+    classes, train_samples = scan_split(cfg.root, "train")
+    _, val_samples = scan_split(cfg.root, "val", classes)
+    if len(val_samples) < world_size:
+        raise ValueError(
+            f"{cfg.root}/val holds {len(val_samples)} images, fewer than the {world_size} ranks: every rank needs one"
+        )
+    aug = _Augment(
+        image_size=cfg.image_size,
+        train_crop=cfg.train_crop,
+        min_crop_scale=float(cfg.min_crop_scale),
+        hflip=bool(cfg.hflip),
+        val_resize=round(cfg.image_size / cfg.val_resize_ratio),
+        mean_255=tuple(255.0 * v for v in mean),
+        std_255=tuple(255.0 * v for v in std),
+        channels_last=channels_last,
+        gpu=gpu,
+    )
+    common = dict(
+        aug=aug,
+        rank=rank,
+        world_size=world_size,
+        threads=cfg.dali_threads,
+        prefetch=cfg.dali_prefetch,
+        device=device,
+        seed=seed,
+    )
+    train = DaliTrainLoader(
+        paths=[p for p, _ in train_samples],
+        labels=[c for _, c in train_samples],
+        batch_size=unique_per_rank,
+        num_samples=len(train_samples),
+        **common,
+    )
+    val = DaliValLoader(
+        paths=[p for p, _ in val_samples],
+        labels=[c for _, c in val_samples],
+        batch_size=val_batch_size,
+        num_samples=len(val_samples),
+        **common,
+    )
+    return Data(
+        train=train,
+        val=val,
+        classes=classes,
+        mean=mean,
+        std=std,
+        num_train=len(train_samples),
+        num_val=len(val_samples),
+        backend="dali-gpu" if gpu else "dali-cpu",
+    )
+
+
+def _check_args(cfg, unique_per_rank, val_batch_size, rank, world_size, device, gpu) -> None:
+    """Refuses arguments that would fail deep inside DALI with an unhelpful message."""
+    for name, value in (("unique_per_rank", unique_per_rank), ("val_batch_size", val_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank {rank!r} / world_size {world_size!r}: need 0 <= rank < world_size")
+    if cfg.train_crop not in ("random_resized", "pad_random"):
+        raise ValueError(f"config key data.train_crop: {cfg.train_crop!r} is not one of random_resized, pad_random")
+    if not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device, got {type(device).__name__}")
+    if gpu and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(
+            f"data.backend dali-gpu decodes on a CUDA device, but the device is {device} "
+            f"(CUDA available: {torch.cuda.is_available()}); use dali-cpu or torch"
+        )
