@@ -62,14 +62,19 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
         project_dir=output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if env_world > 1 and accelerator.num_processes == 1:
+    check_world(accelerator.num_processes, os.environ)
+    return accelerator
+
+
+def check_world(num_processes: int, environ) -> None:
+    """Refuse a launcher world of N > 1 that this process sees as a world of one (it would train alone)."""
+    env_world = int(environ.get("WORLD_SIZE", "1"))
+    if env_world > 1 and num_processes == 1:
         raise RuntimeError(
             f"WORLD_SIZE={env_world} but the Accelerator sees a single process: every rank would train alone and "
             "write the same checkpoints. On CPU launch with `accelerate launch --multi_gpu --num_processes N` "
             "(Accelerate's `--cpu --num_processes N` starts one process)."
         )
-    return accelerator
 
 
 def rank_seed(seed: int, rank: int, stream: int) -> int:

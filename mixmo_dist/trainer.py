@@ -8,6 +8,7 @@ Shape legend: M members, U unique images per rank per micro-batch, R = U * repet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -211,6 +212,13 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return flags.tolist()  # the one host sync of a step
 
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BN statistics (DDP broadcasts them only at the start of each forward, so after a
+        step each rank holds its own); evaluation and checkpoints then see one model."""
+        if self.world > 1:
+            for buf in self.raw.buffers():
+                dist.broadcast(buf, src=0)
+
     def _all_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             t = t.clone()
@@ -362,6 +370,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Exact validation over all ranks (every image once) with the EMA weights when EMA is on."""
+        self._sync_buffers()
         model = self.ema.module if self.ema is not None else self.raw
         was_training = model.training
         model.eval()
@@ -398,15 +407,20 @@ class Trainer:
 
     def rank_state(self) -> dict:
         """This rank's share of the trainer state: RNG streams and data position."""
-        return {"rng": capture_rng(self.generator), "data": self.data.train.state_dict()}
+        return {"rng": capture_rng(self.generator), "data": self.data.train.state_dict(),
+                "param_fingerprint": _fingerprint(self.raw)}
 
     def save(self) -> Path | None:
         """Atomic checkpoint of the whole trainer state; per-rank state gathered to rank 0, which writes."""
+        self._sync_buffers()
         states = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(states, self.rank_state())
         else:
             states = [self.rank_state()]
+        prints = {st["param_fingerprint"] for st in states}
+        if len(prints) > 1:  # DDP keeps replicas equal; a difference means a desync worth stopping for
+            raise RuntimeError(f"model replicas differ across ranks at step {self.step}: {sorted(prints)}")
         path = None
         if self.acc.is_main_process:
             tmp = self.store.begin(self.step)
@@ -537,6 +551,15 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for idx, extra in meta["state"].items():
         state.setdefault(int(idx), {}).update(extra)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer's bytes: equal across ranks iff the replicas are bit-identical."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _git_commit() -> str | None:

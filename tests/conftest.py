@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny generated ImageNet-layout dataset of real JPEGs, and launchers for real trainer runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """10 classes x 7 train JPEGs, 49 val JPEGs (one removed: a count not divisible by the world size)."""
+    root = tmp_path_factory.mktemp("tiny_data") / "demo"
+    subprocess.run([sys.executable, "-m", "mixmo_dist.data.demo", "--out", str(root), "--train-per-class", "7",
+                    "--val-per-class", "5"], check=True, cwd=REPO, capture_output=True)
+    victim = sorted((root / "val").rglob("*.JPEG"))[0]
+    victim.unlink()
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A resnet18 at 32 px, 8 rows per rank (4 unique x 2 repetitions): 9 steps per epoch on 2 ranks."""
+    return [
+        f"--data.root={data}", "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=1",
+        "--data.backend=torch", "--schedule.epochs=2", "--schedule.warmup_epochs=0", "--optim.lr_reference_batch=32",
+        f"--run.output_dir={out}", "--log.every_n_steps=1", "--log.progress=lines", "--checkpoint.every_n_steps=6",
+        *extra,
+    ]
+
+
+def train_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGUSR2")
+    env.update(extra)
+    return env
+
+
+def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`accelerate launch --multi_gpu --num_processes N -m mixmo_dist.train ARGS` as a real process group."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mixmo_dist.train", *args]
+    else:
+        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "mixmo_dist.train", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
+
+
+def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
+    proc = launch(args, nproc, env)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank gloo run of 18 steps (2 epochs of 9), checkpoints at 6, 12, 18."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    rc, log = run_train(tiny_args(tiny_data, out))
+    assert rc == 0, log[-4000:]
+    return out

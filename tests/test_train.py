@@ -1,0 +1,100 @@
+"""The main job with real processes: 2-rank gloo training, exact validation, outputs, vanilla path, config errors,
+the single-process-world guard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, read_metrics, run_train, tiny_args, train_env
+from safetensors.torch import load_file
+
+
+def test_two_rank_training_outputs(reference_run, tiny_data):
+    out = reference_run
+    run = json.loads((out / "run.json").read_text())
+    for key in ("world_size", "device", "mixed_precision", "num_params", "version", "git_commit", "classes",
+                "normalization", "config"):
+        assert key in run
+    assert run["world_size"] == 2 and len(run["classes"]) == 10
+    assert run["config"]["data"]["root"] == str(tiny_data)
+    lines = read_metrics(out)
+    train = [r for r in lines if r["split"] == "train"]
+    val = [r for r in lines if r["split"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, 19))
+    for r in train:
+        for key in ("loss", "lr", "img_per_s", "loss_member_0", "loss_member_1", "kappa_mean", "cut_share",
+                    "cut_prob", "grad_norm", "epoch"):
+            assert r[key] is not None, key
+    assert 0 < sum(r["cut_share"] for r in train) < len(train)  # both cut and linear batches happened
+    # Exact validation: 49 images over 2 ranks, each counted once.
+    assert [v["step"] for v in val] == [9, 18]
+    assert all(v["count"] == 49 for v in val)
+    for v in val:
+        assert 0 <= v["top1"] <= 1 and 0 <= v["ece"] <= 1 and len(v["member_top1"]) == 2
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "member_top1_1" in header and len((out / "metrics.csv").read_text().splitlines()) == len(lines) + 1
+
+
+def test_two_rank_training_learns_and_replicas_agree(reference_run):
+    lines = [r for r in read_metrics(reference_run) if r["split"] == "train"]
+    first = sum(r["loss"] for r in lines[:4]) / 4
+    last = sum(r["loss"] for r in lines[-4:]) / 4
+    assert last < first, (first, last)
+    ckpt = reference_run / "checkpoints" / "step_00000018"
+    prints = [json.loads((ckpt / f"rank_{r}.json").read_text())["param_fingerprint"] for r in range(2)]
+    assert prints[0] == prints[1]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["shape"]["world_size"] == 2 and state["step"] == 18
+    weights = load_file(ckpt / "model.safetensors")
+    assert "encoders.1.weight" in weights and "heads.1.weight" in weights
+
+
+def test_vanilla_path_single_process(tiny_data, tmp_path):
+    out = tmp_path / "vanilla"
+    args = tiny_args(tiny_data, out, "--mixmo.num_members=1", "--mixmo.mixing=none", "--mixmo.batch_repetitions=1",
+                     "--schedule.max_steps=3", "--eval.every_n_epochs=100")
+    rc, log = run_train(args, nproc=1)
+    assert rc == 0, log[-3000:]
+    weights = load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert not any(k.startswith("encoders.1") for k in weights)
+    val = [r for r in read_metrics(out) if r["split"] == "val"]
+    assert val[-1]["count"] == 49 and len(val[-1]["member_top1"]) == 1 and val[-1]["diversity"] is None
+
+
+def _train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixmo_dist.train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=train_env())
+
+
+def test_config_errors_exit_nonzero_naming_the_key(tmp_path):
+    cases = {
+        "--optim.lrr=0.1": "optim.lrr",
+        "--optim.lr=abc": "optim.lr",
+        "--data.backend=tpu": "data.backend",
+        "--nosuch.key=1": "nosuch",
+    }
+    for arg, key in cases.items():
+        res = _train_cli(arg, f"--run.output_dir={tmp_path / 'x'}")
+        assert res.returncode == 2, (arg, res.stderr[-2000:])
+        assert key in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    res = _train_cli(f"--data.root={tmp_path / 'nope'}", "--data.backend=torch",
+                     f"--run.output_dir={tmp_path / 'out'}")
+    assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_single_process_world_guard():
+    """WORLD_SIZE says 2 but the Accelerator sees one process: refuse instead of training twice."""
+    import pytest
+
+    from mixmo_dist.runtime import check_world
+
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2.*--multi_gpu"):
+        check_world(1, {"WORLD_SIZE": "2"})
+    check_world(2, {"WORLD_SIZE": "2"})
+    check_world(1, {})
