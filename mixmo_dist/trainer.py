@@ -456,8 +456,8 @@ class Trainer:
             return
         state = self.store.read_json(path, "state.json")
         self._check_compatible(state, path)
-        self.raw.load_state_dict(self.store.read_tensors(path, "model.safetensors", self.device), strict=True)
-        tensors = self.store.read_tensors(path, "trainer.safetensors", self.device)
+        self.raw.load_state_dict(self.store.read_tensors(path, "model.safetensors"), strict=True)
+        tensors = self.store.read_tensors(path, "trainer.safetensors")
         self.optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
         if self.ema is not None:
             self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})

@@ -54,7 +54,11 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def train_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGUSR2")
+    # torch >= 2.14's torchrun overwrites TORCHELASTIC_SIGNALS_TO_HANDLE from its --signals-to-handle option, whose
+    # default comes from PET_SIGNALS_TO_HANDLE: set both so SIGUSR2 is forwarded to the ranks.
+    signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHELASTIC_SIGNALS_TO_HANDLE=signals,
+               PET_SIGNALS_TO_HANDLE=signals)
     env.update(extra)
     return env
 

@@ -1,0 +1,155 @@
+"""Fault tolerance with real processes (2 gloo ranks): SIGKILL mid-epoch, SIGUSR2/SIGTERM preemption, corrupt
+checkpoints, NaN on one rank, config mismatch and the run lock. Every resumed run must end bit-identical to the
+uninterrupted reference run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import launch, read_metrics, run_train, tiny_args, train_env
+from safetensors.torch import load_file
+
+FINAL = "step_00000018"
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    for name in ("model.safetensors", "trainer.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs"
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stdout.read()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.2)
+
+
+def _last_train_step(out: Path) -> int:
+    try:
+        lines = read_metrics(out)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    steps = [r["step"] for r in lines if r["split"] == "train"]
+    return steps[-1] if steps else 0
+
+
+def _rank_pids(out: Path) -> list[int]:
+    res = subprocess.run(["pgrep", "-f", f"run.output_dir={out}"], capture_output=True, text=True)
+    return [int(p) for p in res.stdout.split()]
+
+
+def _train_steps_once(out: Path) -> None:
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert steps == list(range(1, 19)), steps
+
+
+def test_checkpoints_differ_across_steps(reference_run):
+    a = load_file(reference_run / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_file(reference_run / "checkpoints" / FINAL / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = tiny_args(tiny_data, out, "--checkpoint.every_n_steps=2")
+    proc = launch(args)
+    _wait_for(lambda: (out / "checkpoints" / "step_00000004" / "COMPLETE").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher only: the ranks live in their own sessions
+    proc.wait()
+    t0 = time.monotonic()
+    while _rank_pids(out) and time.monotonic() - t0 < 20:
+        time.sleep(0.2)
+    assert not _rank_pids(out), "ranks outlived their launcher (PR_SET_PDEATHSIG)"
+    rc, log = run_train(args)
+    assert rc == 0, log[-3000:]
+    assert "resumed from step" in log
+    _assert_same_weights(out / "checkpoints" / FINAL, reference_run / "checkpoints" / FINAL)
+    _train_steps_once(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_preemption_signal_saves_within_a_step_and_resumes(sig, tiny_data, reference_run, tmp_path):
+    out = tmp_path / sig.name
+    args = tiny_args(tiny_data, out)
+    proc = launch(args)
+    _wait_for(lambda: _last_train_step(out) >= 3, proc)
+    at = _last_train_step(out)
+    proc.send_signal(sig)  # the launcher forwards it (TORCHELASTIC_SIGNALS_TO_HANDLE includes SIGUSR2)
+    log, _ = proc.communicate(timeout=300)
+    marker = json.loads((out / "PREEMPTED").read_text())
+    assert marker["signal"] == sig.name
+    assert at <= marker["step"] <= at + 2, (at, marker)
+    assert (out / "checkpoints" / f"step_{marker['step']:08d}" / "COMPLETE").exists()
+    # The ranks exit 0 after the agreed save; accelerate launch (torchrun) itself reports the signal it got.
+    assert proc.returncode != 0 or "stopped at step" in log
+    rc, log2 = run_train(args)
+    assert rc == 0, log2[-3000:]
+    assert f"resumed from step {marker['step']}" in log2
+    assert not (out / "PREEMPTED").exists()
+    _assert_same_weights(out / "checkpoints" / FINAL, reference_run / "checkpoints" / FINAL)
+    _train_steps_once(out)
+
+
+def test_corrupt_latest_checkpoint_is_moved_aside_and_previous_used(tiny_data, reference_run, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(reference_run, out)
+    weights = out / "checkpoints" / FINAL / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    rc, log = run_train(tiny_args(tiny_data, out))
+    assert rc == 0, log[-3000:]
+    assert "resumed from step 12" in log and FINAL in log  # the warning names what was skipped
+    assert list((out / "checkpoints").glob(f"{FINAL}.corrupt-*"))
+    _assert_same_weights(out / "checkpoints" / FINAL, reference_run / "checkpoints" / FINAL)
+    _train_steps_once(out)
+
+
+def test_nan_on_one_rank_skips_the_step_everywhere(tiny_data, tmp_path):
+    out = tmp_path / "nan"
+    rc, log = run_train(tiny_args(tiny_data, out, "--schedule.max_steps=6"), env=train_env(MIXMO_FAULT_NAN="1:2"))
+    assert rc == 0, log[-3000:]
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert [r["nonfinite_skipped"] for r in train] == [0, 0, 1, 1, 1, 1]
+    ckpt = out / "checkpoints" / "step_00000006"
+    prints = {json.loads((ckpt / f"rank_{r}.json").read_text())["param_fingerprint"] for r in range(2)}
+    assert len(prints) == 1
+    assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_consecutive_nan_aborts_with_a_clear_message(tiny_data, tmp_path):
+    out = tmp_path / "nan_abort"
+    args = tiny_args(tiny_data, out, "--optim.max_nonfinite_steps=2")
+    rc, log = run_train(args, nproc=1, env=train_env(MIXMO_FAULT_NAN="0:1,2"))
+    assert rc != 0 and "2 consecutive non-finite losses" in log and "optim.max_nonfinite_steps" in log
+
+
+def test_resume_with_changed_shape_is_refused(tiny_data, reference_run, tmp_path):
+    out = tmp_path / "mismatch"
+    shutil.copytree(reference_run, out)
+    rc, log = run_train(tiny_args(tiny_data, out, "--mixmo.num_members=3"), nproc=1)
+    assert rc == 2, log[-3000:]
+    assert "num_members: checkpoint 2 vs now 3" in log and "world_size: checkpoint 2 vs now 1" in log
+    assert (out / "checkpoints" / FINAL / "COMPLETE").exists()  # nothing lost
+
+
+def test_second_run_on_same_output_dir_is_refused(tiny_data, tmp_path):
+    from mixmo_dist.checkpoint import RunLock
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    with RunLock(out):
+        rc, log = run_train(tiny_args(tiny_data, out), nproc=1)
+    assert rc == 2 and "another run" in log and str(out) in log
