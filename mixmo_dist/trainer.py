@@ -333,7 +333,7 @@ class Trainer:
             from mixmo_dist.input_cutmix import input_cutmix
 
             x_MRCHW, targets = input_cutmix(x_MRCHW, y_MR, mix, self.num_classes, cfg.input_cutmix_prob,
-                                            self.generator)
+                                            self.generator, encoder_hw=(h, w))
         with self.acc.autocast():
             logits_MRK = self.model(x_MRCHW, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
         loss, member_M = mixmo_loss(logits_MRK, targets, reweight(mix.lam_MB, cfg.weight_root),

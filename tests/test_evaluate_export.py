@@ -1,0 +1,423 @@
+"""After training: the evaluation CLI (1 and 2 ranks, deep ensembles, temperature scaling, corruptions, user errors),
+the export to a plain timm file, and init_from, on real 2-step runs of the trainer on the generated demo set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image, ImageFilter
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mixmo_dist.calibration import temperature_scaled_metrics
+from mixmo_dist.checkpoint import CheckpointError, CheckpointStore
+from mixmo_dist.data import build_data
+from mixmo_dist.evaluate import build_folder_val_loader, check_same_classes
+from mixmo_dist.export import init_from_vanilla, load_checkpoint, resolve_checkpoint
+from mixmo_dist.export import main as export_main
+from mixmo_dist.metrics import EvalAccumulator
+from mixmo_dist.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+# Every metric the evaluation promises (EvalAccumulator's and the temperature-scaling ones).
+REPORTED = (
+    "top1 top5 nll ece brier prob_ensemble_top1 prob_ensemble_nll prob_ensemble_ece prob_ensemble_brier member_top1 "
+    "member_nll diversity disagreement count reliability temperature calibrated_nll calibrated_ece"
+).split()
+VENV_BIN = Path(sys.executable).parent
+PY = sys.executable
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _train(data: Path, out: Path, *extra: str) -> str:
+    proc = _run(
+        [
+            PY,
+            "-m",
+            "mixmo_dist.train",
+            f"--data.root={data}",
+            "--data.image_size=32",
+            "--data.batch_size=8",
+            "--data.num_workers=0",
+            "--data.backend=torch",
+            "--schedule.epochs=1",
+            "--schedule.warmup_epochs=0",
+            "--schedule.max_steps=2",
+            f"--run.output_dir={out}",
+            "--log.progress=lines",
+            *extra,
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _evaluate(*args: str, nproc: int = 1) -> dict:
+    if nproc == 1:
+        cmd = [PY, "-m", "mixmo_dist.evaluate", *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [
+            str(VENV_BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "mixmo_dist.evaluate",
+            *args,
+        ]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # one JSON object, from rank 0 only
+    return json.loads(lines[0])
+
+
+def _last_val(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r["split"] == "val"][-1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("after") / "demo"
+    proc = _run(
+        [PY, "-m", "mixmo_dist.data.demo", "--out", str(root), "--train-per-class", "8", "--val-per-class", "4"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_a(demo, tmp_path_factory) -> Path:
+    """A 2-member Cut-MixMo resnet18, 2 steps."""
+    out = tmp_path_factory.mktemp("run_a")
+    _train(demo, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_a, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("export") / "a.safetensors"
+    assert export_main(["--checkpoint", str(run_a), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        return out, dict(f.metadata())
+
+
+@pytest.fixture(scope="module")
+def run_b(demo, exported, tmp_path_factory) -> tuple[Path, str]:
+    """A vanilla (1-member) run started by the trainer from the export of run A (model.init_from)."""
+    out = tmp_path_factory.mktemp("run_b")
+    log = _train(
+        demo,
+        out,
+        "--mixmo.num_members=1",
+        "--mixmo.mixing=none",
+        "--mixmo.batch_repetitions=1",
+        f"--model.init_from={exported[0]}",
+    )
+    return out, log
+
+
+@pytest.fixture(scope="module")
+def corruptions(demo, tmp_path_factory) -> Path:
+    """ImageNet-C style tree from the val images: identity/1 (unchanged copies), blur/1 and blur/2."""
+    root = tmp_path_factory.mktemp("corrupt")
+    for name, severity, radius in (("identity", "1", 0), ("blur", "1", 1), ("blur", "2", 3)):
+        for src in sorted((demo / "val").rglob("*.JPEG")):
+            dst = root / name / severity / src.parent.name / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if radius == 0:
+                shutil.copyfile(src, dst)
+            else:
+                Image.open(src).filter(ImageFilter.GaussianBlur(radius)).save(dst, quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ensemble_eval(run_a, run_b, corruptions, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("eval") / "deep" / "result.json"
+    result = _evaluate(
+        "--checkpoint",
+        str(run_a),
+        "--checkpoint",
+        str(run_b[0]),
+        "--temperature-scale",
+        "--corruptions",
+        str(corruptions),
+        "--out",
+        str(out),
+    )
+    return result, out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_export_metadata_and_timm_loading_equal_the_ensemble(run_a, exported):
+    file, meta = exported
+    run_json = json.loads((run_a / "run.json").read_text())
+    step_dir = resolve_checkpoint(run_a)
+    assert meta["format"] == "timm" and meta["arch"] == "resnet18" and meta["num_classes"] == "10"
+    assert json.loads(meta["classes"]) == run_json["classes"]
+    assert json.loads(meta["mean"]) == run_json["normalization"]["mean"]
+    assert json.loads(meta["std"]) == run_json["normalization"]["std"]
+    assert meta["source_checkpoint"] == str(step_dir.resolve())
+    plain = timm.create_model(
+        "resnet18", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=10)
+    ).eval()
+    mixmo = load_checkpoint(step_dir).model
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ensemble_mean = mixmo(x).mean(0)
+        torch.testing.assert_close(plain(x), ensemble_mean, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(mixmo(x)[0], mixmo(x)[1])  # the two members really differ
+
+
+def test_export_errors_exit_2(tmp_path, capsys):
+    assert export_main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "error: checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_deep_ensemble_evaluation(run_a, run_b, ensemble_eval):
+    result, out = ensemble_eval
+    assert json.loads(out.read_text()) == result  # --out holds the same object as stdout
+    assert result["num_members"] == 3 and result["members_per_network"] == [2, 1] and result["count"] == 40
+    assert set(REPORTED) <= set(result), sorted(set(REPORTED) - set(result))
+    # Members are exactly what the trainer measured for each network at its last evaluation.
+    val_a, val_b = _last_val(run_a), _last_val(run_b[0])
+    assert result["member_top1"] == pytest.approx(val_a["member_top1"] + val_b["member_top1"], abs=1e-12)
+    assert result["member_nll"] == pytest.approx(val_a["member_nll"] + val_b["member_nll"], rel=1e-9)
+    # The ensemble (mean of all 3 member logits) and its calibration, recomputed here from the checkpoints.
+    loaded = [load_checkpoint(resolve_checkpoint(p)) for p in (run_a, run_b[0])]
+    cfg = loaded[0].config
+    norm = json.loads((run_a / "run.json").read_text())["normalization"]
+    data = build_data(
+        cfg.data,
+        unique_per_rank=1,
+        val_batch_size=16,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device=torch.device("cpu"),
+        mean=norm["mean"],
+        std=norm["std"],
+    )
+    acc = EvalAccumulator(3, 10, "cpu")
+    logits, labels = [], []
+    with torch.no_grad():
+        for images, y in data.val:
+            member_logits = torch.cat([item.model(images) for item in loaded])
+            acc.update(member_logits, y)
+            logits.append(member_logits.mean(0))
+            labels.append(y)
+    expected = acc.compute()
+    for key in ("top1", "top5", "nll", "ece", "brier", "diversity", "disagreement"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    calibrated = temperature_scaled_metrics(torch.cat(logits)[None], torch.cat(labels))
+    assert result["temperature"] == pytest.approx(calibrated["temperature"], rel=1e-4)
+    assert result["calibrated_nll"] == pytest.approx(calibrated["calibrated_nll"], rel=1e-4)
+
+
+def test_corruptions(ensemble_eval):
+    result, _ = ensemble_eval
+    table = result["corruptions"]
+    assert sorted(table) == ["blur", "identity"] and sorted(table["blur"]) == ["1", "2"]
+    # Unchanged copies of the val split give exactly the clean metrics.
+    for key in ("top1", "nll", "ece"):
+        assert table["identity"]["1"][key] == pytest.approx(result[key], abs=1e-12)
+    assert table["blur"]["2"]["nll"] != pytest.approx(result["nll"], abs=1e-6)  # blurring changed the predictions
+    cells = [table["identity"]["1"], table["blur"]["1"], table["blur"]["2"]]
+    for key in ("top1", "nll", "ece"):
+        assert result[f"corruption_mean_{key}"] == pytest.approx(sum(c[key] for c in cells) / 3)
+
+
+def test_two_ranks_give_the_same_result(run_a, run_b, ensemble_eval):
+    single, _ = ensemble_eval
+    double = _evaluate("--checkpoint", str(run_a), "--checkpoint", str(run_b[0]), "--temperature-scale", nproc=2)
+    assert double["world_size"] == 2 and double["count"] == single["count"] == 40
+    for key in (
+        "top1",
+        "top5",
+        "nll",
+        "ece",
+        "brier",
+        "prob_ensemble_nll",
+        "diversity",
+        "disagreement",
+        "calibrated_nll",
+        "calibrated_ece",
+        "temperature",
+    ):
+        assert double[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+    assert double["member_top1"] == pytest.approx(single["member_top1"])
+    assert double["reliability"]["count"] == single["reliability"]["count"]
+
+
+def test_folder_loader_reads_any_split_with_the_checkpoint_classes(run_a, demo, tmp_path):
+    """What `--split NAME` and `--corruptions` use: the torch val transform over DIR/<split>/<class>/."""
+    loaded = load_checkpoint(resolve_checkpoint(run_a))
+    kwargs = dict(
+        batch_size=16,
+        rank=1,
+        world_size=2,
+        device=torch.device("cpu"),
+        channels_last=False,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
+    loader = build_folder_val_loader(demo, "train", loaded.classes, loaded.config.data, **kwargs)
+    labels = torch.cat([y for _, y in loader])
+    assert labels.shape == (40,)  # rank 1 of 2 reads half of the 80 train images
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10
+    (tmp_path / "extra" / "not_a_class").mkdir(parents=True)
+    shutil.copytree(demo / "val", tmp_path / "extra", dirs_exist_ok=True)
+    with pytest.raises(ValueError, match="not_a_class"):
+        build_folder_val_loader(tmp_path, "extra", loaded.classes, loaded.config.data, **kwargs)
+
+
+def test_cli_user_error_exits_2(tmp_path):
+    missing = tmp_path / "no_such_run"
+    proc = _run([PY, "-m", "mixmo_dist.evaluate", "--checkpoint", str(missing)])
+    assert proc.returncode == 2
+    assert f"error: checkpoint {missing}: no such file or directory" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_corrupt_checkpoint_and_class_mismatch_are_named(run_a, tmp_path):
+    step_dir = resolve_checkpoint(run_a)
+    assert step_dir.name == "step_00000002"
+    # A modified weight file fails its sha256: the step dir is refused, the run dir has no complete checkpoint left.
+    bad_run = tmp_path / "bad_run"
+    bad_step = bad_run / "checkpoints" / step_dir.name
+    shutil.copytree(step_dir, bad_step)
+    with open(bad_step / "model.safetensors", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    with pytest.raises(CheckpointError, match=f"{bad_step}.*sha256 mismatch for model.safetensors"):
+        resolve_checkpoint(bad_step)
+    with pytest.warns(UserWarning, match="moved aside"):
+        with pytest.raises(CheckpointError, match=f"run directory {bad_run} holds no complete checkpoint"):
+            resolve_checkpoint(bad_run)
+    # A valid checkpoint of a network trained on the same classes in another order cannot join the ensemble.
+    store = CheckpointStore(tmp_path / "other" / "checkpoints", keep_last=1)
+    tmp = store.begin(2)
+    source = CheckpointStore(step_dir.parent, keep_last=1)
+    store.write_tensors(tmp, "model.safetensors", source.read_tensors(step_dir, "model.safetensors"))
+    state = source.read_json(step_dir, "state.json")
+    state["shape"]["classes"] = list(reversed(state["shape"]["classes"]))
+    store.write_json(tmp, "state.json", state)
+    other = store.commit(tmp, 2)
+    loaded = [load_checkpoint(step_dir), load_checkpoint(resolve_checkpoint(other))]
+    with pytest.raises(ValueError, match=f"{step_dir} and {other}.*another order"):
+        check_same_classes(loaded)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# init_from.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _vanilla_resnet18(num_classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(3)
+    net = timm.create_model("resnet18", num_classes=num_classes)
+    for module in net.modules():  # BN statistics away from their init, so a dropped buffer would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(7)
+    return net.eval()
+
+
+@pytest.mark.parametrize("kind", ["pth", "safetensors"])
+def test_init_from_timm_state_dict_matches_vanilla(kind, tmp_path):
+    vanilla = _vanilla_resnet18()
+    path = tmp_path / f"vanilla.{kind}"
+    if kind == "pth":
+        torch.save({"state_dict": vanilla.state_dict()}, path)  # nested, as timm's train script saves it
+    else:
+        save_file(vanilla.state_dict(), str(path))
+    model = build_model("resnet18", 3, 10)
+    init_from_vanilla(model, str(path))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = vanilla(x)
+        members = model(x)
+        torch.testing.assert_close(members.mean(0), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(members[2], want, rtol=1e-4, atol=1e-5)  # every head starts as the vanilla one
+    torch.testing.assert_close(model.encoders[1].weight * 3, vanilla.conv1.weight)
+    assert int(model.core.bn1.num_batches_tracked) == 7
+
+
+def test_init_from_export_and_from_a_one_member_run(run_b, exported):
+    run_dir, log = run_b
+    # The trainer took model.init_from (the export of run A) before its 2 steps.
+    assert f"initialised resnet18 (M=1) from vanilla weights {exported[0]}" in log
+    x = torch.randn(2, 3, 32, 32)
+    from_file = build_model("resnet18", 2, 10)
+    init_from_vanilla(from_file, str(exported[0]))
+    plain = timm.create_model(
+        "resnet18", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(exported[0]), num_classes=10)
+    ).eval()
+    from_run = build_model("resnet18", 2, 10)
+    init_from_vanilla(from_run, str(run_dir))
+    vanilla_b = load_checkpoint(resolve_checkpoint(run_dir)).model
+    with torch.no_grad():
+        torch.testing.assert_close(from_file.eval()(x).mean(0), plain(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_run.eval()(x).mean(0), vanilla_b(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_errors_name_file_and_key(run_a, exported, tmp_path):
+    with pytest.raises(ValueError, match=f"model.init_from={exported[0]}: key arch is 'resnet18'"):
+        init_from_vanilla(build_model("resnet34", 2, 10), str(exported[0]))
+    small = tmp_path / "five.pth"
+    torch.save(_vanilla_resnet18(num_classes=5).state_dict(), small)
+    with pytest.raises(ValueError, match=f"{small}: key 'fc.bias' has shape \\(5,\\)"):
+        init_from_vanilla(build_model("resnet18", 2, 10), str(small))
+    with pytest.raises(ValueError, match="key num_members is 2"):
+        init_from_vanilla(build_model("resnet18", 2, 10), str(run_a))
+    r34 = tmp_path / "r34.pth"
+    torch.save(timm.create_model("resnet34", num_classes=10).state_dict(), r34)
+    with pytest.raises(ValueError, match=f"{r34}: unexpected key 'layer1.2"):
+        init_from_vanilla(build_model("resnet18", 2, 10), str(r34))
+    text = tmp_path / "weights.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+        init_from_vanilla(build_model("resnet18", 2, 10), str(text))
