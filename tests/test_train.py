@@ -98,3 +98,14 @@ def test_single_process_world_guard():
         check_world(1, {"WORLD_SIZE": "2"})
     check_world(2, {"WORLD_SIZE": "2"})
     check_world(1, {})
+
+
+def test_cut_mixmo_with_input_cutmix_trains(tiny_data, tmp_path):
+    """The paper's best configuration (Cut-MixMo + CutMix) through the real trainer: finite losses, soft targets."""
+    out = tmp_path / "cutmix"
+    args = tiny_args(tiny_data, out, "--mixmo.input_cutmix_prob=0.5", "--schedule.max_steps=3",
+                     "--eval.every_n_epochs=100")
+    rc, log = run_train(args, nproc=1)
+    assert rc == 0, log[-3000:]
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert len(train) == 3 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in train)
