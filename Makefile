@@ -34,5 +34,11 @@ bench: venv
 gpu-check:
 	bash scripts/gpu_check.sh
 
+slurm-up:
+	bash scripts/slurm_cluster.sh start
+
+slurm-down:
+	bash scripts/slurm_cluster.sh stop
+
 clean:
 	rm -rf runs data/demo

@@ -561,7 +561,9 @@ class CheckpointStore:
         """Load the safetensors file `path/name` (no pickle) as {key: tensor} on `device`."""
         file = self._existing_file(path, name, ".safetensors")
         try:
-            return load_file(str(file), device=str(device))
+            dev = torch.device(device)
+            # safetensors rejects "cpu:0", which is what Accelerate reports as the device of a CPU rank.
+            return load_file(str(file), device="cpu" if dev.type == "cpu" else str(dev))
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint {path}: cannot read {name}: {err}") from err
 
