@@ -5,7 +5,6 @@ Shape legend: M members, B rows, K classes.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -10,7 +10,11 @@ from torch import Tensor
 
 
 def member_indices(
-    unique: int, num_members: int, repetitions: int, input_repetition: float, generator: torch.Generator | None,
+    unique: int,
+    num_members: int,
+    repetitions: int,
+    input_repetition: float,
+    generator: torch.Generator | None,
     device: torch.device | str,
 ) -> Tensor:
     """Row -> unique-image index for every member: int64 [M,R].
@@ -43,8 +47,10 @@ def member_inputs(
     unique = images_UCHW.shape[0]
     idx_MR = member_indices(unique, num_members, repetitions, input_repetition, generator, images_UCHW.device)
     flat = idx_MR.reshape(-1)
-    channels_last = images_UCHW.dim() == 4 and images_UCHW.is_contiguous(memory_format=torch.channels_last) and (
-        not images_UCHW.is_contiguous()
+    channels_last = (
+        images_UCHW.dim() == 4
+        and images_UCHW.is_contiguous(memory_format=torch.channels_last)
+        and (not images_UCHW.is_contiguous())
     )
     if channels_last:
         # Gather in NHWC order so each member slice is channels_last-contiguous.

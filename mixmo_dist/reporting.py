@@ -84,11 +84,35 @@ class MetricsLog:
 
 def metric_columns(num_members: int) -> list[str]:
     members = range(num_members)
-    train = ["loss", *[f"loss_member_{m}" for m in members], "lr", "img_per_s", "unique_img_per_s", "data_time",
-             "compute_time", "kappa_mean", "cut_share", "cut_prob", "grad_norm", "nonfinite_skipped"]
-    val = ["top1", "top5", "nll", "ece", "brier", "prob_ensemble_top1", "prob_ensemble_nll", "prob_ensemble_ece",
-           *[f"member_top1_{m}" for m in members], *[f"member_nll_{m}" for m in members], "diversity",
-           "disagreement", "count"]
+    train = [
+        "loss",
+        *[f"loss_member_{m}" for m in members],
+        "lr",
+        "img_per_s",
+        "unique_img_per_s",
+        "data_time",
+        "compute_time",
+        "kappa_mean",
+        "cut_share",
+        "cut_prob",
+        "grad_norm",
+        "nonfinite_skipped",
+    ]
+    val = [
+        "top1",
+        "top5",
+        "nll",
+        "ece",
+        "brier",
+        "prob_ensemble_top1",
+        "prob_ensemble_nll",
+        "prob_ensemble_ece",
+        *[f"member_top1_{m}" for m in members],
+        *[f"member_nll_{m}" for m in members],
+        "diversity",
+        "disagreement",
+        "count",
+    ]
     return ["split", "step", "epoch", *train, *val]
 
 
@@ -111,7 +135,7 @@ class Progress:
         eta = elapsed / max(done, 1) * (self.total - step)
         text = (
             f"step {step}/{self.total} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {rec['lr']:.4g} "
-            f"{rec['img_per_s']:.0f} img/s data {rec['data_time']*1e3:.0f}ms compute {rec['compute_time']*1e3:.0f}ms "
+            f"{rec['img_per_s']:.0f} img/s data {rec['data_time'] * 1e3:.0f}ms compute {rec['compute_time'] * 1e3:.0f}ms "
             f"ETA {_hms(eta)}"
         )
         if self.bar:

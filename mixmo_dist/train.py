@@ -34,8 +34,9 @@ def run(argv: list[str]) -> str:
 
     cfg = load_config(argv)
     die_with_parent()
-    accelerator = build_accelerator(cfg.run.mixed_precision, output_dir=cfg.run.output_dir,
-                                    tensorboard=cfg.log.tensorboard)
+    accelerator = build_accelerator(
+        cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
+    )
     _setup_logging(accelerator.is_main_process)
     if cfg.log.tensorboard:
         accelerator.init_trackers(cfg.run.name)

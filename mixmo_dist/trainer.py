@@ -296,9 +296,13 @@ class Trainer:
             with nullcontext() if last else self.acc.no_sync(self.model):
                 loss, member_M, kappa, cut = self._forward_backward(images_UCHW, labels_U, cut_prob, len(micro))
             sums += torch.cat([loss.detach()[None], member_M.detach(), kappa[None], cut[None]]) / len(micro)
-        local = torch.stack([(~torch.isfinite(sums[0])).float(),
-                             torch.tensor(float(self.stop_signal.received is not None), device=self.device),
-                             torch.tensor(float(save_due), device=self.device)])
+        local = torch.stack(
+            [
+                (~torch.isfinite(sums[0])).float(),
+                torch.tensor(float(self.stop_signal.received is not None), device=self.device),
+                torch.tensor(float(save_due), device=self.device),
+            ]
+        )
         bad, stop, due = self._all_max(local)
         grad_norm = None
         if bad:
@@ -315,29 +319,55 @@ class Trainer:
                 self.ema.update(raw)
         self.step += 1
         m = cfg.mixmo.num_members
-        return StepResult(sums[0], sums[1:1 + m], sums[1 + m], sums[2 + m], cut_prob, lr, grad_norm, bool(bad),
-                          bool(stop), bool(due))
+        return StepResult(
+            sums[0],
+            sums[1 : 1 + m],
+            sums[1 + m],
+            sums[2 + m],
+            cut_prob,
+            lr,
+            grad_norm,
+            bool(bad),
+            bool(stop),
+            bool(due),
+        )
 
     def _forward_backward(self, images_UCHW, labels_U, cut_prob: float, accum: int):
         """member inputs -> mixing sample -> model -> reweighted loss -> backward (scaled for accumulation)."""
         cfg = self.cfg.mixmo
-        x_MRCHW, y_MR = member_inputs(images_UCHW, labels_U, num_members=cfg.num_members,
-                                      repetitions=cfg.batch_repetitions, input_repetition=cfg.input_repetition,
-                                      generator=self.generator)
+        x_MRCHW, y_MR = member_inputs(
+            images_UCHW,
+            labels_U,
+            num_members=cfg.num_members,
+            repetitions=cfg.batch_repetitions,
+            input_repetition=cfg.input_repetition,
+            generator=self.generator,
+        )
         rows = x_MRCHW.shape[1]
         h, w = self.raw.encoder_output_hw(*x_MRCHW.shape[-2:])
-        mix = sample_mixing(rows, cfg.num_members, h, w, mixing=cfg.mixing, alpha=cfg.alpha, cut_prob=cut_prob,
-                            generator=self.generator, device=self.device)
+        mix = sample_mixing(
+            rows,
+            cfg.num_members,
+            h,
+            w,
+            mixing=cfg.mixing,
+            alpha=cfg.alpha,
+            cut_prob=cut_prob,
+            generator=self.generator,
+            device=self.device,
+        )
         targets = y_MR
         if cfg.input_cutmix_prob > 0:
             from mixmo_dist.input_cutmix import input_cutmix
 
-            x_MRCHW, targets = input_cutmix(x_MRCHW, y_MR, mix, self.num_classes, cfg.input_cutmix_prob,
-                                            self.generator, encoder_hw=(h, w))
+            x_MRCHW, targets = input_cutmix(
+                x_MRCHW, y_MR, mix, self.num_classes, cfg.input_cutmix_prob, self.generator, encoder_hw=(h, w)
+            )
         with self.acc.autocast():
             logits_MRK = self.model(x_MRCHW, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
-        loss, member_M = mixmo_loss(logits_MRK, targets, reweight(mix.lam_MB, cfg.weight_root),
-                                    self.cfg.optim.label_smoothing)
+        loss, member_M = mixmo_loss(
+            logits_MRK, targets, reweight(mix.lam_MB, cfg.weight_root), self.cfg.optim.label_smoothing
+        )
         if self.step in self.fault_nan:
             loss = loss * float("nan")
         self.acc.backward(loss / accum)
@@ -361,9 +391,18 @@ class Trainer:
         values = stats.tolist()
         rec = {"split": "train", "step": self.step, "epoch": round(self.epoch, 4), "loss": values[0]}
         rec.update({f"loss_member_{i}": values[1 + i] for i in range(m)})
-        rec.update(lr=res.lr, img_per_s=rows_per_s, unique_img_per_s=rows_per_s / self.cfg.mixmo.batch_repetitions,
-                   data_time=data_time, compute_time=compute_time, kappa_mean=values[1 + m], cut_share=values[2 + m],
-                   cut_prob=res.cut_prob, grad_norm=res.grad_norm, nonfinite_skipped=self.nonfinite_total)
+        rec.update(
+            lr=res.lr,
+            img_per_s=rows_per_s,
+            unique_img_per_s=rows_per_s / self.cfg.mixmo.batch_repetitions,
+            data_time=data_time,
+            compute_time=compute_time,
+            kappa_mean=values[1 + m],
+            cut_share=values[2 + m],
+            cut_prob=res.cut_prob,
+            grad_norm=res.grad_norm,
+            nonfinite_skipped=self.nonfinite_total,
+        )
         return rec
 
     # -- evaluation -------------------------------------------------------------------------------------------
@@ -395,20 +434,35 @@ class Trainer:
         rec.update({k: v for k, v in result.items() if k != "reliability"})
         self.metrics.append(rec)
         members = " ".join(f"{v:.3f}" for v in result["member_top1"])
-        log.info("val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s", self.step, result["top1"],
-                 result["top5"], result["nll"], result["ece"], members)
+        log.info(
+            "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s",
+            self.step,
+            result["top1"],
+            result["top5"],
+            result["nll"],
+            result["ece"],
+            members,
+        )
         self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def shape_settings(self) -> dict:
-        return {"arch": self.cfg.model.arch, "num_members": self.cfg.mixmo.num_members,
-                "num_classes": self.num_classes, "rows_per_rank": self.plan.rows_per_rank,
-                "world_size": self.world, "classes": list(self.data.classes)}
+        return {
+            "arch": self.cfg.model.arch,
+            "num_members": self.cfg.mixmo.num_members,
+            "num_classes": self.num_classes,
+            "rows_per_rank": self.plan.rows_per_rank,
+            "world_size": self.world,
+            "classes": list(self.data.classes),
+        }
 
     def rank_state(self) -> dict:
         """This rank's share of the trainer state: RNG streams and data position."""
-        return {"rng": capture_rng(self.generator), "data": self.data.train.state_dict(),
-                "param_fingerprint": _fingerprint(self.raw)}
+        return {
+            "rng": capture_rng(self.generator),
+            "data": self.data.train.state_dict(),
+            "param_fingerprint": _fingerprint(self.raw),
+        }
 
     def save(self) -> Path | None:
         """Atomic checkpoint of the whole trainer state; per-rank state gathered to rank 0, which writes."""
@@ -430,10 +484,19 @@ class Trainer:
                 tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
             self.store.write_tensors(tmp, "trainer.safetensors", tensors)
             scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-            state = {"step": self.step, "epoch": self.epoch, "version": __version__, "shape": self.shape_settings(),
-                     "config": config_to_dict(self.cfg), "optimizer": opt_meta, "scaler": scaler,
-                     "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
-                     "schedule": {"step": self.step, "lr": self.schedule(self.step)}, "plan": asdict(self.plan)}
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "version": __version__,
+                "shape": self.shape_settings(),
+                "config": config_to_dict(self.cfg),
+                "optimizer": opt_meta,
+                "scaler": scaler,
+                "nonfinite_total": self.nonfinite_total,
+                "nonfinite_run": self.nonfinite_run,
+                "schedule": {"step": self.step, "lr": self.schedule(self.step)},
+                "plan": asdict(self.plan),
+            }
             self.store.write_json(tmp, "state.json", state)
             for r, rank_state in enumerate(states):
                 self.store.write_json(tmp, f"rank_{r}.json", rank_state)
@@ -490,14 +553,18 @@ class Trainer:
 
     def _preempted(self) -> str:
         if self.acc.is_main_process:
-            write_json_atomic(self.out / "PREEMPTED", {"step": self.step, "signal": self.stop_signal.received,
-                                                       "time": time.time()})
+            write_json_atomic(
+                self.out / "PREEMPTED", {"step": self.step, "signal": self.stop_signal.received, "time": time.time()}
+            )
             job = os.environ.get("SLURM_JOB_ID")
             if os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
                 log.info("requeueing SLURM job %s", job)
                 subprocess.run(["scontrol", "requeue", job], check=False)
-        log.warning("stopped at step %d after %s; the run resumes from its checkpoint", self.step,
-                    self.stop_signal.received or "a signal on another rank")
+        log.warning(
+            "stopped at step %d after %s; the run resumes from its checkpoint",
+            self.step,
+            self.stop_signal.received or "a signal on another rank",
+        )
         return "preempted"
 
     def _write_run_json(self) -> None:
@@ -520,8 +587,10 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
         write_json_atomic(self.out / "run.json", info)
-        log.info("run: %s", json.dumps({k: info[k] for k in ("world_size", "device", "mixed_precision",
-                                                              "num_params", "backend")}))
+        log.info(
+            "run: %s",
+            json.dumps({k: info[k] for k in ("world_size", "device", "mixed_precision", "num_params", "backend")}),
+        )
         log.info("plan: %s", json.dumps(asdict(self.plan)))
 
     def close(self) -> None:
@@ -564,8 +633,14 @@ def _fingerprint(model: torch.nn.Module) -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

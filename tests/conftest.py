@@ -29,8 +29,22 @@ def pytest_collection_modifyitems(config, items):
 def tiny_data(tmp_path_factory) -> Path:
     """10 classes x 7 train JPEGs, 49 val JPEGs (one removed: a count not divisible by the world size)."""
     root = tmp_path_factory.mktemp("tiny_data") / "demo"
-    subprocess.run([sys.executable, "-m", "mixmo_dist.data.demo", "--out", str(root), "--train-per-class", "7",
-                    "--val-per-class", "5"], check=True, cwd=REPO, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixmo_dist.data.demo",
+            "--out",
+            str(root),
+            "--train-per-class",
+            "7",
+            "--val-per-class",
+            "5",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
     victim = sorted((root / "val").rglob("*.JPEG"))[0]
     victim.unlink()
     return root
@@ -45,9 +59,18 @@ def free_port() -> int:
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     """A resnet18 at 32 px, 8 rows per rank (4 unique x 2 repetitions): 9 steps per epoch on 2 ranks."""
     return [
-        f"--data.root={data}", "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=1",
-        "--data.backend=torch", "--schedule.epochs=2", "--schedule.warmup_epochs=0", "--optim.lr_reference_batch=32",
-        f"--run.output_dir={out}", "--log.every_n_steps=1", "--log.progress=lines", "--checkpoint.every_n_steps=6",
+        f"--data.root={data}",
+        "--data.image_size=32",
+        "--data.batch_size=8",
+        "--data.num_workers=1",
+        "--data.backend=torch",
+        "--schedule.epochs=2",
+        "--schedule.warmup_epochs=0",
+        "--optim.lr_reference_batch=32",
+        f"--run.output_dir={out}",
+        "--log.every_n_steps=1",
+        "--log.progress=lines",
+        "--checkpoint.every_n_steps=6",
         *extra,
     ]
 
@@ -57,8 +80,9 @@ def train_env(**extra: str) -> dict:
     # torch >= 2.14's torchrun overwrites TORCHELASTIC_SIGNALS_TO_HANDLE from its --signals-to-handle option, whose
     # default comes from PET_SIGNALS_TO_HANDLE: set both so SIGUSR2 is forwarded to the ranks.
     signals = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHELASTIC_SIGNALS_TO_HANDLE=signals,
-               PET_SIGNALS_TO_HANDLE=signals)
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHELASTIC_SIGNALS_TO_HANDLE=signals, PET_SIGNALS_TO_HANDLE=signals
+    )
     env.update(extra)
     return env
 
@@ -68,11 +92,34 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
     if nproc == 1:
         cmd = [sys.executable, "-m", "mixmo_dist.train", *args]
     else:
-        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "mixmo_dist.train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **popen)
+        cmd = [
+            str(VENV_BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "mixmo_dist.train",
+            *args,
+        ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env or train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
 
 def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:

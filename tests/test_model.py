@@ -66,8 +66,9 @@ def test_unsupported_arch_names_it():
 def test_channels_last_end_to_end():
     net = build_model("resnet18", 2, 5).to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 3, 32, 32)
-    x = torch.stack([x[0].contiguous(memory_format=torch.channels_last), x[1].contiguous(
-        memory_format=torch.channels_last)])
+    x = torch.stack(
+        [x[0].contiguous(memory_format=torch.channels_last), x[1].contiguous(memory_format=torch.channels_last)]
+    )
     h, w = net.encoder_output_hw(32, 32)
     mix = sample_mixing(4, 2, h, w, mixing="cut", alpha=2.0, cut_prob=1.0, generator=None, device="cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -14,8 +14,17 @@ from safetensors.torch import load_file
 def test_two_rank_training_outputs(reference_run, tiny_data):
     out = reference_run
     run = json.loads((out / "run.json").read_text())
-    for key in ("world_size", "device", "mixed_precision", "num_params", "version", "git_commit", "classes",
-                "normalization", "config"):
+    for key in (
+        "world_size",
+        "device",
+        "mixed_precision",
+        "num_params",
+        "version",
+        "git_commit",
+        "classes",
+        "normalization",
+        "config",
+    ):
         assert key in run
     assert run["world_size"] == 2 and len(run["classes"]) == 10
     assert run["config"]["data"]["root"] == str(tiny_data)
@@ -24,8 +33,18 @@ def test_two_rank_training_outputs(reference_run, tiny_data):
     val = [r for r in lines if r["split"] == "val"]
     assert [r["step"] for r in train] == list(range(1, 19))
     for r in train:
-        for key in ("loss", "lr", "img_per_s", "loss_member_0", "loss_member_1", "kappa_mean", "cut_share",
-                    "cut_prob", "grad_norm", "epoch"):
+        for key in (
+            "loss",
+            "lr",
+            "img_per_s",
+            "loss_member_0",
+            "loss_member_1",
+            "kappa_mean",
+            "cut_share",
+            "cut_prob",
+            "grad_norm",
+            "epoch",
+        ):
             assert r[key] is not None, key
     assert 0 < sum(r["cut_share"] for r in train) < len(train)  # both cut and linear batches happened
     # Exact validation: 49 images over 2 ranks, each counted once.
@@ -53,8 +72,15 @@ def test_two_rank_training_learns_and_replicas_agree(reference_run):
 
 def test_vanilla_path_single_process(tiny_data, tmp_path):
     out = tmp_path / "vanilla"
-    args = tiny_args(tiny_data, out, "--mixmo.num_members=1", "--mixmo.mixing=none", "--mixmo.batch_repetitions=1",
-                     "--schedule.max_steps=3", "--eval.every_n_epochs=100")
+    args = tiny_args(
+        tiny_data,
+        out,
+        "--mixmo.num_members=1",
+        "--mixmo.mixing=none",
+        "--mixmo.batch_repetitions=1",
+        "--schedule.max_steps=3",
+        "--eval.every_n_epochs=100",
+    )
     rc, log = run_train(args, nproc=1)
     assert rc == 0, log[-3000:]
     weights = load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
@@ -64,8 +90,14 @@ def test_vanilla_path_single_process(tiny_data, tmp_path):
 
 
 def _train_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixmo_dist.train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=train_env())
+    return subprocess.run(
+        [sys.executable, "-m", "mixmo_dist.train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=train_env(),
+    )
 
 
 def test_config_errors_exit_nonzero_naming_the_key(tmp_path):
@@ -83,8 +115,7 @@ def test_config_errors_exit_nonzero_naming_the_key(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    res = _train_cli(f"--data.root={tmp_path / 'nope'}", "--data.backend=torch",
-                     f"--run.output_dir={tmp_path / 'out'}")
+    res = _train_cli(f"--data.root={tmp_path / 'nope'}", "--data.backend=torch", f"--run.output_dir={tmp_path / 'out'}")
     assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -103,8 +134,9 @@ def test_single_process_world_guard():
 def test_cut_mixmo_with_input_cutmix_trains(tiny_data, tmp_path):
     """The paper's best configuration (Cut-MixMo + CutMix) through the real trainer: finite losses, soft targets."""
     out = tmp_path / "cutmix"
-    args = tiny_args(tiny_data, out, "--mixmo.input_cutmix_prob=0.5", "--schedule.max_steps=3",
-                     "--eval.every_n_epochs=100")
+    args = tiny_args(
+        tiny_data, out, "--mixmo.input_cutmix_prob=0.5", "--schedule.max_steps=3", "--eval.every_n_epochs=100"
+    )
     rc, log = run_train(args, nproc=1)
     assert rc == 0, log[-3000:]
     train = [r for r in read_metrics(out) if r["split"] == "train"]

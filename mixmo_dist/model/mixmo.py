@@ -112,8 +112,9 @@ class MixMoNet(nn.Module):
         feats_BD = self.core.forward_head(self.core.forward_features(z_BCHW), pre_logits=True)
         return torch.stack([head(feats_BD) for head in self.heads])
 
-    def forward_train(self, x_MBCHW: Tensor | Sequence[Tensor], boxes_B4: Tensor, coef_in_MB: Tensor,
-                      coef_out_MB: Tensor) -> Tensor:
+    def forward_train(
+        self, x_MBCHW: Tensor | Sequence[Tensor], boxes_B4: Tensor, coef_in_MB: Tensor, coef_out_MB: Tensor
+    ) -> Tensor:
         """Training forward: member m's images through encoder m, mixed, core, heads -> logits [M,B,K].
 
         The factor M of `z = M * sum_m mask_m * l_m` is folded into the bias-free encoder weights (conv is linear),
@@ -129,8 +130,13 @@ class MixMoNet(nn.Module):
         weight = torch.stack([enc.weight for enc in self.encoders]).sum(0)
         return self.core_and_heads(self._conv(x_BCHW, weight))
 
-    def forward(self, x: Tensor, mix: MixParams | Tensor | None = None, coef_in_MB: Tensor | None = None,
-                coef_out_MB: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mix: MixParams | Tensor | None = None,
+        coef_in_MB: Tensor | None = None,
+        coef_out_MB: Tensor | None = None,
+    ) -> Tensor:
         """`forward(x_MBCHW, mix)` trains (mixing), `forward(x_BCHW)` evaluates; both return logits [M,B,K].
 
         `mix` may also be given as its three tensors `(boxes_B4, coef_in_MB, coef_out_MB)`, the form DDP passes on.
