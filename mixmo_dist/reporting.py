@@ -135,7 +135,8 @@ class Progress:
         eta = elapsed / max(done, 1) * (self.total - step)
         text = (
             f"step {step}/{self.total} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {rec['lr']:.4g} "
-            f"{rec['img_per_s']:.0f} img/s data {rec['data_time'] * 1e3:.0f}ms compute {rec['compute_time'] * 1e3:.0f}ms "
+            f"{rec['img_per_s']:.0f} img/s data {rec['data_time'] * 1e3:.0f}ms "
+            f"compute {rec['compute_time'] * 1e3:.0f}ms "
             f"ETA {_hms(eta)}"
         )
         if self.bar:
