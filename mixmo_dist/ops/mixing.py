@@ -101,7 +101,12 @@ def cutmix_masks(
         (mask_B1HW float32, 1 inside the box; lam_realised_B, the mask mean = the box's area fraction).
     """
     boxes_B4 = sample_boxes(lam_B, height, width, generator)
-    mask_B1HW = box_masks(boxes_B4, height, width)[:, None].float()
+    rows_H = torch.arange(height, device=lam_B.device)
+    cols_W = torch.arange(width, device=lam_B.device)
+    in_rows_BH = ((rows_H >= boxes_B4[:, 0:1]) & (rows_H < boxes_B4[:, 1:2])).float()
+    in_cols_BW = ((cols_W >= boxes_B4[:, 2:3]) & (cols_W < boxes_B4[:, 3:4])).float()
+    # One pass over the output: the outer product of two 1-D indicators (no bool intermediate to convert).
+    mask_B1HW = (in_rows_BH[:, None, :, None] * in_cols_BW[:, None, None, :])
     return mask_B1HW, box_area(boxes_B4, height, width)
 
 
@@ -187,10 +192,10 @@ def _triton_usable(feats: Sequence[Tensor]) -> bool:
     if not feats[0].is_cuda:
         return False
     try:
-        from mixmo_dist.ops import triton_mix  # noqa: F401  (imports triton)
+        from mixmo_dist.ops import triton_mix  # imports triton
     except ImportError:
         return False
-    return True
+    return triton_mix.supports(feats)
 
 
 def mix_features(feats: Sequence[Tensor], boxes_B4: Tensor, coef_in_MB: Tensor, coef_out_MB: Tensor) -> Tensor:
