@@ -1,0 +1,150 @@
+"""The synthetic backend: random normalised images generated once on the device, for throughput runs and smoke tests.
+
+Shape legend: U unique images per rank per step, P pool size, S image side.
+
+It follows the same contract as the folder backends (same epoch plan, same per-rank sharding, same state_dict),
+but reads nothing from disk and decodes nothing, so it measures the training step alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .torch_loader import EpochPlan, mix_seed
+
+if TYPE_CHECKING:
+    from . import Data
+
+# Device memory held by the image pool; samples beyond it reuse pool images (sample i shows image i mod P), so a
+# large synthetic_size costs labels only.
+_POOL_BYTES = 256 * 2**20
+# The val split is a tenth of synthetic_size (at least one sample).
+_VAL_FRACTION = 10
+
+
+class _SyntheticPool:
+    """Seeded random images (float32 [P,3,S,S], already normalised: N(0,1)) on the device."""
+
+    def __init__(self, num_samples: int, *, image_size: int, seed: int, device: torch.device, channels_last: bool):
+        per_image = 3 * image_size * image_size * 4
+        size = max(1, min(num_samples, _POOL_BYTES // per_image))
+        gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 0x5E7))
+        images = torch.randn(size, 3, image_size, image_size, generator=gen, device=device)
+        self.images_P3SS = images
+        self.gen = gen
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def labels(self, num: int, num_classes: int) -> Tensor:
+        """int64 [num] uniform random labels on the device (drawn from the pool's generator, in call order)."""
+        return torch.randint(num_classes, (num,), generator=self.gen, device=self.images_P3SS.device)
+
+    def take(self, indices: Tensor) -> Tensor:
+        """Images float32 [len(indices),3,S,S] of samples `indices` (a fresh tensor, layout of the pool)."""
+        # index_select returns NCHW-contiguous whatever the pool's layout, hence the explicit format.
+        picked = self.images_P3SS.index_select(0, indices % self.images_P3SS.shape[0])
+        return picked.contiguous(memory_format=self.memory_format)
+
+
+class SyntheticTrain(EpochPlan):
+    """Train batches (images float32 [U,3,S,S], labels int64 [U], on the device) of one rank."""
+
+    def __init__(
+        self, pool: _SyntheticPool, labels_N: Tensor, *, unique_per_rank: int, rank: int, world_size: int, seed: int
+    ) -> None:
+        super().__init__(
+            labels_N.shape[0], unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed
+        )
+        self._pool = pool
+        self._labels_N = labels_N
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch, start = self._begin_pass()
+        device = self._labels_N.device
+        indices_SU = self.global_order(epoch)[self.rank_positions()].to(device)
+        for step in range(start, self.steps):
+            idx_U = indices_SU[step]
+            self._batch += 1
+            yield self._pool.take(idx_U), self._labels_N[idx_U]
+
+
+class SyntheticVal:
+    """Val batches of one rank: samples rank::world_size of the synthetic val split, last batch short."""
+
+    def __init__(
+        self, pool: _SyntheticPool, labels_N: Tensor, first_index: int, *, batch_size: int, rank: int, world_size: int
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {batch_size}")
+        # Val images come after the train ones in the pool's index space, so they differ from train images
+        # whenever the pool is large enough to hold both.
+        self._indices = torch.arange(labels_N.shape[0], device=labels_N.device)[rank::world_size]
+        self._pool = pool
+        self._labels_N = labels_N
+        self._first = first_index
+        self._batch_size = batch_size
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank evaluates."""
+        return self._indices.shape[0]
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self._batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx_B in self._indices.split(self._batch_size):
+            yield self._pool.take(idx_B + self._first), self._labels_N[idx_B]
+
+
+def build_synthetic_data(
+    cfg: Any,
+    *,
+    unique_per_rank: int,
+    val_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    channels_last: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Data:
+    """Builds the synthetic backend from `cfg.synthetic_size`, `cfg.num_synthetic_classes` and `cfg.image_size`.
+
+    Every rank generates the same pool and labels from `seed`, so the ranks agree on the dataset without talking.
+    `mean`/`std` are only recorded: the images are drawn already normalised.
+    """
+    from . import Data
+
+    num_train, num_classes = cfg.synthetic_size, cfg.num_synthetic_classes
+    if not isinstance(num_train, int) or num_train < 1:
+        raise ValueError(f"data.synthetic_size must be a positive int, got {num_train!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"data.num_synthetic_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(cfg.image_size, int) or cfg.image_size < 1:
+        raise ValueError(f"data.image_size must be a positive int, got {cfg.image_size!r}")
+    num_val = max(1, num_train // _VAL_FRACTION)
+    pool = _SyntheticPool(
+        num_train + num_val, image_size=cfg.image_size, seed=seed, device=device, channels_last=channels_last
+    )
+    train_labels_N = pool.labels(num_train, num_classes)
+    val_labels_N = pool.labels(num_val, num_classes)
+    train = SyntheticTrain(
+        pool, train_labels_N, unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed
+    )
+    val = SyntheticVal(pool, val_labels_N, num_train, batch_size=val_batch_size, rank=rank, world_size=world_size)
+    return Data(
+        train=train,
+        val=val,
+        classes=[f"class_{k:03d}" for k in range(num_classes)],
+        mean=tuple(mean),
+        std=tuple(std),
+        num_train=num_train,
+        num_val=num_val,
+        backend="synthetic",
+    )

@@ -1,0 +1,460 @@
+"""Torch and synthetic data backends, dataset scanning and decoding, on tiny real JPEG folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixmo_dist.config import DataConfig
+from mixmo_dist.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    build_data,
+    load_rgb,
+    resolve_backend,
+    scan_split,
+    timm_mean_std,
+)
+from mixmo_dist.data.torch_loader import EpochPlan, random_resized_crop_box
+
+CPU = torch.device("cpu")
+SIZE = 16
+CLASSES = ["ant", "bee", "cat"]
+TRAIN_COUNTS = (4, 5, 4)  # N = 13: never a multiple of world * unique in these tests
+VAL_COUNTS = (3, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny datasets. In the "id" dataset every image is one solid colour: red encodes the class, green the sample's
+# index in sorted-path order, so a delivered batch can be traced back to its files after decoding and resizing.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _id_colour(label: int, index: int) -> tuple[int, int, int]:
+    return 40 + 80 * label, 8 + 12 * index, 128
+
+
+def _write_id_split(root: Path, split: str, counts: tuple[int, ...]) -> None:
+    index = 0
+    for label, (name, count) in enumerate(zip(CLASSES, counts)):
+        (root / split / name).mkdir(parents=True)
+        for k in range(count):
+            size = (20 + 4 * (k % 3), 24 + 3 * (k % 2))  # varied sizes and aspect ratios
+            img = Image.new("RGB", size, _id_colour(label, index))
+            img.save(root / split / name / f"{k:03d}.JPEG", quality=95)
+            index += 1
+
+
+@pytest.fixture(scope="module")
+def id_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("id_data")
+    _write_id_split(root, "train", TRAIN_COUNTS)
+    _write_id_split(root, "val", VAL_COUNTS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def noise_root(tmp_path_factory) -> Path:
+    """12 train images of random noise (so every crop and flip shows), 2 val images per class."""
+    root = tmp_path_factory.mktemp("noise_data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, size=(22 + k, 26, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{k:03d}.JPEG", quality=90)
+    return root
+
+
+def _cfg(root: Path, **overrides) -> DataConfig:
+    fields = dict(root=str(root), backend="torch", image_size=SIZE, num_workers=0, min_crop_scale=0.25)
+    fields.update(overrides)
+    return DataConfig(**fields)
+
+
+def _build(cfg: DataConfig, *, unique=4, val_batch=4, rank=0, world=1, seed=0, channels_last=False):
+    return build_data(
+        cfg,
+        unique_per_rank=unique,
+        val_batch_size=val_batch,
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        device=CPU,
+        channels_last=channels_last,
+    )
+
+
+def _unnormalise(images_B3SS: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images_B3SS * std + mean) * 255.0
+
+
+def _decode_ids(images_B3SS: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(labels from red, sample indices from green) of solid-colour id images."""
+    rgb_B3 = _unnormalise(images_B3SS).mean(dim=(2, 3))
+    labels = torch.round((rgb_B3[:, 0] - 40) / 80).long().tolist()
+    indices = torch.round((rgb_B3[:, 1] - 8) / 12).long().tolist()
+    return labels, indices
+
+
+def _collect(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: shapes, values, labels, sharding.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batches_are_normalised_and_labelled_like_their_folders(id_root, channels_last):
+    data = _build(_cfg(id_root), unique=4, channels_last=channels_last)
+    assert data.classes == CLASSES and data.backend == "torch"
+    assert (data.num_train, data.num_val) == (13, 9)
+    assert data.mean == IMAGENET_MEAN and data.std == IMAGENET_STD
+    batches = _collect(data.train)
+    assert len(batches) == len(data.train) == 4  # ceil(13 / 4)
+    for images, labels in batches:
+        assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert labels.dtype == torch.int64 and labels.shape == (4,)
+        pixels = _unnormalise(images)
+        assert pixels.min() > -3 and pixels.max() < 258  # 0-255 after undoing the normalisation
+        # Each solid image keeps its colour through crop, resize and JPEG: red says which folder it came from.
+        decoded_labels, _ = _decode_ids(images)
+        assert decoded_labels == labels.tolist()
+        assert (pixels[:, 2] - 128).abs().max() < 6
+
+
+def test_ranks_get_disjoint_parts_covering_the_epoch(id_root):
+    world, unique = 2, 3
+    loaders = [_build(_cfg(id_root), unique=unique, rank=r, world=world).train for r in range(world)]
+    steps = len(loaders[0])
+    assert steps == len(loaders[1]) == 3  # ceil(13 / 6): 18 positions, 5 wrapped around
+    order = EpochPlan(13, unique_per_rank=unique, rank=0, world_size=world, seed=0).global_order(0)
+    per_rank = []
+    for loader in loaders:
+        ids = []
+        for images, labels in loader:
+            decoded_labels, indices = _decode_ids(images)
+            assert decoded_labels == labels.tolist()
+            ids.append(indices)
+        assert len(ids) == steps
+        per_rank.append(ids)
+    # Global step s = rank 0's U samples, then rank 1's: exactly the epoch's wrapped permutation.
+    delivered = [i for step in range(steps) for rank in range(world) for i in per_rank[rank][step]]
+    assert delivered == order.tolist()
+    assert sorted(set(delivered)) == list(range(13))
+    assert sorted(delivered[:13]) == list(range(13))  # the first N positions are a permutation, the rest wrap
+    # A new epoch is another permutation, the same on both ranks.
+    for loader in loaders:
+        loader.set_epoch(1)
+    epoch1 = [_decode_ids(images)[1] for images, _ in loaders[0]]
+    assert [i for batch in epoch1 for i in batch] != [i for batch in per_rank[0] for i in batch]
+
+
+@pytest.mark.parametrize("num", [1, 7, 12, 13, 50])
+@pytest.mark.parametrize("world,unique", [(1, 4), (2, 3), (3, 4), (4, 1)])
+def test_epoch_plan_is_equal_length_disjoint_and_covering(num, world, unique):
+    plans = [EpochPlan(num, unique_per_rank=unique, rank=r, world_size=world, seed=3) for r in range(world)]
+    steps = -(-num // (world * unique))
+    assert all(len(plan) == steps for plan in plans)
+    positions = torch.cat([plan.rank_positions().flatten() for plan in plans])
+    assert sorted(positions.tolist()) == list(range(steps * world * unique))  # disjoint, no gap
+    order = plans[0].global_order(5)
+    assert torch.equal(order, plans[-1].global_order(5))  # every rank draws the same permutation
+    assert sorted(order[:num].tolist()) == list(range(num))
+    if num >= 7:
+        assert not torch.equal(order[:num], plans[0].global_order(6)[:num])  # a new permutation each epoch
+
+
+def test_val_union_over_ranks_is_the_split_exactly_once(id_root):
+    world = 2
+    seen = []
+    lengths = []
+    for rank in range(world):
+        data = _build(_cfg(id_root), unique=4, val_batch=2, rank=rank, world=world)
+        batches = _collect(data.val)
+        lengths.append(len(data.val))
+        assert len(batches) == len(data.val)
+        assert [labels.shape[0] for _, labels in batches][:-1] == [2] * (len(batches) - 1)
+        for images, labels in batches:
+            decoded_labels, indices = _decode_ids(images)
+            assert decoded_labels == labels.tolist()
+            seen.extend(indices)
+    assert lengths == [3, 2]  # 5 and 4 samples in batches of 2: the last batch is short, no padding
+    assert sorted(seen) == list(range(9))
+
+
+def test_resume_yields_the_same_next_batches_with_workers(noise_root):
+    cfg = _cfg(noise_root, num_workers=2, hflip=True, min_crop_scale=0.1)
+    reference = _build(cfg, unique=2).train  # 12 samples -> 6 batches per epoch
+    epoch0 = _collect(reference)
+    reference.set_epoch(1)
+    epoch1 = _collect(reference)
+    assert len(epoch0) == len(epoch1) == 6
+    # Augmentations change between epochs (so the comparisons below can fail).
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))
+
+    interrupted = _build(cfg, unique=2).train
+    it = iter(interrupted)
+    for step in range(2):
+        images, labels = next(it)
+        assert torch.equal(images, epoch0[step][0]) and torch.equal(labels, epoch0[step][1])
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    assert state == {"epoch": 0, "batch": 2}
+    del it
+
+    resumed = _build(cfg, unique=2).train
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)  # a trainer calling set_epoch for the restored epoch keeps the position
+    rest = _collect(resumed)
+    assert len(rest) == 4
+    for (images, labels), (ref_images, ref_labels) in zip(rest, epoch0[2:]):
+        assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+    assert resumed.state_dict() == {"epoch": 0, "batch": 6}
+    # Iterating a finished epoch moves on to the next one, identical to the uninterrupted run's epoch 1.
+    for (images, _), (ref_images, _) in zip(_collect(resumed), epoch1):
+        assert torch.equal(images, ref_images)
+
+
+def test_batches_do_not_depend_on_workers_and_leave_global_rng_alone(noise_root):
+    cfg = _cfg(noise_root, hflip=True, min_crop_scale=0.1)
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    serial = _collect(_build(cfg, unique=4).train)
+    assert torch.equal(torch.rand(3), expected_draw)  # the loader consumed nothing from the global RNG
+    parallel = _collect(_build(_cfg(noise_root, hflip=True, min_crop_scale=0.1, num_workers=2), unique=4).train)
+    other_seed = _collect(_build(cfg, unique=4, seed=1).train)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(serial, parallel))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(serial, other_seed))
+
+
+def test_restore_skips_batches_without_decoding_them(noise_root, tmp_path):
+    """A corrupt file that only the skipped batches hold must not be touched by a resumed pass."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for src in sorted((noise_root / split / name).iterdir()):
+                (root / split / name / src.name).write_bytes(src.read_bytes())
+    loader = _build(_cfg(root), unique=4).train  # 12 samples, 3 batches, no wrap-around
+    first_keys = loader.epoch_keys(0)[0]
+    _, samples = scan_split(root, "train")
+    victim = Path(samples[first_keys[0][2]][0])
+    victim.write_bytes(victim.read_bytes()[:100])
+    loader.load_state_dict({"epoch": 0, "batch": 1})
+    assert len(_collect(loader)) == 2
+    fresh = _build(_cfg(root), unique=4).train
+    with pytest.raises(CorruptImageError, match=victim.name):
+        _collect(fresh)
+
+
+def test_pad_random_crop_pads_with_zeros(tmp_path):
+    root = tmp_path / "white"
+    for split in ("train", "val"):
+        (root / split / "only").mkdir(parents=True)
+        for k in range(8):
+            Image.new("RGB", (SIZE, SIZE), (255, 255, 255)).save(root / split / "only" / f"{k}.JPEG", quality=95)
+    data = _build(_cfg(root, train_crop="pad_random", hflip=False), unique=8)
+    ((images, _),) = _collect(data.train)
+    pixels = _unnormalise(images)
+    assert images.shape == (8, 3, SIZE, SIZE)
+    # The centre is always image, the 4-px border is zero padding for most crops (9x9 offsets, 1 centred).
+    assert pixels[:, :, 4:-4, 4:-4].min() > 240
+    padded = (pixels.amin(dim=(1, 2, 3)) < 15).sum().item()
+    assert padded >= 5
+
+
+def test_random_resized_crop_box_stays_in_range():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        top, left, h, w = random_resized_crop_box(40, 30, 0.2, gen)
+        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 30
+        assert 0.2 * 1200 * 0.8 <= h * w <= 1200
+        assert 0.7 <= w / h <= 1.45
+    # An image far outside the ratio range: after 10 failed tries, the centred fallback clamped to ratio 4/3.
+    assert random_resized_crop_box(10, 200, 0.9, gen) == (0, 93, 10, 13)
+    assert random_resized_crop_box(8, 8, 1.0, gen) == (0, 0, 8, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding odd files, and errors that name their culprit.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _odd_files(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Writes one file per odd format; returns name -> expected RGB colour."""
+    directory.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (20, 20), 90).save(directory / "gray.JPEG", quality=95)
+    Image.new("RGB", (20, 20), (200, 60, 30)).convert("CMYK").save(directory / "cmyk.JPEG", quality=95)
+    Image.new("RGB", (20, 20), (10, 220, 70)).save(directory / "png_named.JPEG", format="PNG")
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 30, 40, 250] + [0] * 762)
+    palette.info["transparency"] = 0
+    palette.save(directory / "palette.png", transparency=0)
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(directory / "sixteen.png")
+    return {
+        "gray.JPEG": (90, 90, 90),
+        "cmyk.JPEG": (200, 60, 30),
+        "png_named.JPEG": (10, 220, 70),
+        "palette.png": (30, 40, 250),
+        "sixteen.png": (156, 156, 156),
+    }
+
+
+def test_odd_formats_load_as_rgb_and_through_the_loader(tmp_path):
+    expected = _odd_files(tmp_path / "data" / "train" / "odd")
+    for name, colour in expected.items():
+        img = load_rgb(tmp_path / "data" / "train" / "odd" / name)
+        assert img.mode == "RGB" and img.size == (20, 20)
+        assert np.abs(np.asarray(img, np.int32).mean(axis=(0, 1)) - np.array(colour)).max() <= 3, name
+    _odd_files(tmp_path / "data" / "val" / "odd")
+    data = _build(_cfg(tmp_path / "data"), unique=5, val_batch=5)
+    ((images, _),) = _collect(data.val)
+    by_file = sorted(expected)  # val order is sorted-path order
+    got = _unnormalise(images).mean(dim=(2, 3))
+    for row, name in enumerate(by_file):
+        assert (got[row] - torch.tensor(expected[name], dtype=torch.float32)).abs().max() <= 4, name
+
+
+def test_truncated_or_non_image_file_raises_naming_the_file(tmp_path, noise_root):
+    good = (noise_root / "train" / "ant" / "000.JPEG").read_bytes()
+    truncated = tmp_path / "cut.JPEG"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptImageError, match="cut.JPEG"):
+        load_rgb(truncated)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(CorruptImageError, match="notes.jpg"):
+        load_rgb(text)
+    # Through DataLoader workers, the error (and the file name) reaches the training process.
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "ok.JPEG").write_bytes(good)
+    (root / "train" / "bee" / "zz_broken.JPEG").write_bytes(good[: len(good) // 2])
+    data = _build(_cfg(root, num_workers=2), unique=4)
+    with pytest.raises(CorruptImageError, match="zz_broken.JPEG"):
+        _collect(data.train)
+
+
+def _class_dirs(root: Path, split: str, names: list[str], with_image: bool = True) -> None:
+    for name in names:
+        (root / split / name).mkdir(parents=True)
+        if with_image:
+            Image.new("RGB", (8, 8)).save(root / split / name / "a.JPEG")
+
+
+def test_dataset_errors_name_the_path_and_the_difference(tmp_path):
+    _class_dirs(tmp_path, "train", ["ant", "bee", "cat"])
+    with pytest.raises(ValueError, match=r"dataset split not found: .*val"):
+        scan_split(tmp_path, "val")
+    with pytest.raises(ValueError, match="split not found"):
+        _build(_cfg(tmp_path))
+    _class_dirs(tmp_path, "val", ["ant", "bee", "dog"])
+    with pytest.raises(ValueError, match=r"val has classes not in train: \['dog'\]; missing: \['cat'\]"):
+        _build(_cfg(tmp_path))
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "notes.txt").write_text("no class dirs here")
+    with pytest.raises(ValueError, match=r"no class directories in .*empty/val"):
+        scan_split(tmp_path / "empty", "val")
+    _class_dirs(tmp_path / "hollow", "train", ["ant"])
+    _class_dirs(tmp_path / "hollow", "train", ["bee"], with_image=False)
+    (tmp_path / "hollow" / "train" / "bee" / "readme.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"empty class directory: .*hollow/train/bee"):
+        scan_split(tmp_path / "hollow", "train")
+
+
+def test_scan_finds_all_extensions_sorted_with_labels(tmp_path):
+    for name, files in {"b_cls": ["x.PNG", "sub/y.jpeg", "z.webp"], "a_cls": ["k.Jpg", "j.bmp", ".hidden.jpg"]}.items():
+        for file in files:
+            path = tmp_path / "train" / name / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    (tmp_path / "train" / "a_cls" / "labels.csv").write_text("ignored")
+    classes, samples = scan_split(tmp_path, "train")
+    assert classes == ["a_cls", "b_cls"]
+    names = [(Path(p).relative_to(tmp_path / "train").as_posix(), label) for p, label in samples]
+    assert names == [
+        ("a_cls/j.bmp", 0),
+        ("a_cls/k.Jpg", 0),
+        ("b_cls/sub/y.jpeg", 1),
+        ("b_cls/x.PNG", 1),
+        ("b_cls/z.webp", 1),
+    ]
+
+
+def test_config_errors_name_the_key(id_root):
+    with pytest.raises(ValueError, match="data.dataset='cifar10' is not implemented yet"):
+        _build(_cfg(id_root, dataset="cifar10"))
+    with pytest.raises(ValueError, match="data.backend"):
+        resolve_backend("pillow", cuda=False)
+    with pytest.raises(ValueError, match="dali-gpu.*needs a CUDA device"):
+        resolve_backend("dali-gpu", cuda=False, dali_installed=True)
+    with pytest.raises(ValueError, match="needs NVIDIA DALI"):
+        resolve_backend("dali-cpu", cuda=False, dali_installed=False)
+    train = _build(_cfg(id_root), unique=4).train
+    with pytest.raises(ValueError, match="exceeds the 4 batches per epoch"):
+        train.load_state_dict({"epoch": 0, "batch": 9})
+    with pytest.raises(ValueError, match="keys 'epoch' and 'batch'"):
+        train.load_state_dict({"epoch": 0})
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", cuda=True, dali_installed=True) == "dali-gpu"
+    assert resolve_backend("auto", cuda=False, dali_installed=True) == "dali-cpu"
+    assert resolve_backend("auto", cuda=True, dali_installed=False) == "torch"
+    assert resolve_backend("auto", cuda=False, dali_installed=False) == "torch"
+    assert resolve_backend("torch", cuda=True, dali_installed=True) == "torch"
+    assert resolve_backend("synthetic", cuda=False) == "synthetic"
+    assert resolve_backend("dali-cpu", cuda=True, dali_installed=True) == "dali-cpu"
+
+
+def test_timm_mean_std():
+    assert timm_mean_std("resnet50.a1_in1k") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert timm_mean_std("vit_base_patch16_224.augreg_in21k") == ((0.5,) * 3, (0.5,) * 3)
+    assert timm_mean_std("no_such_arch_xyz") == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic backend.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_backend_follows_the_same_contract():
+    cfg = DataConfig(backend="synthetic", image_size=SIZE, synthetic_size=30, num_synthetic_classes=4)
+    ranks = [_build(cfg, unique=4, val_batch=2, rank=r, world=2, seed=7, channels_last=True) for r in range(2)]
+    data = ranks[0]
+    assert data.backend == "synthetic" and data.classes == ["class_000", "class_001", "class_002", "class_003"]
+    assert (data.num_train, data.num_val) == (30, 3)
+    assert len(ranks[0].train) == len(ranks[1].train) == 4  # ceil(30 / 8)
+    epoch = [_collect(d.train) for d in ranks]
+    for images, labels in epoch[0]:
+        assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 4
+    everything = torch.cat([images for rank in epoch for images, _ in rank])
+    assert abs(everything.mean().item()) < 0.1 and abs(everything.std().item() - 1) < 0.1  # already normalised
+    # The two ranks see different images (disjoint positions of one shared permutation).
+    assert not torch.equal(epoch[0][0][0], epoch[1][0][0])
+    # Resume: same next batches.
+    resumed = _build(cfg, unique=4, val_batch=2, rank=1, world=2, seed=7, channels_last=True).train
+    resumed.load_state_dict({"epoch": 0, "batch": 3})
+    ((images, labels),) = _collect(resumed)
+    assert torch.equal(images, epoch[1][3][0]) and torch.equal(labels, epoch[1][3][1])
+    # Val: 3 samples split 2 + 1 over the ranks, batches of 2.
+    val_sizes = [[labels.shape[0] for _, labels in d.val] for d in ranks]
+    assert val_sizes == [[2], [1]] and [len(d.val) for d in ranks] == [1, 1]
+    assert _build(cfg, unique=4, seed=8).train.global_order(0).tolist() != ranks[0].train.global_order(0).tolist()
