@@ -282,7 +282,8 @@ class DataConfig(_Section, section="data"):
     dataset: Literal["imagefolder", "cifar10", "cifar100", "tinyimagenet"] = "imagefolder"
     """Dataset layout and normalisation statistics to use."""
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch", "synthetic"] = "auto"
-    """Loader: auto picks dali-gpu on CUDA, else torch; synthetic generates random tensors (benchmarks)."""
+    """Loader: auto picks dali-gpu on CUDA, dali-cpu without CUDA, torch when DALI is not installed; synthetic
+    generates random tensors (benchmarks)."""
     image_size: int = 64
     """Side of the square training and validation crops, in pixels."""
     val_resize_ratio: float = 0.875

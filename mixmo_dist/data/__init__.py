@@ -34,9 +34,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
-# Datasets read from an ImageNet-layout folder; the others are planned but have no reader yet.
+# Datasets read from an ImageNet-layout folder (torch or DALI), and those with their own reader (torch loaders).
 _FOLDER_DATASETS = ("imagefolder",)
-_PLANNED_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
+_OWN_READER_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
 _logged_choices: set[str] = set()
 
 
@@ -163,13 +163,6 @@ def build_data(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world of size {world_size}")
     backend = resolve_backend(cfg.backend, device.type == "cuda")
-    if backend != "synthetic" and cfg.dataset not in _FOLDER_DATASETS:
-        if cfg.dataset in _PLANNED_DATASETS:
-            raise ValueError(
-                f"data.dataset={cfg.dataset!r} is not implemented yet; use 'imagefolder' (an ImageNet-layout "
-                "folder) or data.backend=synthetic"
-            )
-        raise ValueError(f"data.dataset must be one of {_FOLDER_DATASETS + _PLANNED_DATASETS}, got {cfg.dataset!r}")
     kwargs = dict(
         unique_per_rank=unique_per_rank,
         val_batch_size=val_batch_size,
@@ -181,6 +174,23 @@ def build_data(
         mean=mean,
         std=std,
     )
+    if backend != "synthetic" and cfg.dataset in _OWN_READER_DATASETS:
+        if cfg.backend in ("dali-gpu", "dali-cpu"):
+            raise ValueError(
+                f"data.dataset={cfg.dataset!r} is read with the torch backend's loaders; set data.backend=torch "
+                f"(or auto), not {cfg.backend!r}"
+            )
+        if cfg.dataset == "tinyimagenet":
+            from .tinyimagenet import build_tinyimagenet_data
+
+            data = build_tinyimagenet_data(cfg, **kwargs)
+        else:
+            from .cifar import build_cifar_data
+
+            data = build_cifar_data(cfg, **kwargs)
+        return data
+    if backend != "synthetic" and cfg.dataset not in _FOLDER_DATASETS:
+        raise ValueError(f"data.dataset must be one of {_FOLDER_DATASETS + _OWN_READER_DATASETS}, got {cfg.dataset!r}")
     if backend == "torch":
         from .torch_loader import build_torch_data
 
