@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from conftest import REPO, read_metrics, run_train, tiny_args, train_env
 from safetensors.torch import load_file
 
@@ -141,3 +142,83 @@ def test_cut_mixmo_with_input_cutmix_trains(tiny_data, tmp_path):
     assert rc == 0, log[-3000:]
     train = [r for r in read_metrics(out) if r["split"] == "train"]
     assert len(train) == 3 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in train)
+
+
+def test_two_machine_world_on_one_host(tiny_data, tmp_path):
+    """Two `accelerate launch` (one per "machine", --same_network) on 127.0.0.1 train one model together."""
+    import os
+
+    from conftest import VENV_BIN, free_port
+
+    out = tmp_path / "multinode"
+    port = str(free_port())
+    procs = []
+    for machine in (0, 1):
+        cmd = [
+            str(VENV_BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(machine),
+            "--num_processes",
+            "2",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--same_network",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "mixmo_dist.train",
+            *tiny_args(tiny_data, out, "--schedule.max_steps=3"),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=train_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2
+    ckpt = out / "checkpoints" / "step_00000003"
+    prints = {json.loads((ckpt / f"rank_{r}.json").read_text())["param_fingerprint"] for r in range(2)}
+    assert len(prints) == 1
+    assert os.path.exists(ckpt / "COMPLETE")
+
+
+def test_ema_accumulation_clipping_tensorboard(tiny_data, tmp_path):
+    """EMA, gradient accumulation (no_sync on the first micro-batch), clipping and TensorBoard in one 2-rank run."""
+    out = tmp_path / "options"
+    args = tiny_args(
+        tiny_data,
+        out,
+        "--optim.ema_decay=0.5",
+        "--optim.grad_accum_steps=2",
+        "--optim.clip_grad_norm=0.5",
+        "--log.tensorboard=true",
+        "--schedule.max_steps=3",
+    )
+    rc, log = run_train(args)
+    assert rc == 0, log[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["plan"]["grad_accum_steps"] == 2 and run["plan"]["unique_per_step"] == 16
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["grad_norm"] is not None for r in train)
+    tensors = load_file(out / "checkpoints" / "step_00000003" / "trainer.safetensors")
+    model = load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
+    assert ema.keys() == model.keys()
+    assert any(not torch.equal(ema[k], model[k]) for k in model if model[k].dtype.is_floating_point)
+    assert list(out.rglob("events.out.tfevents.*"))
