@@ -38,11 +38,14 @@ VAL_PER_CLASS = 50
 _SPLIT_CODES = {"train": 1, "val": 2}
 
 # Difficulty knobs, calibrated so that a vanilla ResNet-18 needs a few epochs (see the module docstring).
-_RADIUS = (0.28, 0.45)  # object radius, fraction of the side
+# Instances of the class shape per image (1, 2, 3) and their radius ranges (fraction of the side) by count.
+_INSTANCES_P = (0.5, 0.3, 0.2)
+_RADIUS = ((0.28, 0.45), (0.18, 0.3), (0.14, 0.24))
 _ASPECT = (0.85, 1.18)  # anisotropic stretch of the object
 _CLUTTER = (0, 4)  # number of distractors
 _CLUTTER_SIZE = (0.03, 0.08)  # distractor radius, fraction of the side
 _BLOTCH = (0.1, 0.35)  # strength of the background's low-frequency blotches
+_BG_SATURATION = 0.5  # background colourfulness (1 = as drawn, 0 = grey)
 _STRIPES_P = 0.15  # probability of a striped object instead of a plain one
 _OCCLUDER_P = 0.1  # probability of a bar across the object
 _NOISE_SIGMA = (2.0, 8.0)  # per-pixel Gaussian noise, 0-255 units
@@ -116,8 +119,17 @@ def _shape_cross(rng: Rng) -> tuple[list[Points], list[Points]]:
     return [_cross(rng)], []
 
 
-def _shape_hexagon(rng: Rng) -> tuple[list[Points], list[Points]]:
-    return [_regular_polygon(6)], []
+def _shape_heart(rng: Rng) -> tuple[list[Points], list[Points]]:
+    # The classic parametric heart, scaled to about the unit disc and centred.
+    ts = [2 * math.pi * k / 40 for k in range(40)]
+    pts = [
+        (
+            16 * math.sin(t) ** 3 / 17,
+            -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17 - 0.15,
+        )
+        for t in ts
+    ]
+    return [pts], []
 
 
 def _shape_arrow(rng: Rng) -> tuple[list[Points], list[Points]]:
@@ -133,7 +145,7 @@ SHAPES: dict[str, Callable[[Rng], tuple[list[Points], list[Points]]]] = {
     "triangle": _shape_triangle,
     "star": _shape_star,
     "cross": _shape_cross,
-    "hexagon": _shape_hexagon,
+    "heart": _shape_heart,
     "arrow": _shape_arrow,
 }
 CLASSES: tuple[str, ...] = tuple(SHAPES)
@@ -177,6 +189,9 @@ def _background(rng: Rng, side: int) -> Image.Image:
     coarse = Image.fromarray(rng.integers(0, 256, size=(5, 5, 3), dtype=np.uint8))
     blotch_HW3 = np.asarray(coarse.resize((small, small), Image.Resampling.BICUBIC), np.float32)
     img_HW3 += rng.uniform(*_BLOTCH) * (blotch_HW3 - 128.0)
+    # Muted backgrounds, vivid objects: saturation is a cue for "object", never for which object.
+    luma_HW1 = img_HW3.mean(axis=2, keepdims=True)
+    img_HW3 = luma_HW1 + _BG_SATURATION * (img_HW3 - luma_HW1)
     low = Image.fromarray(np.clip(img_HW3, 0, 255).astype(np.uint8))
     return low.resize((side, side), Image.Resampling.BILINEAR)
 
@@ -214,35 +229,47 @@ def _fill(rng: Rng, side: int, reference: Sequence[int]) -> Image.Image:
     return fill
 
 
-def render(class_name: str, rng: Rng, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draws one RGB image of `class_name` (size x size) from `rng`."""
-    side = size * _SUPERSAMPLE
-    canvas = _background(rng, side)
-    # The object: anywhere it stays mostly inside, any rotation, some anisotropy.
-    radius = rng.uniform(*_RADIUS) * side
+def _instance_centres(rng: Rng, radii: Sequence[float], side: int) -> list[tuple[float, float]]:
+    """Centres for the object instances: mostly inside the canvas, overlapping little (up to 12 tries each)."""
+    centres: list[tuple[float, float]] = []
+    for radius in radii:
+        margin = radius * 0.8
+        for _ in range(12):
+            cx, cy = (float(v) for v in rng.uniform(margin, side - margin, size=2))
+            if all(math.hypot(cx - x, cy - y) >= 0.9 * (radius + r) for (x, y), r in zip(centres, radii)):
+                break
+        centres.append((cx, cy))
+    return centres
+
+
+def _draw_instance(canvas: Image.Image, class_name: str, rng: Rng, *, cx: float, cy: float, radius: float) -> None:
+    """Paints one instance of the class shape (random rotation, stretch and paint) onto `canvas`, in place."""
+    side = canvas.width
     aspect = rng.uniform(*_ASPECT)
-    margin = radius * 0.8
-    cx, cy = rng.uniform(margin, side - margin, size=2)
     angle = rng.uniform(0, 2 * math.pi)
     reference = canvas.getpixel((int(cx), int(cy)))
-    _clutter(ImageDraw.Draw(canvas), rng, side)
     solids, holes = SHAPES[class_name](rng)
     mask = Image.new("L", (side, side), 0)
     mask_draw = ImageDraw.Draw(mask)
+    sx, sy, jitter = radius * aspect, radius / aspect, radius * 0.03
     for outline, value in [(pts, 255) for pts in solids] + [(pts, 0) for pts in holes]:
-        sx, sy = radius * aspect, radius / aspect
-        mask_draw.polygon(
-            _place(outline, cx=cx, cy=cy, sx=sx, sy=sy, angle=angle, jitter=radius * 0.04, rng=rng), value
-        )
-    canvas = Image.composite(_fill(rng, side, reference), canvas, mask)
+        mask_draw.polygon(_place(outline, cx=cx, cy=cy, sx=sx, sy=sy, angle=angle, jitter=jitter, rng=rng), value)
+    canvas.paste(_fill(rng, side, reference), (0, 0), mask)
+
+
+def render(class_name: str, rng: Rng, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draws one RGB image of `class_name` (size x size) from `rng`: 1-3 instances of the shape on a busy scene."""
+    side = size * _SUPERSAMPLE
+    canvas = _background(rng, side)
+    _clutter(ImageDraw.Draw(canvas), rng, side)
+    count = int(rng.choice(len(_INSTANCES_P), p=_INSTANCES_P)) + 1
+    radii = [rng.uniform(*_RADIUS[count - 1]) * side for _ in range(count)]
+    for (cx, cy), radius in zip(_instance_centres(rng, radii, side), radii):
+        _draw_instance(canvas, class_name, rng, cx=cx, cy=cy, radius=radius)
     if rng.random() < _OCCLUDER_P:
-        # An occluding bar across the object, so no single part of the outline can be relied on.
-        a = rng.uniform(0, math.pi)
-        length = radius * 1.6
-        ox, oy = rng.uniform(-0.5, 0.5, size=2) * radius
-        p0 = (round(cx + ox - length * math.cos(a)), round(cy + oy - length * math.sin(a)))
-        p1 = (round(cx + ox + length * math.cos(a)), round(cy + oy + length * math.sin(a)))
-        ImageDraw.Draw(canvas).line([p0, p1], fill=_random_colour(rng), width=int(rng.integers(4, 10)))
+        # An occluding bar across the scene, so no single part of an outline can be relied on.
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, side, size=4))
+        ImageDraw.Draw(canvas).line([(x0, y0), (x1, y1)], fill=_random_colour(rng), width=int(rng.integers(4, 10)))
     small = canvas.resize((size, size), Image.Resampling.BOX)
     noisy_HW3 = np.asarray(small, np.float32) + rng.normal(0.0, rng.uniform(*_NOISE_SIGMA), size=(size, size, 3))
     return Image.fromarray(np.clip(np.rint(noisy_HW3), 0, 255).astype(np.uint8))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 import struct
 from collections.abc import Iterator, Sequence
@@ -294,11 +295,14 @@ def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
 def _limit_worker_threads(_worker_id: int) -> None:
     """Workers decode one image at a time: intra-op threads would only fight the other workers for cores.
 
-    Workers also ignore the preemption signals: torchrun and SLURM signal the rank's whole process group, and a
-    worker dying of SIGTERM/SIGUSR2 would crash its rank before the rank can save (the rank stops the workers).
+    Workers also leave the rank's process group and ignore SIGUSR2/SIGINT: torchrun forwards a preemption signal to
+    each rank's whole process group, and a worker dying of it would crash its rank before the rank can save. SIGTERM
+    sent to the worker itself still ends it (the DataLoader's shutdown and multiprocessing's exit rely on that), and
+    a worker whose rank dies notices through the DataLoader's parent watchdog.
     """
     torch.set_num_threads(1)
-    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+    os.setpgid(0, 0)
+    for sig in (signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
