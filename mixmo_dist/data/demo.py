@@ -45,13 +45,13 @@ _SPLIT_CODES = {"train": 1, "val": 2}
 
 # Difficulty knobs (see the module docstring for how they were calibrated). Lengths are in 1x pixels.
 _PERIOD = (5.0, 12.0)  # pattern period
-_PATCH_RADIUS = (0.42, 0.6)  # radius of the textured patch, fraction of the side
-_PATCH_CONTRAST = 100.0  # minimum luma difference (0-255) between the pattern's two colours
-_CLUTTER = (0, 3)  # number of distractors (lines and small polygons) drawn over everything
+_PATCH_RADIUS = (0.45, 0.65)  # radius of the textured patch, fraction of the side
+_PATCH_CONTRAST = 140.0  # minimum luma difference (0-255) between the pattern's two colours
+_CLUTTER = (0, 2)  # number of distractors (lines and small polygons) drawn over everything
 _CLUTTER_SIZE = (0.03, 0.08)  # distractor radius, fraction of the side
 _BLOTCH = (0.1, 0.4)  # strength of the background's low-frequency blotches
 _BG_SATURATION = 0.6  # background colourfulness (1 = as drawn, 0 = grey)
-_NOISE_SIGMA = (2.0, 8.0)  # per-pixel Gaussian noise, 0-255 units
+_NOISE_SIGMA = (2.0, 6.0)  # per-pixel Gaussian noise, 0-255 units
 
 Rng = np.random.Generator
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma weights
