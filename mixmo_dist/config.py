@@ -430,7 +430,7 @@ class OptimConfig(_Section, section="optim"):
 class ScheduleConfig(_Section, section="schedule"):
     """Training length and learning-rate schedule (per step, warmup then cosine or step decay)."""
 
-    epochs: float = 5.0
+    epochs: float = 8.0
     """Training length in epochs (an epoch = every unique image seen batch_repetitions times per member)."""
     warmup_epochs: float = 1.0
     """Linear warmup from 0 to the peak LR over this many epochs, per step."""
