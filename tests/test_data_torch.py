@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import (
@@ -238,6 +243,69 @@ def test_batches_do_not_depend_on_workers_and_leave_global_rng_alone(noise_root)
     other_seed = _collect(_build(cfg, unique=4, seed=1).train)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(serial, parallel))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(serial, other_seed))
+
+
+# Held by a thread of the test process while workers start: a forked worker would inherit it held, forever.
+_HELD = threading.Lock()
+
+
+class _LockingSet(Dataset):
+    """Wraps a train set; each sample takes `_HELD` first (in the worker's copy of this module)."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        with _HELD:
+            return self.inner[key]
+
+
+def test_workers_start_clean_while_another_thread_holds_a_lock(noise_root):
+    """Workers come from the forkserver, not from a fork of this multi-threaded process (fails with fork)."""
+    loader = _build(_cfg(noise_root, num_workers=2), unique=2).train
+    loader._dataset = _LockingSet(loader._dataset)
+    release = threading.Event()
+
+    def hold() -> None:
+        with _HELD:
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    result = []
+    reader = threading.Thread(target=lambda: result.append(len(_collect(loader))), daemon=True)
+    try:
+        reader.start()
+        reader.join(timeout=120)
+        assert result == [6], "workers deadlocked on a lock held by another thread of the parent"
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_train_workers_persist_across_epochs_and_ignore_group_signals(noise_root):
+    loader = _build(_cfg(noise_root, num_workers=2), unique=2).train
+    first = _collect(loader)
+    workers = loader._dataloader._iterator._workers
+    pids = [w.pid for w in workers]
+    second = _collect(loader)  # epoch 1, same worker processes
+    assert [w.pid for w in loader._dataloader._iterator._workers] == pids and all(w.is_alive() for w in workers)
+    assert len(first) == len(second) == 6
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert os.getpgid(pid) == pid != os.getpgid(0)  # out of the rank's process group
+        assert int(re.search(r"PPid:\s+(\d+)", status).group(1)) != os.getpid()  # forked by the forkserver
+        ignored = int(re.search(r"SigIgn:\s+([0-9a-f]+)", status).group(1), 16)
+        blocked = int(re.search(r"SigBlk:\s+([0-9a-f]+)", status).group(1), 16)
+        for sig in (signal.SIGUSR2, signal.SIGINT):
+            assert ignored >> (sig - 1) & 1
+        assert not blocked >> (signal.SIGTERM - 1) & 1 and not ignored >> (signal.SIGTERM - 1) & 1
+    # A preemption signal to a worker is ignored; the loader keeps serving batches from the same processes.
+    os.kill(pids[0], signal.SIGUSR2)
+    assert len(_collect(loader)) == 6 and [w.pid for w in loader._dataloader._iterator._workers] == pids
 
 
 def test_restore_skips_batches_without_decoding_them(noise_root, tmp_path):

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,8 @@ _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _RRC_TRIES = 10
 # CIFAR-style augmentation: zero padding on each side before a random crop of the original size.
 _PAD = 4
+_FORKSERVER_LOCK = threading.Lock()
+_forkserver_started = False
 
 
 def mix_seed(*values: int) -> int:
@@ -292,18 +297,50 @@ def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     return images_B3SS, labels_B
 
 
-def _limit_worker_threads(_worker_id: int) -> None:
-    """Workers decode one image at a time: intra-op threads would only fight the other workers for cores.
+# Signals a launcher sends to a rank's whole process group: workers must not die of them (see `_worker_init`).
+_GROUP_SIGNALS = (signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
 
-    Workers also leave the rank's process group and ignore SIGUSR2/SIGINT: torchrun forwards a preemption signal to
-    each rank's whole process group, and a worker dying of it would crash its rank before the rank can save. SIGTERM
-    sent to the worker itself still ends it (the DataLoader's shutdown and multiprocessing's exit rely on that), and
-    a worker whose rank dies notices through the DataLoader's parent watchdog.
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of DataLoader workers: a forkserver, started once per process with `_GROUP_SIGNALS` blocked.
+
+    Forking the rank itself is unsafe: by the time workers start it runs other threads (DALI executors, OpenMP
+    pools, gloo/NCCL, pin-memory), and a lock one of them held at the fork stays held forever in the child. A worker
+    that deadlocks that way looks alive, so the DataLoader waits for it forever; it was seen once here, in CI. The
+    forkserver is a fresh single-threaded interpreter that imports this module once (so forking a worker from it
+    is cheap), and every worker is forked from it. It inherits the blocked signal mask through exec, so neither it
+    nor a newly forked worker can be killed by a preemption signal aimed at the rank's process group; the rank
+    itself gets the signal (another of its threads takes it, or the main thread once the mask is restored).
+    """
+    from multiprocessing import forkserver
+
+    global _forkserver_started
+    with _FORKSERVER_LOCK:
+        if not _forkserver_started:
+            multiprocessing.set_forkserver_preload([__name__])
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+            try:
+                forkserver.ensure_running()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            _forkserver_started = True
+    return multiprocessing.get_context("forkserver")
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Per-worker set-up: one intra-op thread, out of the rank's process group, deaf to preemption signals.
+
+    Workers decode one image at a time: intra-op threads would only fight the other workers for cores. torchrun
+    forwards a preemption signal to each rank's whole process group, and a worker dying of it would crash its rank
+    before the rank can save, so workers leave that group and ignore SIGUSR2/SIGINT. SIGTERM sent to the worker
+    itself still ends it (the DataLoader's shutdown and multiprocessing's exit rely on that), and a worker whose
+    rank dies notices through the DataLoader's parent watchdog (the forkserver exits with the rank).
     """
     torch.set_num_threads(1)
     os.setpgid(0, 0)
     for sig in (signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
 
 
 class _DeviceNormalizer:
@@ -325,19 +362,52 @@ class _DeviceNormalizer:
         return images, labels_B.to(self.device, non_blocking=True)
 
 
-def _make_loader(dataset: Dataset, batches: Any, *, num_workers: int, pin: bool) -> DataLoader:
-    """A plain DataLoader over explicit batches of keys (the plan decides the order, not the DataLoader)."""
+class _Batches:
+    """A batch sampler whose batches are replaced before each pass, so one DataLoader (and its workers) serves all."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: bool) -> DataLoader:
+    """A DataLoader over explicit batches of keys, set per pass in its `batch_sampler.batches`.
+
+    The plan decides the order, not the DataLoader. Persistent workers are started once and pickle the dataset
+    once (an in-memory CIFAR split included), not at every epoch.
+    """
     return DataLoader(
         dataset,
-        batch_sampler=batches,
+        batch_sampler=_Batches(),
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=pin,
-        worker_init_fn=_limit_worker_threads,
-        persistent_workers=False,
+        worker_init_fn=_worker_init,
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        persistent_workers=persistent and num_workers > 0,
         # A private generator: the DataLoader draws a base seed per pass, which must not consume the global RNG.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def _run_pass(owner: Any, batches: list[list[Any]], *, persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """Decodes `batches` of `owner._dataset` with `owner._num_workers` workers; yields uint8 batches on the host.
+
+    With `persistent`, the DataLoader is built at the first pass and kept on `owner` for the next ones.
+    """
+    loader = owner.__dict__.get("_dataloader")
+    if loader is None:
+        pin = owner._to_device.device.type == "cuda"
+        loader = _make_loader(owner._dataset, num_workers=owner._num_workers, pin=pin, persistent=persistent)
+        if persistent:
+            owner._dataloader = loader
+    loader.batch_sampler.batches = batches
+    yield from loader
 
 
 class TorchTrainLoader(EpochPlan):
@@ -387,8 +457,7 @@ class TorchTrainLoader(EpochPlan):
         epoch, start = self._begin_pass()
         # Skipping happens here, on keys: batches before `start` are never decoded.
         batches = self.epoch_keys(epoch)[start:]
-        pin = self._to_device.device.type == "cuda"
-        for images_B3SS, labels_B in _make_loader(self._dataset, batches, num_workers=self._num_workers, pin=pin):
+        for images_B3SS, labels_B in _run_pass(self, batches, persistent=True):
             self._batch += 1
             yield self._to_device(images_B3SS, labels_B)
 
@@ -429,8 +498,8 @@ class TorchValLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self._dataset)
         batches = [list(range(i, min(i + self._batch_size, n))) for i in range(0, n, self._batch_size)]
-        pin = self._to_device.device.type == "cuda"
-        for images_B3SS, labels_B in _make_loader(self._dataset, batches, num_workers=self._num_workers, pin=pin):
+        # Val workers live for one pass: keeping them would double the idle worker processes of every rank.
+        for images_B3SS, labels_B in _run_pass(self, batches, persistent=False):
             yield self._to_device(images_B3SS, labels_B)
 
 
