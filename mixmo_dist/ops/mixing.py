@@ -106,7 +106,7 @@ def cutmix_masks(
     in_rows_BH = ((rows_H >= boxes_B4[:, 0:1]) & (rows_H < boxes_B4[:, 1:2])).float()
     in_cols_BW = ((cols_W >= boxes_B4[:, 2:3]) & (cols_W < boxes_B4[:, 3:4])).float()
     # One pass over the output: the outer product of two 1-D indicators (no bool intermediate to convert).
-    mask_B1HW = (in_rows_BH[:, None, :, None] * in_cols_BW[:, None, None, :])
+    mask_B1HW = in_rows_BH[:, None, :, None] * in_cols_BW[:, None, None, :]
     return mask_B1HW, box_area(boxes_B4, height, width)
 
 
