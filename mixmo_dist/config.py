@@ -284,7 +284,7 @@ class DataConfig(_Section, section="data"):
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch", "synthetic"] = "auto"
     """Loader: auto picks dali-gpu on CUDA, dali-cpu without CUDA, torch when DALI is not installed; synthetic
     generates random tensors (benchmarks)."""
-    image_size: int = 64
+    image_size: int = 32
     """Side of the square training and validation crops, in pixels."""
     val_resize_ratio: float = 0.875
     """Validation resizes the shorter side to image_size / val_resize_ratio, then center-crops image_size."""
@@ -388,7 +388,7 @@ class MixMoConfig(_Section, section="mixmo"):
 class OptimConfig(_Section, section="optim"):
     """SGD, weight decay, loss options and step-level safety nets."""
 
-    lr: float = 0.1
+    lr: float = 0.8
     """Peak learning rate for lr_reference_batch unique images per step; scaled linearly to the real count."""
     lr_reference_batch: int = 256
     """Unique images per step (over all ranks and accumulation steps) for which lr is given."""
@@ -430,7 +430,7 @@ class OptimConfig(_Section, section="optim"):
 class ScheduleConfig(_Section, section="schedule"):
     """Training length and learning-rate schedule (per step, warmup then cosine or step decay)."""
 
-    epochs: float = 8.0
+    epochs: float = 6.0
     """Training length in epochs (an epoch = every unique image seen batch_repetitions times per member)."""
     warmup_epochs: float = 1.0
     """Linear warmup from 0 to the peak LR over this many epochs, per step."""
