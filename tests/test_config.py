@@ -100,7 +100,7 @@ def test_command_line_values_are_yaml_then_coerced():
     cfg = load_config(
         [
             "--schedule.kind=step",
-            "--schedule.milestones=[3, 6.5]",
+            "--schedule.milestones=[3, 5.5]",
             "--schedule.max_steps",
             "1e3",
             "--optim.lr=1e-4",
@@ -114,7 +114,7 @@ def test_command_line_values_are_yaml_then_coerced():
             "--slurm.partition=gpu",
         ]
     )
-    assert cfg.schedule.milestones == (3.0, 6.5) and cfg.schedule.kind == "step"
+    assert cfg.schedule.milestones == (3.0, 5.5) and cfg.schedule.kind == "step"
     assert cfg.schedule.max_steps == 1000 and type(cfg.schedule.max_steps) is int
     assert cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.clip_grad_norm is None and cfg.optim.ema_decay == 0.999
     assert cfg.model.num_classes is None
@@ -176,9 +176,9 @@ def test_coercion_accepts(section, key, raw, expected):
         (["--data.val_resize_ratio=1.5"], "data.val_resize_ratio", ["must be in (0, 1]"]),
         (["--optim.momentum=0"], "optim.nesterov", ["Nesterov needs optim.momentum > 0"]),
         (["--optim.ema_decay=1"], "optim.ema_decay", ["in (0, 1) or null"]),
-        (["--schedule.warmup_epochs=8"], "schedule.warmup_epochs", ["in [0, schedule.epochs=8.0)"]),
-        (["--schedule.milestones=[6, 3]"], "schedule.milestones", ["strictly increasing"]),
-        (["--schedule.milestones=[9]"], "schedule.milestones", ["in (0, schedule.epochs=8.0)"]),
+        (["--schedule.warmup_epochs=6"], "schedule.warmup_epochs", ["in [0, schedule.epochs=6.0)"]),
+        (["--schedule.milestones=[5, 3]"], "schedule.milestones", ["strictly increasing"]),
+        (["--schedule.milestones=[9]"], "schedule.milestones", ["in (0, schedule.epochs=6.0)"]),
         (["--data.batch_size=63"], "data.batch_size", ["not divisible by mixmo.batch_repetitions=2"]),
         (["--slurm.signal_delay_s=3600"], "slurm.signal_delay_s", ["60 * slurm.timeout_min=3600"]),
     ],
