@@ -40,6 +40,19 @@ def test_boxes_match_per_sample_reference():
         assert realised[i].item() == pytest.approx(ref.mean(), abs=1e-7)
 
 
+def test_masks_into_a_reused_buffer_equal_fresh_ones_and_bad_buffers_are_named():
+    lam = torch.rand(6, generator=torch.Generator().manual_seed(2))
+    fresh, realised = cutmix_masks(lam, 9, 11, torch.Generator().manual_seed(3))
+    buffer = torch.full((6, 1, 9, 11), 7.0)  # stale content must be overwritten everywhere
+    mask, realised_out = cutmix_masks(lam, 9, 11, torch.Generator().manual_seed(3), out=buffer)
+    assert mask.data_ptr() == buffer.data_ptr()
+    assert torch.equal(mask, fresh) and torch.equal(realised_out, realised)
+    with pytest.raises(ValueError, match=r"out must be float32 \[6, 1, 9, 11\], got torch.float32 \[6, 1, 9, 10\]"):
+        cutmix_masks(lam, 9, 11, out=torch.empty(6, 1, 9, 10))
+    with pytest.raises(ValueError, match="got torch.float16"):
+        cutmix_masks(lam, 9, 11, out=torch.empty(6, 1, 9, 11, dtype=torch.float16))
+
+
 def test_realised_area_equals_mask_mean_and_reference_mean():
     g = torch.Generator().manual_seed(0)
     lam = torch.distributions.Beta(2.0, 2.0).sample((20000,))
