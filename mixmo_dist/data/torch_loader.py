@@ -398,9 +398,9 @@ def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: b
 def _run_pass(owner: Any, batches: list[list[Any]], *, persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """Decodes `batches` of `owner._dataset` with `owner._num_workers` workers; yields uint8 batches on the host.
 
-    With `persistent`, the DataLoader is built at the first pass and kept on `owner` for the next ones.
+    With `persistent`, the DataLoader is built at the first pass and kept on `owner._dataloader` for the next ones.
     """
-    loader = owner.__dict__.get("_dataloader")
+    loader = owner._dataloader
     if loader is None:
         pin = owner._to_device.device.type == "cuda"
         loader = _make_loader(owner._dataset, num_workers=owner._num_workers, pin=pin, persistent=persistent)
@@ -412,6 +412,9 @@ def _run_pass(owner: Any, batches: list[list[Any]], *, persistent: bool) -> Iter
 
 class TorchTrainLoader(EpochPlan):
     """Train batches (images float32 [U,3,S,S] normalised on `device`, labels int64 [U]) of one rank."""
+
+    # Built at the first pass, then reused (its workers persist); a class default so subclasses need not set it.
+    _dataloader: DataLoader | None = None
 
     def __init__(
         self,
@@ -464,6 +467,8 @@ class TorchTrainLoader(EpochPlan):
 
 class TorchValLoader:
     """Val batches of one rank: samples rank::world_size of the split, in order, no padding, last batch short."""
+
+    _dataloader: DataLoader | None = None  # stays None: val workers live for one pass
 
     def __init__(
         self,
