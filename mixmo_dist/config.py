@@ -296,6 +296,9 @@ class DataConfig(_Section, section="data"):
     """Validation images per rank per step; null = batch_size."""
     num_workers: int = 2
     """Decoding worker processes per rank for the torch backend."""
+    worker_timeout_s: float = 600.0
+    """Torch backend: longest wait for one batch from the workers before the run stops with an error naming this
+    key (a stuck worker, e.g. on a hung file system, would otherwise hang every rank); 0 waits forever."""
     train_crop: Literal["random_resized", "pad_random"] = "random_resized"
     """Training crop: RandomResizedCrop (ImageNet) or pad-4 random crop (CIFAR / Tiny ImageNet recipes)."""
     min_crop_scale: float = 0.25
@@ -319,6 +322,7 @@ class DataConfig(_Section, section="data"):
         self._check("global_batch_size", self.global_batch_size is None or self.global_batch_size >= 1, ">= 1 or null")
         self._check("val_batch_size", self.val_batch_size is None or self.val_batch_size >= 1, ">= 1 or null")
         self._check("num_workers", self.num_workers >= 0, ">= 0")
+        self._check("worker_timeout_s", self.worker_timeout_s >= 0, ">= 0 (0 waits forever)")
         self._check("min_crop_scale", 0 < self.min_crop_scale <= 1, "in (0, 1]")
         self._check("dali_threads", self.dali_threads >= 1, ">= 1")
         self._check("dali_prefetch", self.dali_prefetch >= 1, ">= 1")

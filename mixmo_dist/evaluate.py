@@ -44,7 +44,7 @@ from mixmo_dist.calibration import temperature_scaled_metrics
 from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.config import ConfigError, parse_overrides
 from mixmo_dist.data import build_data, scan_split
-from mixmo_dist.data.torch_loader import TorchValLoader
+from mixmo_dist.data.torch_loader import PathTable, TorchValLoader, ValSet
 from mixmo_dist.export import LoadedCheckpoint, load_checkpoint, normalization_of, resolve_checkpoint
 from mixmo_dist.metrics import EvalAccumulator
 from mixmo_dist.reporting import write_json_atomic
@@ -99,11 +99,10 @@ def build_folder_val_loader(
     """
     _, samples = scan_split(root, split, classes, reference="the checkpoint")
     return TorchValLoader(
-        samples,
-        image_size=data_cfg.image_size,
-        resize_ratio=data_cfg.val_resize_ratio,
+        ValSet.from_cfg(PathTable(samples), data_cfg),
         batch_size=batch_size,
         num_workers=data_cfg.num_workers,
+        worker_timeout_s=data_cfg.worker_timeout_s,
         rank=rank,
         world_size=world_size,
         device=device,

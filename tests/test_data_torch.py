@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from mixmo_dist.data import (
     scan_split,
     timm_mean_std,
 )
-from mixmo_dist.data.torch_loader import EpochPlan, random_resized_crop_box
+from mixmo_dist.data.torch_loader import EpochPlan, WorkerTimeoutError, random_resized_crop_box
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -266,7 +267,7 @@ class _LockingSet(Dataset):
 def test_workers_start_clean_while_another_thread_holds_a_lock(noise_root):
     """Workers come from the forkserver, not from a fork of this multi-threaded process (fails with fork)."""
     loader = _build(_cfg(noise_root, num_workers=2), unique=2).train
-    loader._dataset = _LockingSet(loader._dataset)
+    loader._decoder.dataset = _LockingSet(loader._decoder.dataset)
     release = threading.Event()
 
     def hold() -> None:
@@ -289,10 +290,10 @@ def test_workers_start_clean_while_another_thread_holds_a_lock(noise_root):
 def test_train_workers_persist_across_epochs_and_ignore_group_signals(noise_root):
     loader = _build(_cfg(noise_root, num_workers=2), unique=2).train
     first = _collect(loader)
-    workers = loader._dataloader._iterator._workers
+    workers = loader._decoder._loader._iterator._workers
     pids = [w.pid for w in workers]
     second = _collect(loader)  # epoch 1, same worker processes
-    assert [w.pid for w in loader._dataloader._iterator._workers] == pids and all(w.is_alive() for w in workers)
+    assert [w.pid for w in loader._decoder._loader._iterator._workers] == pids and all(w.is_alive() for w in workers)
     assert len(first) == len(second) == 6
     for pid in pids:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -305,7 +306,60 @@ def test_train_workers_persist_across_epochs_and_ignore_group_signals(noise_root
         assert not blocked >> (signal.SIGTERM - 1) & 1 and not ignored >> (signal.SIGTERM - 1) & 1
     # A preemption signal to a worker is ignored; the loader keeps serving batches from the same processes.
     os.kill(pids[0], signal.SIGUSR2)
-    assert len(_collect(loader)) == 6 and [w.pid for w in loader._dataloader._iterator._workers] == pids
+    assert len(_collect(loader)) == 6 and [w.pid for w in loader._decoder._loader._iterator._workers] == pids
+
+
+class _StallingSet(Dataset):
+    """Wraps a dataset; fetching `stall_index` writes the worker's PID to `pid_file` and then never returns."""
+
+    def __init__(self, inner: Dataset, stall_index, pid_file: str) -> None:
+        self.inner, self.stall_index, self.pid_file = inner, stall_index, pid_file
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        if key == self.stall_index or (isinstance(key, tuple) and key[-1] == self.stall_index):
+            Path(self.pid_file).write_text(str(os.getpid()))
+            threading.Event().wait()  # a hung read: blocks forever, ignores nothing
+        return self.inner[key]
+
+
+def _wait_gone(pid: int, seconds: float = 30.0) -> bool:
+    """Whether process `pid` has exited (or is a zombie) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_stuck_worker_is_an_error_naming_the_timeout_key_not_a_hang(noise_root, tmp_path, split):
+    data = _build(_cfg(noise_root, num_workers=2, worker_timeout_s=3.0), unique=2, val_batch=2)
+    loader = getattr(data, split)
+    pid_file = tmp_path / "stuck.pid"
+    loader._decoder.dataset = _StallingSet(loader._decoder.dataset, 1, str(pid_file))
+    start = time.monotonic()
+    with pytest.raises(WorkerTimeoutError, match=rf"{split} loader: .*data\.worker_timeout_s=3 s \(batch \d+ of"):
+        _collect(loader)
+    assert time.monotonic() - start < 60
+    stuck = int(pid_file.read_text())
+    assert _wait_gone(stuck), "the stuck worker was left running"
+    # Nothing is kept that would hang the next pass: a healthy dataset is served again by fresh workers, from the
+    # batch that failed on (train) or from the start (val).
+    loader._decoder.dataset = loader._decoder.dataset.inner
+    delivered = loader.state_dict()["batch"] if split == "train" else 0
+    assert len(_collect(loader)) == len(loader) - delivered
+
+
+def test_worker_timeout_is_checked_where_it_is_set():
+    with pytest.raises(ValueError, match=r"data\.worker_timeout_s"):
+        DataConfig(worker_timeout_s=-1.0)
 
 
 def test_restore_skips_batches_without_decoding_them(noise_root, tmp_path):

@@ -27,21 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import Dataset
 
-from .torch_loader import (
-    EpochPlan,
-    TorchTrainLoader,
-    TorchValLoader,
-    _check_cfg,
-    _DeviceNormalizer,
-    mix_seed,
-    train_transform,
-    val_transform,
-)
+from .torch_loader import torch_data
 
 if TYPE_CHECKING:
     from . import Data
@@ -121,6 +109,10 @@ class CifarSplit:
     def __len__(self) -> int:
         return len(self.labels_N)
 
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """Sample `index` as an RGB image and its label (a `torch_loader.Source`)."""
+        return Image.fromarray(self.images_NHWC[index]), int(self.labels_N[index])
+
 
 def _read_batches(folder: Path, names: Sequence[str], label_key: str, num_classes: int) -> CifarSplit:
     images, labels = [], []
@@ -178,137 +170,13 @@ def read_cifar(root: str | Path, dataset: str) -> tuple[list[str], CifarSplit, C
     return classes, train, val
 
 
-class _ArrayTrainSet(Dataset):
-    """Augmented CIFAR train samples; a key is (epoch, position in the epoch, dataset index), like `_TrainSet`."""
-
-    def __init__(
-        self, split: CifarSplit, *, seed: int, image_size: int, train_crop: str, min_crop_scale: float, hflip: bool
-    ) -> None:
-        self.split = split
-        self.seed = seed
-        self.transform = dict(image_size=image_size, train_crop=train_crop, min_crop_scale=min_crop_scale, hflip=hflip)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, int]:
-        epoch, position, index = key
-        # Seeded by the position, as in the folder backend: the same batch whatever the workers or a resume.
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, position))
-        image = Image.fromarray(self.split.images_NHWC[index])
-        return train_transform(image, gen=gen, **self.transform), int(self.split.labels_N[index])
-
-
-class _ArrayValSet(Dataset):
-    """CIFAR validation samples through the folder backend's resize + centre crop (identity at 32 px, ratio 1)."""
-
-    def __init__(self, split: CifarSplit, indices: np.ndarray, *, image_size: int, resize_ratio: float) -> None:
-        self.split = split
-        self.indices = indices
-        self.image_size = image_size
-        self.resize_ratio = resize_ratio
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        index = int(self.indices[i])
-        image = Image.fromarray(self.split.images_NHWC[index])
-        image_3SS = val_transform(image, image_size=self.image_size, resize_ratio=self.resize_ratio)
-        return image_3SS, int(self.split.labels_N[index])
-
-
-class CifarTrainLoader(TorchTrainLoader):
-    """`TorchTrainLoader` (same plan, keys, iteration and state) over an in-memory CIFAR split."""
-
-    def __init__(
-        self,
-        split: CifarSplit,
-        *,
-        cfg: Any,
-        unique_per_rank: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device,
-        channels_last: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        # The parent's constructor reads image paths; only its plan and the three members it iterates with are set.
-        EpochPlan.__init__(
-            self, len(split), unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed
-        )
-        self._dataset = _ArrayTrainSet(
-            split,
-            seed=seed,
-            image_size=cfg.image_size,
-            train_crop=cfg.train_crop,
-            min_crop_scale=cfg.min_crop_scale,
-            hflip=cfg.hflip,
-        )
-        self._num_workers = cfg.num_workers
-        self._to_device = _DeviceNormalizer(device, mean, std, channels_last)
-
-
-class CifarValLoader(TorchValLoader):
-    """`TorchValLoader` (samples rank::world_size, in order, last batch short) over an in-memory CIFAR split."""
-
-    def __init__(
-        self,
-        split: CifarSplit,
-        *,
-        cfg: Any,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        channels_last: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"val_batch_size must be >= 1, got {batch_size}")
-        indices = np.arange(len(split))[rank::world_size]
-        self._dataset = _ArrayValSet(split, indices, image_size=cfg.image_size, resize_ratio=cfg.val_resize_ratio)
-        self._batch_size = batch_size
-        self._num_workers = cfg.num_workers
-        self._to_device = _DeviceNormalizer(device, mean, std, channels_last)
-
-
-def build_cifar_data(
-    cfg: Any,
-    *,
-    unique_per_rank: int,
-    val_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    channels_last: bool,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Data:
+def build_cifar_data(cfg: Any, **placement: Any) -> Data:
     """Builds CIFAR-10/100 (`cfg.dataset`) from `cfg.root` with the torch backend's contract (see `build_data`).
 
     The reference recipe is `data.train_crop=pad_random`, `data.image_size=32`, `data.val_resize_ratio=1.0`, with the
     reference's CIFAR normalisation (the `mean`/`std` given, e.g. from `wide_resnet28_10`'s pretrained cfg).
+    `placement` holds unique_per_rank, val_batch_size, rank, world_size, seed, device, channels_last, mean, std.
     """
-    from . import Data
-
-    _check_cfg(cfg)
     classes, train_split, val_split = read_cifar(cfg.root, cfg.dataset)
-    common = dict(rank=rank, world_size=world_size, device=device, channels_last=channels_last, mean=mean, std=std)
-    train = CifarTrainLoader(train_split, cfg=cfg, unique_per_rank=unique_per_rank, seed=seed, **common)
-    val = CifarValLoader(val_split, cfg=cfg, batch_size=val_batch_size, **common)
     log.info("%s: %d train / %d test images, %d classes", cfg.dataset, len(train_split), len(val_split), len(classes))
-    return Data(
-        train=train,
-        val=val,
-        classes=classes,
-        mean=tuple(mean),
-        std=tuple(std),
-        num_train=len(train_split),
-        num_val=len(val_split),
-        backend="torch",
-    )
+    return torch_data(cfg, train_split, val_split, classes, **placement)

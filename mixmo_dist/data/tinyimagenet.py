@@ -10,7 +10,7 @@ Layout under `data.root` (the extracted `tiny-imagenet-200` folder):
 
 A val folder already sorted into `val/<wnid>/...` class folders is read as it is. Labels index the sorted wnids (the
 order of torchvision's ImageFolder, which the reference used). The sample lists go to the torch backend's
-`TorchTrainLoader` / `TorchValLoader` unchanged, so plans, augmentation seeding, resume and sharding are identical;
+`TorchTrainLoader` / `TorchValLoader` (`torch_data`), so plans, augmentation seeding, resume and sharding are identical;
 the reference recipe is `data.train_crop=pad_random` (RandomCrop(64, padding=4)) + flip, `data.image_size=64`,
 `data.val_resize_ratio=1.0` (val images are used as they are) and normalisation by (0.5, 0.5, 0.5).
 """
@@ -18,14 +18,11 @@ the reference recipe is `data.train_crop=pad_random` (RandomCrop(64, padding=4))
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .folder import IMAGE_EXTENSIONS, scan_split
-from .torch_loader import TorchTrainLoader, TorchValLoader, _check_cfg
+from .torch_loader import PathTable, torch_data
 
 if TYPE_CHECKING:
     from . import Data
@@ -98,54 +95,11 @@ def read_tinyimagenet(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     return classes, train, val
 
 
-def build_tinyimagenet_data(
-    cfg: Any,
-    *,
-    unique_per_rank: int,
-    val_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    channels_last: bool,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Data:
-    """Builds Tiny ImageNet from `cfg.root` with the torch backend's loaders and contract (see `build_data`)."""
-    from . import Data
+def build_tinyimagenet_data(cfg: Any, **placement: Any) -> Data:
+    """Builds Tiny ImageNet from `cfg.root` with the torch backend's loaders and contract (see `build_data`).
 
-    _check_cfg(cfg)
+    `placement` holds unique_per_rank, val_batch_size, rank, world_size, seed, device, channels_last, mean, std.
+    """
     classes, train_samples, val_samples = read_tinyimagenet(cfg.root)
-    common = dict(device=device, channels_last=channels_last, mean=mean, std=std, num_workers=cfg.num_workers)
-    train = TorchTrainLoader(
-        train_samples,
-        image_size=cfg.image_size,
-        train_crop=cfg.train_crop,
-        min_crop_scale=cfg.min_crop_scale,
-        hflip=cfg.hflip,
-        unique_per_rank=unique_per_rank,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        **common,
-    )
-    val = TorchValLoader(
-        val_samples,
-        image_size=cfg.image_size,
-        resize_ratio=cfg.val_resize_ratio,
-        batch_size=val_batch_size,
-        rank=rank,
-        world_size=world_size,
-        **common,
-    )
     log.info("tinyimagenet: %d train / %d val images, %d classes", len(train_samples), len(val_samples), len(classes))
-    return Data(
-        train=train,
-        val=val,
-        classes=classes,
-        mean=tuple(mean),
-        std=tuple(std),
-        num_train=len(train_samples),
-        num_val=len(val_samples),
-        backend="torch",
-    )
+    return torch_data(cfg, PathTable(train_samples), PathTable(val_samples), classes, **placement)

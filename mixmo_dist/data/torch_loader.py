@@ -1,4 +1,7 @@
-"""The torch backend of the data layer: an ImageNet-layout folder decoded with Pillow in DataLoader workers.
+"""The torch backend of the data layer: samples of a `Source` decoded with Pillow in DataLoader workers.
+
+Sources: `PathTable` (image files: ImageNet-layout folders, Tiny ImageNet) and `cifar.CifarSplit` (arrays); every
+reader ends in `torch_data`, which builds the same `TrainSet`/`ValSet` and loaders for all of them.
 
 Shape legend: B batch rows, U unique images per rank per step, W world size, S image side.
 
@@ -20,7 +23,7 @@ import signal
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -134,6 +137,18 @@ class EpochPlan:
         return self._epoch, self._batch
 
 
+class Source(Protocol):
+    """Where the torch backend's datasets read samples: `len(source)` samples, `source.load(i)` -> (RGB image, label).
+
+    `PathTable` (image files) and `cifar.CifarSplit` (arrays in memory) are the two; a source is pickled once into
+    each DataLoader worker, so it should hold flat arrays rather than many Python objects.
+    """
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> tuple[Image.Image, int]: ...
+
+
 class PathTable:
     """Sample paths and labels stored in flat numpy arrays.
 
@@ -154,6 +169,11 @@ class PathTable:
     def __getitem__(self, index: int) -> tuple[str, int]:
         start, stop = self._offsets[index], self._offsets[index + 1]
         return self._blob[start:stop].tobytes().decode("utf-8"), int(self._labels[index])
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """Sample `index` decoded to RGB (a `Source`); a corrupt file raises CorruptImageError naming it."""
+        path, label = self[index]
+        return load_rgb(path), label
 
 
 def random_resized_crop_box(
@@ -242,52 +262,59 @@ def val_transform(img: Image.Image, *, image_size: int, resize_ratio: float) -> 
     return _to_uint8_chw(img.crop((left, top, left + image_size, top + image_size)))
 
 
-class _TrainSet(Dataset):
-    """Decodes and augments train samples; a key is (epoch, position in the epoch, dataset index)."""
+class TrainSet(Dataset):
+    """Decodes and augments train samples of a `Source`; a key is (epoch, position in the epoch, source index)."""
 
     def __init__(
-        self, table: PathTable, *, seed: int, image_size: int, train_crop: str, min_crop_scale: float, hflip: bool
+        self, source: Source, *, seed: int, image_size: int, train_crop: str, min_crop_scale: float, hflip: bool
     ) -> None:
-        self.table = table
+        self.source = source
         self.seed = seed
-        self.image_size = image_size
-        self.train_crop = train_crop
-        self.min_crop_scale = min_crop_scale
-        self.hflip = hflip
+        self.transform = dict(image_size=image_size, train_crop=train_crop, min_crop_scale=min_crop_scale, hflip=hflip)
+
+    @classmethod
+    def from_cfg(cls, source: Source, cfg: Any, seed: int) -> TrainSet:
+        """The train set of the DataConfig section `cfg` (image_size, train_crop, min_crop_scale, hflip)."""
+        return cls(
+            source,
+            seed=seed,
+            image_size=cfg.image_size,
+            train_crop=cfg.train_crop,
+            min_crop_scale=cfg.min_crop_scale,
+            hflip=cfg.hflip,
+        )
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.source)
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, int]:
         epoch, position, index = key
-        path, label = self.table[index]
-        # The position, not the dataset index, seeds the draw: wrapped-around duplicates get their own crops.
+        image, label = self.source.load(index)
+        # The position, not the dataset index, seeds the draw: wrapped-around duplicates get their own crops, and a
+        # batch is the same whatever the number of workers, the worker that decodes it or a resume.
         gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, position))
-        image_3SS = train_transform(
-            load_rgb(path),
-            image_size=self.image_size,
-            train_crop=self.train_crop,
-            min_crop_scale=self.min_crop_scale,
-            hflip=self.hflip,
-            gen=gen,
-        )
-        return image_3SS, label
+        return train_transform(image, gen=gen, **self.transform), label
 
 
-class _ValSet(Dataset):
-    """Decodes val samples with the deterministic resize + centre crop."""
+class ValSet(Dataset):
+    """Decodes val samples of a `Source` with the deterministic resize + centre crop."""
 
-    def __init__(self, table: PathTable, *, image_size: int, resize_ratio: float) -> None:
-        self.table = table
+    def __init__(self, source: Source, *, image_size: int, resize_ratio: float) -> None:
+        self.source = source
         self.image_size = image_size
         self.resize_ratio = resize_ratio
 
+    @classmethod
+    def from_cfg(cls, source: Source, cfg: Any) -> ValSet:
+        """The val set of the DataConfig section `cfg` (image_size, val_resize_ratio)."""
+        return cls(source, image_size=cfg.image_size, resize_ratio=cfg.val_resize_ratio)
+
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.table[index]
-        return val_transform(load_rgb(path), image_size=self.image_size, resize_ratio=self.resize_ratio), label
+        image, label = self.source.load(index)
+        return val_transform(image, image_size=self.image_size, resize_ratio=self.resize_ratio), label
 
 
 def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
@@ -375,11 +402,20 @@ class _Batches:
         return len(self.batches)
 
 
-def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: bool) -> DataLoader:
+class WorkerTimeoutError(RuntimeError):
+    """No batch came from the DataLoader workers within `data.worker_timeout_s`."""
+
+
+# The message DataLoader raises when its `timeout` expires (torch/utils/data/dataloader.py, stable since 1.0).
+_DATALOADER_TIMEOUT = "DataLoader timed out after"
+
+
+def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: bool, timeout_s: float) -> DataLoader:
     """A DataLoader over explicit batches of keys, set per pass in its `batch_sampler.batches`.
 
     The plan decides the order, not the DataLoader. Persistent workers are started once and pickle the dataset
-    once (an in-memory CIFAR split included), not at every epoch.
+    once (an in-memory CIFAR split included), not at every epoch. With workers, waiting for one batch longer than
+    `timeout_s` (> 0) is an error instead of a hang.
     """
     return DataLoader(
         dataset,
@@ -390,61 +426,121 @@ def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: b
         worker_init_fn=_worker_init,
         multiprocessing_context=_worker_context() if num_workers > 0 else None,
         persistent_workers=persistent and num_workers > 0,
+        timeout=timeout_s if num_workers > 0 else 0.0,
         # A private generator: the DataLoader draws a base seed per pass, which must not consume the global RNG.
         generator=torch.Generator().manual_seed(0),
     )
 
 
-def _run_pass(owner: Any, batches: list[list[Any]], *, persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    """Decodes `batches` of `owner._dataset` with `owner._num_workers` workers; yields uint8 batches on the host.
+class _Decoder:
+    """Decodes passes of explicit batches of one dataset with worker processes and delivers them to the device.
 
-    With `persistent`, the DataLoader is built at the first pass and kept on `owner._dataloader` for the next ones.
+    Args:
+        dataset: a map-style dataset indexed by the keys in the batches, returning (uint8 [3,S,S], label).
+        num_workers: decoding processes (0 decodes in the calling process).
+        persistent: keep the workers (and the pickled dataset) from one pass to the next.
+        timeout_s: longest wait for one batch from the workers before `WorkerTimeoutError`; 0 waits forever.
+        what: the loader's name in error messages ("train" / "val").
     """
-    loader = owner._dataloader
-    if loader is None:
-        pin = owner._to_device.device.type == "cuda"
-        loader = _make_loader(owner._dataset, num_workers=owner._num_workers, pin=pin, persistent=persistent)
-        if persistent:
-            owner._dataloader = loader
-    loader.batch_sampler.batches = batches
-    yield from loader
-
-
-class TorchTrainLoader(EpochPlan):
-    """Train batches (images float32 [U,3,S,S] normalised on `device`, labels int64 [U]) of one rank."""
-
-    # Built at the first pass, then reused (its workers persist); a class default so subclasses need not set it.
-    _dataloader: DataLoader | None = None
 
     def __init__(
         self,
-        samples: Sequence[tuple[str, int]],
+        dataset: Dataset,
         *,
-        image_size: int,
-        train_crop: str,
-        min_crop_scale: float,
-        hflip: bool,
         num_workers: int,
-        unique_per_rank: int,
-        rank: int,
-        world_size: int,
-        seed: int,
+        persistent: bool,
+        timeout_s: float,
+        what: str,
         device: torch.device,
         channels_last: bool,
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
-        super().__init__(len(samples), unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed)
-        self._dataset = _TrainSet(
-            PathTable(samples),
-            seed=seed,
-            image_size=image_size,
-            train_crop=train_crop,
-            min_crop_scale=min_crop_scale,
-            hflip=hflip,
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be a non-negative int, got {num_workers!r}")
+        if not timeout_s >= 0:
+            raise ValueError(f"data.worker_timeout_s must be >= 0 (0 waits forever), got {timeout_s!r}")
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.persistent = persistent
+        self.timeout_s = float(timeout_s)
+        self.what = what
+        self.to_device = _DeviceNormalizer(device, mean, std, channels_last)
+        self._loader: DataLoader | None = None
+
+    def run(self, batches: list[list[Any]], *, first: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yields the normalised device batches of `batches`; `first` is the index of batches[0] in its pass."""
+        loader = self._loader
+        if loader is None:
+            loader = _make_loader(
+                self.dataset,
+                num_workers=self.num_workers,
+                pin=self.to_device.device.type == "cuda",
+                persistent=self.persistent,
+                timeout_s=self.timeout_s,
+            )
+            if self.persistent:
+                self._loader = loader
+        loader.batch_sampler.batches = batches
+        delivered = 0
+        batches_it = iter(loader)
+        try:
+            for images_B3SS, labels_B in batches_it:
+                delivered += 1
+                yield self.to_device(images_B3SS, labels_B)
+        except RuntimeError as err:
+            if not str(err).startswith(_DATALOADER_TIMEOUT):
+                raise
+        else:
+            return
+        # Timed out. Drop every reference to the DataLoader and its iterator (the caught exception's traceback held
+        # one) so the iterator is collected now: its shutdown terminates the workers, the stuck one included.
+        self._loader = loader = batches_it = None
+        raise WorkerTimeoutError(
+            f"{self.what} loader: no batch from its {self.num_workers} DataLoader workers within "
+            f"data.worker_timeout_s={self.timeout_s:g} s (batch {first + delivered} of the pass); a worker is stuck "
+            "or far too slow (a hung file system, a huge image). The workers were stopped. Raise "
+            "data.worker_timeout_s for slow storage, or set it to 0 to wait forever."
         )
-        self._num_workers = num_workers
-        self._to_device = _DeviceNormalizer(device, mean, std, channels_last)
+
+
+class TorchTrainLoader(EpochPlan):
+    """Train batches (images float32 [U,3,S,S] normalised on `device`, labels int64 [U]) of one rank.
+
+    Args:
+        dataset: a `TrainSet` (or any dataset taking (epoch, position, index) keys).
+        worker_timeout_s: longest wait for one batch from the workers (0: forever).
+        the rest: see `EpochPlan` and `_Decoder`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        unique_per_rank: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        device: torch.device,
+        channels_last: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        worker_timeout_s: float = 0.0,
+    ) -> None:
+        super().__init__(len(dataset), unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed)
+        # Train workers persist across epochs: no start-up per epoch, the dataset pickled once.
+        self._decoder = _Decoder(
+            dataset,
+            num_workers=num_workers,
+            persistent=True,
+            timeout_s=worker_timeout_s,
+            what="train",
+            device=device,
+            channels_last=channels_last,
+            mean=mean,
+            std=std,
+        )
 
     def epoch_keys(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """This rank's batches of `epoch` as lists of (epoch, position, dataset index) keys."""
@@ -459,53 +555,58 @@ class TorchTrainLoader(EpochPlan):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, start = self._begin_pass()
         # Skipping happens here, on keys: batches before `start` are never decoded.
-        batches = self.epoch_keys(epoch)[start:]
-        for images_B3SS, labels_B in _run_pass(self, batches, persistent=True):
+        for batch in self._decoder.run(self.epoch_keys(epoch)[start:], first=start):
             self._batch += 1
-            yield self._to_device(images_B3SS, labels_B)
+            yield batch
 
 
 class TorchValLoader:
-    """Val batches of one rank: samples rank::world_size of the split, in order, no padding, last batch short."""
-
-    _dataloader: DataLoader | None = None  # stays None: val workers live for one pass
+    """Val batches of one rank: samples rank::world_size of `dataset`, in order, no padding, last batch short."""
 
     def __init__(
         self,
-        samples: Sequence[tuple[str, int]],
+        dataset: Dataset,
         *,
-        image_size: int,
-        resize_ratio: float,
         batch_size: int,
-        num_workers: int,
         rank: int,
         world_size: int,
+        num_workers: int,
         device: torch.device,
         channels_last: bool,
         mean: Sequence[float],
         std: Sequence[float],
+        worker_timeout_s: float = 0.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"val_batch_size must be >= 1, got {batch_size}")
-        self._dataset = _ValSet(PathTable(samples[rank::world_size]), image_size=image_size, resize_ratio=resize_ratio)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world of size {world_size}")
+        self._indices = range(rank, len(dataset), world_size)
         self._batch_size = batch_size
-        self._num_workers = num_workers
-        self._to_device = _DeviceNormalizer(device, mean, std, channels_last)
+        # Val workers live for one pass: keeping them would double the idle worker processes of every rank.
+        self._decoder = _Decoder(
+            dataset,
+            num_workers=num_workers,
+            persistent=False,
+            timeout_s=worker_timeout_s,
+            what="val",
+            device=device,
+            channels_last=channels_last,
+            mean=mean,
+            std=std,
+        )
 
     @property
     def num_samples(self) -> int:
         """Samples this rank evaluates."""
-        return len(self._dataset)
+        return len(self._indices)
 
     def __len__(self) -> int:
-        return math.ceil(len(self._dataset) / self._batch_size)
+        return math.ceil(len(self._indices) / self._batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self._dataset)
-        batches = [list(range(i, min(i + self._batch_size, n))) for i in range(0, n, self._batch_size)]
-        # Val workers live for one pass: keeping them would double the idle worker processes of every rank.
-        for images_B3SS, labels_B in _run_pass(self, batches, persistent=False):
-            yield self._to_device(images_B3SS, labels_B)
+        idx, size = self._indices, self._batch_size
+        yield from self._decoder.run([list(idx[i : i + size]) for i in range(0, len(idx), size)])
 
 
 def _check_cfg(cfg: Any) -> None:
@@ -518,12 +619,13 @@ def _check_cfg(cfg: Any) -> None:
         raise ValueError(f"data.min_crop_scale must be in (0, 1], got {cfg.min_crop_scale!r}")
     if not 0.0 < cfg.val_resize_ratio <= 1.0:
         raise ValueError(f"data.val_resize_ratio must be in (0, 1], got {cfg.val_resize_ratio!r}")
-    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers must be a non-negative int, got {cfg.num_workers!r}")
 
 
-def build_torch_data(
+def torch_data(
     cfg: Any,
+    train_source: Source,
+    val_source: Source,
+    classes: list[str],
     *,
     unique_per_rank: int,
     val_batch_size: int,
@@ -535,52 +637,49 @@ def build_torch_data(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> Data:
-    """Builds the torch backend for an ImageNet-layout folder `cfg.root` (train/ and val/ splits).
+    """The torch backend's `Data` over two sources, with the settings of the DataConfig section `cfg`.
 
-    Args:
-        cfg: the DataConfig section.
-        unique_per_rank: U, unique images per train batch of this rank.
-        val_batch_size: rows per val batch.
-        rank, world_size: this process's place in the data-parallel world.
-        seed: run seed; the epoch permutations and augmentations derive from it.
-        device: where batches are delivered and normalised.
-        channels_last: deliver images in channels_last memory format.
-        mean, std: normalisation, 3 floats each in 0-1 units.
+    Every reader served by this backend (image folders, Tiny ImageNet, CIFAR) ends here, so plans, augmentation
+    seeding, resume, sharding and worker handling are the same for all of them.
     """
     from . import Data
 
     _check_cfg(cfg)
-    classes, train_samples = scan_split(cfg.root, "train")
-    _, val_samples = scan_split(cfg.root, "val", classes)
-    common = dict(device=device, channels_last=channels_last, mean=mean, std=std, num_workers=cfg.num_workers)
+    common = dict(
+        num_workers=cfg.num_workers,
+        worker_timeout_s=cfg.worker_timeout_s,
+        device=device,
+        channels_last=channels_last,
+        mean=mean,
+        std=std,
+        rank=rank,
+        world_size=world_size,
+    )
     train = TorchTrainLoader(
-        train_samples,
-        image_size=cfg.image_size,
-        train_crop=cfg.train_crop,
-        min_crop_scale=cfg.min_crop_scale,
-        hflip=cfg.hflip,
-        unique_per_rank=unique_per_rank,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        **common,
+        TrainSet.from_cfg(train_source, cfg, seed), unique_per_rank=unique_per_rank, seed=seed, **common
     )
-    val = TorchValLoader(
-        val_samples,
-        image_size=cfg.image_size,
-        resize_ratio=cfg.val_resize_ratio,
-        batch_size=val_batch_size,
-        rank=rank,
-        world_size=world_size,
-        **common,
-    )
+    val = TorchValLoader(ValSet.from_cfg(val_source, cfg), batch_size=val_batch_size, **common)
     return Data(
         train=train,
         val=val,
         classes=classes,
         mean=tuple(mean),
         std=tuple(std),
-        num_train=len(train_samples),
-        num_val=len(val_samples),
+        num_train=len(train_source),
+        num_val=len(val_source),
         backend="torch",
     )
+
+
+def build_torch_data(cfg: Any, **placement: Any) -> Data:
+    """Builds the torch backend for an ImageNet-layout folder `cfg.root` (train/ and val/ splits).
+
+    Args:
+        cfg: the DataConfig section.
+        placement: unique_per_rank, val_batch_size, rank, world_size, seed, device, channels_last, mean, std
+            (see `mixmo_dist.data.build_data`).
+    """
+    _check_cfg(cfg)
+    classes, train_samples = scan_split(cfg.root, "train")
+    _, val_samples = scan_split(cfg.root, "val", classes)
+    return torch_data(cfg, PathTable(train_samples), PathTable(val_samples), classes, **placement)
