@@ -93,6 +93,23 @@ def _medians(fns: dict[str, Callable[[], object]], timer: Callable, repeats: int
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _minor_faults(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median minor page faults per call of each function, taking turns as in `_medians` (Linux `getrusage`).
+
+    A fresh tensor that the allocator maps anew costs one fault per 4 KiB page touched; this tells that cost apart
+    from the work itself.
+    """
+    import resource
+
+    counts: dict[str, list[int]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            counts[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {name: statistics.median(c) for name, c in counts.items()}
+
+
 def _mixing_case(shape, dtype, device, generator, mix_fn, timer, repeats: int) -> dict:
     """Forward and backward times of `mix_fn` on two maps of `shape`, with their floors, in ms."""
     batch, _, height, width = shape
@@ -136,6 +153,7 @@ def _run_cpu(quick: bool) -> dict:
         "mask_batched_out": lambda: cutmix_masks(lam_t, _MASK_SIZE, _MASK_SIZE, generator, out=out),
     }
     mask_ms = _medians(masks, _cpu_ms, 10 if quick else 50)
+    faults = _minor_faults(masks, 5 if quick else 20)
     shape = _MIX_SHAPE_QUICK if quick else _MIX_SHAPE
     ms = _mixing_case(shape, torch.float32, "cpu", generator, mix_features, _cpu_ms, 5 if quick else 15)
     return {
@@ -143,6 +161,7 @@ def _run_cpu(quick: bool) -> dict:
         "mask_speedup_reused_out": mask_ms["mask_reference"] / mask_ms["mask_batched_out"],
         **_ratios(ms),
         "ms": {**mask_ms, **ms},
+        "mask_page_faults_per_call": faults,
         "mix_shape": list(shape),
     }
 
@@ -183,6 +202,8 @@ def _print_table(result: dict) -> None:
     ]
     print(f"ops on CPU ({torch.get_num_threads()} threads), medians; times in ms: "
           + ", ".join(f"{k} {v:.2f}" for k, v in cpu["ms"].items()))  # fmt: skip
+    print("  minor page faults per call (median): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in cpu["mask_page_faults_per_call"].items()))  # fmt: skip
     print(f"  {'ratio':<52}{'value':>8}  goal")
     for name, value, goal in rows:
         print(f"  {name:<52}{value:8.2f}  {goal}")

@@ -1,0 +1,44 @@
+"""Smoke run of `make bench` (`benchmarks.run_all --quick`): every benchmark runs and reports its ratios.
+
+Timings are never asserted (the machines are shared and noisy); what is checked is that the suite cannot rot
+between the sessions that record figures: it exits 0, writes every goal's key as a finite positive ratio, marks the
+run as quick, and leaves the recorded `benchmarks/results.json` alone.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_suite_reports_every_ratio(tmp_path):
+    recorded = ROOT / "benchmarks" / "results.json"
+    before = recorded.read_bytes() if recorded.exists() else None
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.run_all import GOALS
+    finally:
+        sys.path.remove(str(ROOT))
+    ratios = [*GOALS, "mask_speedup_reused_out", "ensemble_inference_ratio", "synthetic_vs_real"]
+    for key in ratios:
+        value = results.get(key)
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+        assert key in proc.stdout  # the table names it
+    assert (recorded.read_bytes() if recorded.exists() else None) == before
