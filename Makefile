@@ -18,11 +18,17 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The lent GPU machines run Triton 3.6, this venv 3.8: the interpreter tests run the kernels on both (test only).
+TRITON_OLD := $(VENV)/triton-3.6
+$(TRITON_OLD)/.stamp: $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(TRITON_OLD) triton==3.6.0
+	touch $@
+
 demo: venv
 	$(PY) -m mixmo_dist.data.demo --out data/demo
 	bash scripts/launch_demo.sh
 
-test: venv
+test: venv $(TRITON_OLD)/.stamp
 	bash scripts/test.sh
 
 lint: venv

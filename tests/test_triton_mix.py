@@ -193,7 +193,9 @@ def _worker() -> None:
     from mixmo_dist.ops import triton_mix as tm
 
     generator = torch.Generator().manual_seed(1234)
-    report = {"interpreted": tm.INTERPRETED, "cases": {}}
+    import triton
+
+    report = {"interpreted": tm.INTERPRETED, "triton": triton.__version__, "cases": {}}
     for case in CASES:
         report["cases"][_case_name(*case)] = _run_case(tm, mixing_mod, *case, generator)
     report["misc"] = _misc_checks(tm, mixing_mod, generator)
@@ -206,15 +208,28 @@ def _worker() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+# The lent GPU machines run Triton 3.6 and this venv 3.8: the kernels must work on both. `make test` installs 3.6
+# (no dependencies) into this folder; the interpreter checks then run once per version.
+TRITON_OLD = ROOT / ".venv" / "triton-3.6"
+
+
+@pytest.fixture(scope="module", params=["venv", "3.6"], ids=["triton-venv", "triton-3.6"])
+def report(request) -> dict:
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    if request.param == "3.6":
+        if not (TRITON_OLD / "triton" / "__init__.py").is_file():
+            pytest.skip(f"Triton 3.6 is not installed in {TRITON_OLD} (make test installs it)")
+        paths.insert(1, str(TRITON_OLD))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
     proc = subprocess.run(
         [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("REPORT ") :])
+    result = json.loads(lines[-1][len("REPORT ") :])
+    if request.param == "3.6":
+        assert result["triton"].startswith("3.6."), f"the worker imported Triton {result['triton']}, not 3.6"
+    return result
 
 
 def test_worker_ran_the_interpreter(report):
