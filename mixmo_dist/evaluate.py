@@ -44,7 +44,7 @@ from mixmo_dist.calibration import temperature_scaled_metrics
 from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.config import ConfigError, parse_overrides
 from mixmo_dist.data import build_data, scan_split
-from mixmo_dist.data.torch_loader import PathTable, TorchValLoader, ValSet
+from mixmo_dist.data.torch_loader import PathTable, TorchValLoader
 from mixmo_dist.export import LoadedCheckpoint, load_checkpoint, normalization_of, resolve_checkpoint
 from mixmo_dist.metrics import EvalAccumulator
 from mixmo_dist.reporting import write_json_atomic
@@ -98,11 +98,10 @@ def build_folder_val_loader(
         ValueError: a missing split folder, an empty class folder or another class set (the message names the path).
     """
     _, samples = scan_split(root, split, classes, reference="the checkpoint")
-    return TorchValLoader(
-        ValSet.from_cfg(PathTable(samples), data_cfg),
+    return TorchValLoader.from_cfg(
+        PathTable(samples),
+        data_cfg,
         batch_size=batch_size,
-        num_workers=data_cfg.num_workers,
-        worker_timeout_s=data_cfg.worker_timeout_s,
         rank=rank,
         world_size=world_size,
         device=device,

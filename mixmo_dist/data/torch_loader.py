@@ -542,6 +542,16 @@ class TorchTrainLoader(EpochPlan):
             std=std,
         )
 
+    @classmethod
+    def from_cfg(cls, source: Source, cfg: Any, *, unique_per_rank: int, seed: int, **place: Any) -> TorchTrainLoader:
+        """The train loader of `source` with the DataConfig section `cfg`.
+
+        `place`: rank, world_size, device, channels_last, mean, std.
+        """
+        dataset = TrainSet.from_cfg(source, cfg, seed)
+        workers = dict(num_workers=cfg.num_workers, worker_timeout_s=cfg.worker_timeout_s)
+        return cls(dataset, unique_per_rank=unique_per_rank, seed=seed, **workers, **place)
+
     def epoch_keys(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """This rank's batches of `epoch` as lists of (epoch, position, dataset index) keys."""
         order = self.global_order(epoch)
@@ -596,6 +606,15 @@ class TorchValLoader:
             std=std,
         )
 
+    @classmethod
+    def from_cfg(cls, source: Source, cfg: Any, *, batch_size: int, **place: Any) -> TorchValLoader:
+        """The val loader of `source` with the DataConfig section `cfg`.
+
+        `place`: rank, world_size, device, channels_last, mean, std.
+        """
+        workers = dict(num_workers=cfg.num_workers, worker_timeout_s=cfg.worker_timeout_s)
+        return cls(ValSet.from_cfg(source, cfg), batch_size=batch_size, **workers, **place)
+
     @property
     def num_samples(self) -> int:
         """Samples this rank evaluates."""
@@ -645,20 +664,9 @@ def torch_data(
     from . import Data
 
     _check_cfg(cfg)
-    common = dict(
-        num_workers=cfg.num_workers,
-        worker_timeout_s=cfg.worker_timeout_s,
-        device=device,
-        channels_last=channels_last,
-        mean=mean,
-        std=std,
-        rank=rank,
-        world_size=world_size,
-    )
-    train = TorchTrainLoader(
-        TrainSet.from_cfg(train_source, cfg, seed), unique_per_rank=unique_per_rank, seed=seed, **common
-    )
-    val = TorchValLoader(ValSet.from_cfg(val_source, cfg), batch_size=val_batch_size, **common)
+    place = dict(rank=rank, world_size=world_size, device=device, channels_last=channels_last, mean=mean, std=std)
+    train = TorchTrainLoader.from_cfg(train_source, cfg, unique_per_rank=unique_per_rank, seed=seed, **place)
+    val = TorchValLoader.from_cfg(val_source, cfg, batch_size=val_batch_size, **place)
     return Data(
         train=train,
         val=val,
