@@ -238,6 +238,13 @@ def _launch(shape_BCHW: Sequence[int], channels_last: bool, elem_bytes: int) -> 
     return grid, n_rows, n_cols, rows, cols
 
 
+def _launchable(kernel):
+    """The kernel as the op's implementation launches it: through `wrap_triton` on a GPU, so that `triton_op` traces
+    it for Inductor; as it is under the interpreter, where the op is an opaque custom op (see `_register`) and torch
+    2.11's `wrap_triton` refuses an interpreted kernel (2.14's hands it back unchanged)."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
+
+
 def _mix_fwd(feats: list[Tensor], boxes: Tensor, coef_in: Tensor, coef_out: Tensor) -> Tensor:
     """z [B,C,H,W] = sum_m mask_m * feats[m] (inputs already checked by `mix_features_triton`)."""
     channels_last = is_channels_last(feats[0])
@@ -253,7 +260,7 @@ def _mix_fwd(feats: list[Tensor], boxes: Tensor, coef_in: Tensor, coef_out: Tens
     # arguments of user kernels (pytorch/pytorch#115344, #138546), an alias is always safe.
     ptrs = xs + [xs[0]] * (MAX_MEMBERS - len(xs))
     with _on_device(out):
-        wrap_triton(_mix_fwd_kernel)[(grid,)](
+        _launchable(_mix_fwd_kernel)[(grid,)](
             *ptrs,
             out,
             boxes,
@@ -286,7 +293,7 @@ def _mix_bwd(grad: Tensor, boxes: Tensor, coef_in: Tensor, coef_out: Tensor) -> 
     grid, n_rows, n_cols, rows, cols = _launch(grad.shape, channels_last, grad.element_size())
     ptrs = grads + [grads[0]] * (MAX_MEMBERS - num_members)  # unused slots: an alias never written (see _mix_fwd)
     with _on_device(grad):
-        wrap_triton(_mix_bwd_kernel)[(grid,)](
+        _launchable(_mix_bwd_kernel)[(grid,)](
             grad,
             *ptrs,
             boxes,
