@@ -162,6 +162,12 @@ def build_data(
         raise ValueError(f"batch sizes must be >= 1, got unique_per_rank={unique_per_rank}, val={val_batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world of size {world_size}")
+    if cfg.dataset in _OWN_READER_DATASETS and cfg.backend in ("dali-gpu", "dali-cpu"):
+        # Before resolving the backend: this is the error to give whether DALI is installed or not.
+        raise ValueError(
+            f"data.dataset={cfg.dataset!r} is read with the torch backend's loaders; set data.backend=torch "
+            f"(or auto), not {cfg.backend!r}"
+        )
     backend = resolve_backend(cfg.backend, device.type == "cuda")
     kwargs = dict(
         unique_per_rank=unique_per_rank,
@@ -175,11 +181,6 @@ def build_data(
         std=std,
     )
     if backend != "synthetic" and cfg.dataset in _OWN_READER_DATASETS:
-        if cfg.backend in ("dali-gpu", "dali-cpu"):
-            raise ValueError(
-                f"data.dataset={cfg.dataset!r} is read with the torch backend's loaders; set data.backend=torch "
-                f"(or auto), not {cfg.backend!r}"
-            )
         if cfg.dataset == "tinyimagenet":
             from .tinyimagenet import build_tinyimagenet_data
 
