@@ -45,7 +45,8 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
     Raises:
         RuntimeError: the launcher asked for several processes but this process sees a world of one (on CPU, use
             `accelerate launch --multi_gpu --num_processes N`; `--cpu --num_processes N` starts one process).
-        ValueError: fp16 without CUDA (Accelerate would silently train in fp32 on CPU).
+        ValueError: fp16 without CUDA (Accelerate would silently train in fp32 on CPU); TensorBoard asked for but
+            not installed (Accelerate would drop the tracker with a warning and the run would log nothing).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -55,6 +56,8 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
     requested = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if requested == "fp16" and not cuda:
         raise ValueError("run.mixed_precision=fp16 needs CUDA (Accelerate ignores it on CPU); use bf16 or no")
+    if tensorboard:
+        check_tensorboard()
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
@@ -64,6 +67,17 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
     )
     check_world(accelerator.num_processes, os.environ)
     return accelerator
+
+
+def check_tensorboard() -> None:
+    """Refuse `log.tensorboard=true` where the `tensorboard` package does not import (torch's writer needs it)."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "log.tensorboard=true but the tensorboard package is not installed; install the extra "
+            "'tensorboard' (pip install 'mixmo_dist[tensorboard]') or set log.tensorboard=false"
+        ) from None
 
 
 def check_world(num_processes: int, environ) -> None:

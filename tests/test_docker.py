@@ -91,7 +91,7 @@ def test_base_image_and_versions_are_pinned():
         '"nvidia-dali-cuda130==$DALI_VERSION"',
     ):
         assert pin in runs
-    assert '".[dali]"' in runs and "pip install -e" not in runs  # a regular install of this repository
+    assert '".[dali,tensorboard]"' in runs and "pip install -e" not in runs  # a regular install of this repository
 
 
 def test_runs_as_non_root_with_accelerate_entrypoint():

@@ -198,6 +198,20 @@ def test_two_machine_world_on_one_host(tiny_data, tmp_path):
     assert os.path.exists(ckpt / "COMPLETE")
 
 
+def test_tensorboard_without_the_package_is_an_error_naming_the_key(monkeypatch):
+    """Accelerate drops an unavailable tracker with a warning: the run would silently log nothing."""
+    import sys
+
+    import pytest
+
+    from mixmo_dist.runtime import check_tensorboard
+
+    check_tensorboard()  # installed in this venv (extra "tensorboard", part of "dev")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what `import tensorboard` sees where it is missing
+    with pytest.raises(ValueError, match=r"log\.tensorboard=true but the tensorboard package is not installed"):
+        check_tensorboard()
+
+
 def test_ema_accumulation_clipping_tensorboard(tiny_data, tmp_path):
     """EMA, gradient accumulation (no_sync on the first micro-batch), clipping and TensorBoard in one 2-rank run."""
     out = tmp_path / "options"
