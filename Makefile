@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 NPROC_DEMO ?= 2
 
-.PHONY: venv demo test lint bench gpu-check slurm-up slurm-down clean
+.PHONY: venv demo test test-gpu-stack lint bench gpu-check slurm-up slurm-down clean
 
 # The venv is rebuilt only when its inputs change (pyproject.toml or this Makefile's pins).
 $(STAMP): pyproject.toml Makefile
@@ -30,6 +30,19 @@ demo: venv
 
 test: venv $(TRITON_OLD)/.stamp
 	bash scripts/test.sh
+
+# The lent GPU machines' stack (torch 2.11, Triton 3.6; no DALI, no submitit) on CPU, to catch API drift before a
+# GPU session pays for it. Downloads ~4 GB from PyPI into its own venv; not part of `make test`.
+GPU_STACK := .venv-gpu-stack
+$(GPU_STACK)/.stamp:
+	test -x $(GPU_STACK)/bin/python || $(PY_SYS) -m venv $(GPU_STACK)
+	$(GPU_STACK)/bin/python -m pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm accelerate \
+		pyyaml safetensors numpy pillow tensorboard pytest pytest-timeout
+	touch $@
+
+test-gpu-stack: $(GPU_STACK)/.stamp
+	PYTHONPATH=. OMP_NUM_THREADS=2 $(GPU_STACK)/bin/python -m pytest -q -p no:cacheprovider -m "not slurm" \
+		--ignore=tests/test_slurm.py --ignore=tests/test_benchmarks.py tests
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
