@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
-from mixmo_dist.data import build_data
+from mixmo_dist.data import Placement, build_data
 
 __all__ = ["run"]
 
@@ -67,10 +67,16 @@ def run(quick: bool = False, root: Path | str | None = None) -> dict:
             dali_prefetch=2,
             num_workers=_WORKERS,
         )
-        data = build_data(
-            cfg, unique_per_rank=_BATCH, val_batch_size=_BATCH, rank=0, world_size=1, seed=0,
-            device=torch.device("cpu"), channels_last=True,
-        )  # fmt: skip
+        place = Placement(
+            unique_per_rank=_BATCH,
+            val_batch_size=_BATCH,
+            rank=0,
+            world_size=1,
+            seed=0,
+            device="cpu",
+            channels_last=True,
+        )
+        data = build_data(cfg, place)
         loaders[backend] = data.train
         _epoch_rate(data.train)  # warm-up: page cache, imports, first pipeline / worker start
     best = {backend: 0.0 for backend in loaders}

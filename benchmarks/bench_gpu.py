@@ -29,10 +29,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mixmo_dist.loss import mixmo_loss, reweight
-from mixmo_dist.members import member_inputs
 from mixmo_dist.model import build_model
 from mixmo_dist.ops import sample_mixing
+from mixmo_dist.training.loss import mixmo_loss, reweight
+from mixmo_dist.training.members import member_inputs
 
 __all__ = ["run"]
 

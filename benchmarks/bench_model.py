@@ -26,10 +26,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mixmo_dist.loss import mixmo_loss, reweight
-from mixmo_dist.members import member_inputs
 from mixmo_dist.model import build_model
 from mixmo_dist.ops import sample_mixing
+from mixmo_dist.training.loss import mixmo_loss, reweight
+from mixmo_dist.training.members import member_inputs
 
 __all__ = ["run"]
 
@@ -119,8 +119,8 @@ def synthetic_vs_real(quick: bool) -> dict:
     """The Trainer, in this process, on synthetic tensors and on the demo JPEGs (default backend)."""
     from mixmo_dist.config import load_config
     from mixmo_dist.data.demo import main as demo_main
-    from mixmo_dist.runtime import build_accelerator
-    from mixmo_dist.trainer import Trainer
+    from mixmo_dist.runtime.accelerator import build_accelerator
+    from mixmo_dist.training.trainer import Trainer
 
     root = Path("data/demo")
     if not (root / "train").exists():

@@ -10,18 +10,10 @@ import sys
 
 from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.config import ConfigError, load_config
-from mixmo_dist.runtime import build_accelerator, die_with_parent
+from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
+from mixmo_dist.runtime.logs import setup_logging
 
 log = logging.getLogger("mixmo_dist")
-
-
-def _setup_logging(main_process: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if main_process else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
 
 
 def run(argv: list[str]) -> str:
@@ -30,14 +22,14 @@ def run(argv: list[str]) -> str:
     Raises:
         ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
     """
-    from mixmo_dist.trainer import Trainer
+    from mixmo_dist.training.trainer import Trainer
 
     cfg = load_config(argv)
     die_with_parent()
     accelerator = build_accelerator(
         cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
     )
-    _setup_logging(accelerator.is_main_process)
+    setup_logging(accelerator.is_main_process)
     if cfg.log.tensorboard:
         accelerator.init_trackers(cfg.run.name)
     trainer = Trainer(cfg, accelerator)

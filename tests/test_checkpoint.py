@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -18,15 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixmo_dist import checkpoint as ckpt_module
-from mixmo_dist.checkpoint import (
-    CheckpointError,
-    CheckpointStore,
-    CheckpointWarning,
-    RunLock,
-    parse_step_dir_name,
-    sha256_file,
-)
+from mixmo_dist import checkpoint as ckpt_package
+from mixmo_dist.checkpoint import CheckpointError, CheckpointWarning
+from mixmo_dist.checkpoint.lock import RunLock
+from mixmo_dist.checkpoint.store import CheckpointStore, parse_step_dir_name
+from mixmo_dist.runtime.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 # Child processes import torch: one thread each keeps them from fighting over the 2 cores.
@@ -105,9 +102,10 @@ def test_safetensors_file_is_not_pickle_and_module_never_pickles(tmp_path):
     header_len = int.from_bytes((final / "model.safetensors").read_bytes()[:8], "little")
     header = json.loads((final / "model.safetensors").read_bytes()[8 : 8 + header_len])
     assert header["w"]["dtype"] == "F32" and header["w"]["shape"] == [8]
-    source = Path(ckpt_module.__file__).read_text()
-    for forbidden in ("import pickle", "torch.save(", "torch.load("):
-        assert forbidden not in source
+    for module in sorted(Path(ckpt_package.__file__).parent.glob("*.py")):
+        source = module.read_text()
+        for forbidden in ("import pickle", "torch.save(", "torch.load("):
+            assert forbidden not in source, module
 
 
 def test_sha256_file_streams_large_file(tmp_path):
@@ -125,7 +123,7 @@ def test_other_rank_writes_into_tmp_dir_found_by_step(tmp_path):
     rank1 = textwrap.dedent(
         """
         import sys, torch
-        from mixmo_dist.checkpoint import CheckpointStore
+        from mixmo_dist.checkpoint.store import CheckpointStore
         store = CheckpointStore(sys.argv[1], keep_last=2)
         tmp = store.tmp_dir(5)
         store.write_json(tmp, "rank_1.json", {"rank": 1})
@@ -379,7 +377,8 @@ SAVER = textwrap.dedent(
     """
     import sys, torch
     torch.set_num_threads(1)
-    from mixmo_dist.checkpoint import CheckpointStore, RunLock
+    from mixmo_dist.checkpoint.lock import RunLock
+    from mixmo_dist.checkpoint.store import CheckpointStore
     out, n = sys.argv[1], int(sys.argv[2])
     with RunLock(out):
         store = CheckpointStore(out + "/checkpoints", keep_last=2)
@@ -440,11 +439,9 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(tmp_path):
         # Renames are the only steps that touch committed names, so every step directory is whole, not just latest.
         assert all(store.verify(path) is None for _, path in store.step_dirs())
         assert len(store.step_dirs()) <= store.keep_last + 1  # a kill may come between rename and prune
-    # The last saver was killed holding the run lock; the next run takes it over.
-    with pytest.warns(CheckpointWarning, match="no longer running"):
-        with RunLock(out):
-            assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
-    assert not (out / ".lock").exists()
+    # The last saver was killed holding the run lock: the kernel released it, the next run takes it at once.
+    with RunLock(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
 
 
 # ---------------------------------------------------------------------------------------------------- run lock
@@ -452,9 +449,9 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(tmp_path):
 HOLDER = textwrap.dedent(
     """
     import sys
-    from mixmo_dist.checkpoint import RunLock
+    from mixmo_dist.checkpoint.lock import RunLock
     lock = RunLock(sys.argv[1])
-    lock.acquire()  # released by atexit, not by a with-block
+    lock.acquire()  # never released by the program: only the process's end releases it
     print("locked", flush=True)
     sys.stdin.read()
     """
@@ -473,7 +470,7 @@ def _start_holder(out: Path) -> subprocess.Popen:
     return child
 
 
-def test_run_lock_refused_while_other_process_lives_then_released_at_its_exit(tmp_path):
+def test_run_lock_refused_while_other_process_lives_then_free_at_its_exit(tmp_path):
     out = tmp_path / "run"
     child = _start_holder(out)
     try:
@@ -483,82 +480,82 @@ def test_run_lock_refused_while_other_process_lives_then_released_at_its_exit(tm
             RunLock(out).acquire()
         message = str(err.value)
         assert f"another run (pid {child.pid} on host {socket.gethostname()} since {holder['started']})" in message
-        assert str(out) in message and "delete" in message
+        assert str(out) in message and "run.output_dir" in message
     finally:
-        child.stdin.close()  # the holder returns normally: atexit releases the lock
+        child.stdin.close()
         assert child.wait(timeout=60) == 0
-    assert not (out / ".lock").exists()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CheckpointWarning)
-        with RunLock(out) as lock:
-            assert lock.held
-    assert not lock.held and not (out / ".lock").exists()
+    with RunLock(out) as lock:
+        assert lock.held
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert not lock.held
 
 
-def test_run_lock_of_killed_process_is_taken_over_even_before_it_is_reaped(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "zombie"])
+def test_run_lock_of_killed_process_is_free_at_once(tmp_path, how):
+    """The kernel drops a flock when the process dies; a zombie (killed, not yet reaped) holds nothing either."""
     out = tmp_path / "run"
     child = _start_holder(out)
     child.send_signal(signal.SIGKILL)
     try:
-        deadline = time.monotonic() + 30
-        while ckpt_module._proc_stat(child.pid)[0] != "Z":  # a zombie still answers kill(pid, 0)
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        lock = RunLock(out)
-        with pytest.warns(CheckpointWarning, match=rf"pid {child.pid} .*no longer running"):
-            lock.acquire()
+        if how == "SIGKILL":
+            child.wait()
+        else:
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        with RunLock(out) as lock:
+            assert lock.held
     finally:
         child.wait()
-    assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
-    lock.release()
-    assert not (out / ".lock").exists()
 
 
-def _write_lock(out: Path, **fields) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"pid": 1, "host": socket.gethostname(), "started": "2020-01-01T00:00:00+00:00", "token": "x"}
-    record.update(fields)
-    (out / ".lock").write_text(json.dumps(record))
-
-
-def test_run_lock_detects_pid_reuse(tmp_path):
+def test_run_lock_ignores_the_content_of_a_lock_file_nobody_holds(tmp_path):
+    """A lock file written on another host, or garbage, holds nothing: only the kernel lock counts."""
     out = tmp_path / "run"
-    sleeper = subprocess.Popen(["sleep", "60"])
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": 4242, "host": "some-other-node", "started": "2020"}))
+    with RunLock(out):
+        assert json.loads((out / ".lock").read_text())["host"] == socket.gethostname()
+    (out / ".lock").write_text("not json")
+    with RunLock(out):
+        pass
+
+
+def test_run_lock_is_exclusive_within_one_process_too(tmp_path):
+    out = tmp_path / "run"
+    lock = RunLock(out)
+    lock.acquire()
+    lock.acquire()  # no-op while held
+    with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
+        RunLock(out).acquire()
+    lock.release()
+    lock.release()  # safe twice
+    with RunLock(out):
+        pass
+
+
+def test_run_lock_is_not_inherited_by_exec(tmp_path):
+    """A program the rank starts (git, scontrol) must not keep the lock alive after the rank ends."""
+    out = tmp_path / "run"
+    with RunLock(out):
+        sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        real_start = ckpt_module._proc_stat(sleeper.pid)[1]
-        _write_lock(out, pid=sleeper.pid, proc_start=real_start)
-        with pytest.raises(CheckpointError, match=f"pid {sleeper.pid}"):
-            RunLock(out).acquire()
-        # Same pid, different start time: the lock's process is gone and the pid was given to another one.
-        _write_lock(out, pid=sleeper.pid, proc_start=real_start - 1)
-        with pytest.warns(CheckpointWarning, match="now belongs to another process"):
-            with RunLock(out):
-                assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+        with RunLock(out):  # the sleeper, started while the lock was held, does not hold it
+            pass
     finally:
         sleeper.kill()
         sleeper.wait()
 
 
-def test_run_lock_refuses_other_host_and_garbage(tmp_path):
-    out = tmp_path / "run"
-    _write_lock(out, host="some-other-node", pid=4242)
-    with pytest.raises(CheckpointError) as err:
-        RunLock(out).acquire()
-    message = str(err.value)
-    assert "pid 4242 on host some-other-node" in message and f"delete {out / '.lock'}" in message
-    (out / ".lock").write_text("not json")
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(out / '.lock'))} is not a lock"):
-        RunLock(out).acquire()
-    assert (out / ".lock").read_text() == "not json"  # refused locks are left alone
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_run_lock_on_a_file_system_without_locks_is_a_clear_error(tmp_path, monkeypatch, code):
+    """Lustre without -o flock, NFS with nolock: flock fails with one of these; the run must not go on unlocked."""
+    import fcntl
 
+    def refuse(fd, op):
+        raise OSError(code, os.strerror(code))
 
-def test_run_lock_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
-    out = tmp_path / "run"
-    lock = RunLock(out)
-    lock.acquire()
-    lock.acquire()  # no-op while held
-    with pytest.raises(CheckpointError, match="this process already holds"):
-        RunLock(out).acquire()
-    _write_lock(out, pid=os.getpid(), token="someone-else")
-    lock.release()
-    assert (out / ".lock").is_file()
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(CheckpointError, match=r"refuses file locks .*flock support"):
+        RunLock(tmp_path / "run").acquire()

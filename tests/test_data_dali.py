@@ -14,6 +14,7 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from mixmo_dist.config import DataConfig  # noqa: E402
+from mixmo_dist.data import Placement  # noqa: E402
 from mixmo_dist.data.dali import build_dali_data  # noqa: E402
 from mixmo_dist.data.folder import CorruptImageError, load_rgb  # noqa: E402
 
@@ -59,8 +60,7 @@ def noise_root(tmp_path_factory) -> Path:
 
 def _build(root, *, batch=3, val_batch=2, rank=0, world_size=1, seed=0, channels_last=False, **cfg_kwargs):
     cfg = DataConfig(root=str(root), backend="dali-cpu", image_size=SIZE, dali_threads=1, **cfg_kwargs)
-    return build_dali_data(
-        cfg,
+    place = Placement(
         unique_per_rank=batch,
         val_batch_size=val_batch,
         rank=rank,
@@ -68,8 +68,8 @@ def _build(root, *, batch=3, val_batch=2, rank=0, world_size=1, seed=0, channels
         seed=seed,
         device=CPU,
         channels_last=channels_last,
-        gpu=False,
     )
+    return build_dali_data(cfg, place, gpu=False)
 
 
 def _to_pixels(images_BCHW: torch.Tensor, data) -> torch.Tensor:
@@ -325,27 +325,29 @@ def test_corrupt_file_error_names_the_file(tmp_path, damage):
 
 def test_bad_arguments_name_the_culprit(solid_root):
     cfg = DataConfig(root=str(solid_root), backend="dali-cpu", image_size=SIZE)
-    common = dict(val_batch_size=2, rank=0, world_size=1, seed=0, channels_last=False)
+    common = dict(unique_per_rank=2, val_batch_size=2, rank=0, world_size=1, seed=0, device=CPU)
     with pytest.raises(ValueError, match="unique_per_rank"):
-        build_dali_data(cfg, unique_per_rank=0, device=CPU, gpu=False, **common)
+        Placement(**{**common, "unique_per_rank": 0})
     with pytest.raises(ValueError, match="dali-gpu"):
-        build_dali_data(cfg, unique_per_rank=2, device=CPU, gpu=True, **common)
+        build_dali_data(cfg, Placement(**common), gpu=True)
     with pytest.raises(ValueError, match="rank"):
-        build_dali_data(cfg, unique_per_rank=2, device=CPU, gpu=False, **{**common, "rank": 1})
+        Placement(**{**common, "rank": 1})
     with pytest.raises(ValueError, match="fewer than the 8 ranks"):
-        build_dali_data(cfg, unique_per_rank=2, device=CPU, gpu=False, **{**common, "world_size": 8})
+        build_dali_data(cfg, Placement(**{**common, "world_size": 8}), gpu=False)
     missing = DataConfig(root=str(solid_root / "nowhere"), backend="dali-cpu", image_size=SIZE)
     with pytest.raises(ValueError, match="nowhere"):
-        build_dali_data(missing, unique_per_rank=2, device=CPU, gpu=False, **common)
+        build_dali_data(missing, Placement(**common), gpu=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_decoding_matches_cpu_and_resumes(solid_root, noise_root):
     cuda = torch.device("cuda", 0)
-    kwargs = dict(unique_per_rank=4, val_batch_size=4, rank=0, world_size=1, seed=0, channels_last=True)
+    place = Placement(
+        unique_per_rank=4, val_batch_size=4, rank=0, world_size=1, seed=0, channels_last=True, device=cuda
+    )
     cfg = DataConfig(root=str(solid_root), backend="dali-gpu", image_size=SIZE, dali_threads=2)
-    gpu = build_dali_data(cfg, device=cuda, gpu=True, **kwargs)
+    gpu = build_dali_data(cfg, place, gpu=True)
     cpu = _build(solid_root, batch=4, val_batch=4, channels_last=True)
     pairs = list(zip(gpu.val, cpu.val))
     assert len(pairs) == 2
@@ -357,11 +359,11 @@ def test_gpu_decoding_matches_cpu_and_resumes(solid_root, noise_root):
         assert (xg.cpu() - xc).abs().max() < 0.1
 
     cfg = DataConfig(root=str(noise_root), backend="dali-gpu", image_size=SIZE, dali_threads=2)
-    first = build_dali_data(cfg, device=cuda, gpu=True, **kwargs)
+    first = build_dali_data(cfg, place, gpu=True)
     images, labels = next(iter(first.train))
     assert images.shape == (4, 3, SIZE, SIZE) and images.device.type == "cuda" and labels.device.type == "cuda"
     state = json.loads(json.dumps(first.train.state_dict()))
     expected = next(iter(first.train))[0].cpu()
-    again = build_dali_data(cfg, device=cuda, gpu=True, **kwargs)
+    again = build_dali_data(cfg, place, gpu=True)
     again.train.load_state_dict(state)
     assert torch.equal(next(iter(again.train))[0].cpu(), expected)

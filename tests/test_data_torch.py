@@ -21,13 +21,16 @@ from mixmo_dist.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    Placement,
     build_data,
     load_rgb,
     resolve_backend,
     scan_split,
     timm_mean_std,
 )
-from mixmo_dist.data.torch_loader import EpochPlan, WorkerTimeoutError, random_resized_crop_box
+from mixmo_dist.data.plan import EpochPlan
+from mixmo_dist.data.transforms import random_resized_crop_box
+from mixmo_dist.data.workers import WorkerTimeoutError
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -86,8 +89,7 @@ def _cfg(root: Path, **overrides) -> DataConfig:
 
 
 def _build(cfg: DataConfig, *, unique=4, val_batch=4, rank=0, world=1, seed=0, channels_last=False):
-    return build_data(
-        cfg,
+    place = Placement(
         unique_per_rank=unique,
         val_batch_size=val_batch,
         rank=rank,
@@ -96,6 +98,7 @@ def _build(cfg: DataConfig, *, unique=4, val_batch=4, rank=0, world=1, seed=0, c
         device=CPU,
         channels_last=channels_last,
     )
+    return build_data(cfg, place)
 
 
 def _unnormalise(images_B3SS: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from mixmo_dist.config import DataConfig
+from mixmo_dist.data import Placement
 from mixmo_dist.data.cifar import build_cifar_data, read_cifar
 from mixmo_dist.data.tinyimagenet import build_tinyimagenet_data, read_tinyimagenet
 from mixmo_dist.model.registry import CIFAR_MEAN, CIFAR_STD
@@ -120,8 +121,7 @@ def _cfg(root: Path, dataset: str, **overrides) -> DataConfig:
 
 
 def _build(builder, cfg, *, rank=0, world=1, unique=2, val_batch=3, mean=CIFAR_MEAN, std=CIFAR_STD):
-    return builder(
-        cfg,
+    place = Placement(
         unique_per_rank=unique,
         val_batch_size=val_batch,
         rank=rank,
@@ -132,6 +132,7 @@ def _build(builder, cfg, *, rank=0, world=1, unique=2, val_batch=3, mean=CIFAR_M
         mean=mean,
         std=std,
     )
+    return builder(cfg, place)
 
 
 def _pixels(images_B3SS: torch.Tensor, mean, std) -> torch.Tensor:

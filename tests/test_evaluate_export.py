@@ -18,14 +18,16 @@ from PIL import Image, ImageFilter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mixmo_dist.calibration import temperature_scaled_metrics
-from mixmo_dist.checkpoint import CheckpointError, CheckpointStore
-from mixmo_dist.data import build_data
-from mixmo_dist.evaluate import build_folder_val_loader, check_same_classes
-from mixmo_dist.export import init_from_vanilla, load_checkpoint, resolve_checkpoint
+from mixmo_dist.checkpoint import CheckpointError
+from mixmo_dist.checkpoint.reader import load_checkpoint, resolve_checkpoint
+from mixmo_dist.checkpoint.store import CheckpointStore
+from mixmo_dist.data import Placement, build_data
+from mixmo_dist.evaluation.calibration import temperature_scaled_metrics
+from mixmo_dist.evaluation.metrics import EvalAccumulator
+from mixmo_dist.evaluation.runner import build_folder_val_loader, check_same_classes
 from mixmo_dist.export import main as export_main
-from mixmo_dist.metrics import EvalAccumulator
 from mixmo_dist.model import build_model
+from mixmo_dist.model.weights import init_from_vanilla
 
 REPO = Path(__file__).resolve().parents[1]
 # Every metric the evaluation promises (EvalAccumulator's and the temperature-scaling ones).
@@ -228,8 +230,7 @@ def test_deep_ensemble_evaluation(run_a, run_b, ensemble_eval):
     loaded = [load_checkpoint(resolve_checkpoint(p)) for p in (run_a, run_b[0])]
     cfg = loaded[0].config
     norm = json.loads((run_a / "run.json").read_text())["normalization"]
-    data = build_data(
-        cfg.data,
+    place = Placement(
         unique_per_rank=1,
         val_batch_size=16,
         rank=0,
@@ -239,6 +240,7 @@ def test_deep_ensemble_evaluation(run_a, run_b, ensemble_eval):
         mean=norm["mean"],
         std=norm["std"],
     )
+    data = build_data(cfg.data, place)
     acc = EvalAccumulator(3, 10, "cpu")
     logits, labels = [], []
     with torch.no_grad():
@@ -293,23 +295,25 @@ def test_two_ranks_give_the_same_result(run_a, run_b, ensemble_eval):
 def test_folder_loader_reads_any_split_with_the_checkpoint_classes(run_a, demo, tmp_path):
     """What `--split NAME` and `--corruptions` use: the torch val transform over DIR/<split>/<class>/."""
     loaded = load_checkpoint(resolve_checkpoint(run_a))
-    kwargs = dict(
-        batch_size=16,
+    place = Placement(
+        unique_per_rank=1,
+        val_batch_size=16,
         rank=1,
         world_size=2,
+        seed=0,
         device=torch.device("cpu"),
         channels_last=False,
         mean=(0.5,) * 3,
         std=(0.5,) * 3,
     )
-    loader = build_folder_val_loader(demo, "train", loaded.classes, loaded.config.data, **kwargs)
+    loader = build_folder_val_loader(demo, "train", loaded.classes, loaded.config.data, place)
     labels = torch.cat([y for _, y in loader])
     assert labels.shape == (40,)  # rank 1 of 2 reads half of the 80 train images
     assert torch.bincount(labels, minlength=10).tolist() == [4] * 10
     (tmp_path / "extra" / "not_a_class").mkdir(parents=True)
     shutil.copytree(demo / "val", tmp_path / "extra", dirs_exist_ok=True)
     with pytest.raises(ValueError, match="not_a_class"):
-        build_folder_val_loader(tmp_path, "extra", loaded.classes, loaded.config.data, **kwargs)
+        build_folder_val_loader(tmp_path, "extra", loaded.classes, loaded.config.data, place)
 
 
 def test_cli_user_error_exits_2(tmp_path):

@@ -144,8 +144,8 @@ def test_triton_kernel_offsets_past_2_31():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_mixing_step_never_syncs_with_the_host():
     """Sampler, member inputs, the Triton mixing forward/backward and the loss run with sync debug mode = error."""
-    from mixmo_dist.loss import mixmo_loss, reweight
-    from mixmo_dist.members import member_inputs
+    from mixmo_dist.training.loss import mixmo_loss, reweight
+    from mixmo_dist.training.members import member_inputs
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     images = torch.randn(4, 3, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -184,8 +184,8 @@ def test_mixing_step_never_syncs_with_the_host():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_amp_train_steps_channels_last(dtype):
     """A small MixMo network learns a fixed batch under AMP (fp16 through a GradScaler), channels_last throughout."""
-    from mixmo_dist.loss import mixmo_loss, reweight
     from mixmo_dist.model import build_model
+    from mixmo_dist.training.loss import mixmo_loss, reweight
 
     torch.manual_seed(0)
     model = build_model("resnet18", 2, 10).cuda().to(memory_format=torch.channels_last).train()

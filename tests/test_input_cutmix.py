@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixmo_dist.input_cutmix import InputCutMix, apply_input_cutmix, input_cutmix, sample_input_cutmix
-from mixmo_dist.loss import mixmo_loss, reweight
-from mixmo_dist.members import member_inputs
 from mixmo_dist.model import build_model
+from mixmo_dist.ops.input_cutmix import InputCutMix, apply_input_cutmix, input_cutmix, sample_input_cutmix
 from mixmo_dist.ops.mixing import MixParams, sample_mixing
+from mixmo_dist.training.loss import mixmo_loss, reweight
+from mixmo_dist.training.members import member_inputs
 
 K = 7
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixmo_dist.loss import mixmo_loss, reweight
-from mixmo_dist.members import member_indices, member_inputs
+from mixmo_dist.training.loss import mixmo_loss, reweight
+from mixmo_dist.training.members import member_indices, member_inputs
 
 
 @pytest.mark.parametrize("lam,expect", [(0.10, 0.649), (0.25, 0.819), (0.5, 1.0), (0.75, 1.181), (0.90, 1.351)])

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mixmo_dist.calibration import fit_temperature, split_for_calibration, temperature_scaled_metrics
-from mixmo_dist.metrics import EvalAccumulator, brier, ece, nll
+from mixmo_dist.evaluation.calibration import fit_temperature, split_for_calibration, temperature_scaled_metrics
+from mixmo_dist.evaluation.metrics import EvalAccumulator, brier, ece, nll
 
 torch.set_num_threads(1)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mixmo_dist.loss import reweight
 from mixmo_dist.model import TESTED_ARCHS, build_model
 from mixmo_dist.ops import sample_mixing
+from mixmo_dist.training.loss import reweight
 
 
 def test_resnet50_parameter_count():

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mixmo_dist import plot
-from mixmo_dist.metrics import EvalAccumulator
+from mixmo_dist.evaluation import plots
+from mixmo_dist.evaluation.metrics import EvalAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -85,20 +86,20 @@ def test_curves_skip_what_is_not_logged(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib (extra 'plot') is not installed")
     records = [{"split": "val", "step": 5, "top1": 0.5, "member_top1": [0.4, 0.45]},
                {"split": "val", "step": 10, "top1": 0.6, "member_top1": [0.5, 0.55]}]  # fmt: skip
-    written = plot.plot_curves(records, tmp_path)
+    written = plots.plot_curves(records, tmp_path)
     assert [p.name for p in written] == ["curves_val_top1.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves_val_top1.png"]
     with pytest.raises(ValueError, match="no plottable metric"):
-        plot.plot_curves([{"split": "train", "step": 1, "epoch": 0}], tmp_path)
+        plots.plot_curves([{"split": "train", "step": 1, "epoch": 0}], tmp_path)
 
 
 def test_reliability_diagram_reads_the_accumulator_output(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib (extra 'plot') is not installed")
     metrics = _write_eval(tmp_path / "eval.json")
-    rel = plot.read_reliability(tmp_path / "eval.json")
+    rel = plots.read_reliability(tmp_path / "eval.json")
     assert rel["count"] == metrics["reliability"]["count"] and sum(rel["count"]) == 500
     assert rel["ece"] == metrics["ece"]
-    out = plot.plot_reliability(rel, tmp_path / "reliability.png")
+    out = plots.plot_reliability(rel, tmp_path / "reliability.png")
     assert _png_pixels(out).shape[0] > 200
 
 
@@ -114,7 +115,7 @@ def test_missing_or_empty_or_malformed_metrics_name_the_file(tmp_path: Path, cap
     assert f"{metrics_file}:2: not valid JSON" in capsys.readouterr().err
     metrics_file.write_text('{"split": "train", "loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected a JSON object with 'split' and 'step'"):
-        plot.read_metrics(metrics_file)
+        plots.read_metrics(metrics_file)
     assert plot.main([str(tmp_path / "nope")]) == 2
     assert "run directory" in capsys.readouterr().err
 
@@ -128,7 +129,7 @@ def test_bad_eval_json_names_the_file_and_writes_nothing(tmp_path: Path, capsys:
     assert not list(tmp_path.glob("*.png"))  # inputs are validated before anything is drawn
     bad.write_text(json.dumps({"reliability": {"bin_lower": [0.0], "bin_upper": [1.0], "accuracy": [1.0]}}))
     with pytest.raises(ValueError, match=r"reliability lacks the list\(s\) \['confidence', 'count'\]"):
-        plot.read_reliability(bad)
+        plots.read_reliability(bad)
 
 
 def test_missing_matplotlib_gives_a_clear_error(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from mixmo_dist.config import load_config
 from mixmo_dist.data import timm_mean_std
 from mixmo_dist.model import build_model
 from mixmo_dist.ops import sample_mixing
-from mixmo_dist.optim import scaled_lr
+from mixmo_dist.training.optim import scaled_lr
 
 ARCHS = ("wide_resnet28_10", "preactresnet18_3")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -146,7 +146,7 @@ def test_resume_with_changed_shape_is_refused(tiny_data, reference_run, tmp_path
 
 
 def test_second_run_on_same_output_dir_is_refused(tiny_data, tmp_path):
-    from mixmo_dist.checkpoint import RunLock
+    from mixmo_dist.checkpoint.lock import RunLock
 
     out = tmp_path / "locked"
     out.mkdir()

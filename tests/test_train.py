@@ -124,7 +124,7 @@ def test_single_process_world_guard():
     """WORLD_SIZE says 2 but the Accelerator sees one process: refuse instead of training twice."""
     import pytest
 
-    from mixmo_dist.runtime import check_world
+    from mixmo_dist.runtime.accelerator import check_world
 
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2.*--multi_gpu"):
         check_world(1, {"WORLD_SIZE": "2"})
@@ -204,7 +204,7 @@ def test_tensorboard_without_the_package_is_an_error_naming_the_key(monkeypatch)
 
     import pytest
 
-    from mixmo_dist.runtime import check_tensorboard
+    from mixmo_dist.runtime.accelerator import check_tensorboard
 
     check_tensorboard()  # installed in this venv (extra "tensorboard", part of "dev")
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # what `import tensorboard` sees where it is missing

@@ -7,16 +7,15 @@ package needs neither torch nor DALI (the demo-dataset generator relies on that)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, load_rgb, scan_split, timm_mean_std
+from .placement import Placement
 
 if TYPE_CHECKING:
-    import torch
+    from mixmo_dist.config import DataConfig
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +23,7 @@ __all__ = [
     "IMAGENET_STD",
     "CorruptImageError",
     "Data",
+    "Placement",
     "build_data",
     "load_rgb",
     "resolve_backend",
@@ -34,8 +34,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "torch", "synthetic")
-# Datasets read from an ImageNet-layout folder (torch or DALI), and those with their own reader (torch loaders).
-_FOLDER_DATASETS = ("imagefolder",)
+# Datasets with their own reader (torch loaders only); "imagefolder" is read by the torch or a DALI backend.
 _OWN_READER_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
 _logged_choices: set[str] = set()
 
@@ -117,92 +116,38 @@ def resolve_backend(name: str, cuda: bool, *, dali_installed: bool | None = None
     return name
 
 
-def _check_stats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
-    stats = tuple(float(v) for v in values)
-    if len(stats) != 3:
-        raise ValueError(f"{name} must hold 3 values (R, G, B in 0-1 units), got {values!r}")
-    if name == "std" and min(stats) <= 0.0:
-        raise ValueError(f"std must be positive, got {values!r}")
-    return stats  # type: ignore[return-value]
-
-
-def build_data(
-    cfg: Any,
-    *,
-    unique_per_rank: int,
-    val_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    channels_last: bool = False,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Data:
+def build_data(cfg: DataConfig, place: Placement) -> Data:
     """Builds the train and val loaders of one rank with the backend `cfg.backend` resolves to.
 
     Args:
-        cfg: the DataConfig section (root, dataset, backend, image_size, ...).
-        unique_per_rank: U, unique images per train batch of this rank.
-        val_batch_size: rows per val batch.
-        rank, world_size: this process's place in the data-parallel world.
-        seed: run seed (the same on every rank): epoch permutations and augmentations derive from it.
-        device: where batches are delivered and normalised (a torch.device or its name).
-        channels_last: deliver images in channels_last memory format.
-        mean, std: normalisation (3 floats, 0-1 units); ImageNet's when None.
+        cfg: the `data` section (already validated by the config layer).
+        place: this rank's placement (world, device, batch sizes, layout, normalisation).
     Returns:
         Data, with `backend` the resolved backend name.
     """
-    import torch
-
-    device = torch.device(device)
-    mean = _check_stats("mean", IMAGENET_MEAN if mean is None else mean)
-    std = _check_stats("std", IMAGENET_STD if std is None else std)
-    if unique_per_rank < 1 or val_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got unique_per_rank={unique_per_rank}, val={val_batch_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside the world of size {world_size}")
     if cfg.dataset in _OWN_READER_DATASETS and cfg.backend in ("dali-gpu", "dali-cpu"):
         # Before resolving the backend: this is the error to give whether DALI is installed or not.
         raise ValueError(
             f"data.dataset={cfg.dataset!r} is read with the torch backend's loaders; set data.backend=torch "
             f"(or auto), not {cfg.backend!r}"
         )
-    backend = resolve_backend(cfg.backend, device.type == "cuda")
-    kwargs = dict(
-        unique_per_rank=unique_per_rank,
-        val_batch_size=val_batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        device=device,
-        channels_last=channels_last,
-        mean=mean,
-        std=std,
-    )
-    if backend != "synthetic" and cfg.dataset in _OWN_READER_DATASETS:
-        if cfg.dataset == "tinyimagenet":
-            from .tinyimagenet import build_tinyimagenet_data
-
-            data = build_tinyimagenet_data(cfg, **kwargs)
-        else:
-            from .cifar import build_cifar_data
-
-            data = build_cifar_data(cfg, **kwargs)
-        return data
-    if backend != "synthetic" and cfg.dataset not in _FOLDER_DATASETS:
-        raise ValueError(f"data.dataset must be one of {_FOLDER_DATASETS + _OWN_READER_DATASETS}, got {cfg.dataset!r}")
-    if backend == "torch":
-        from .torch_loader import build_torch_data
-
-        return build_torch_data(cfg, **kwargs)
+    backend = resolve_backend(cfg.backend, place.device.type == "cuda")
     if backend == "synthetic":
         from .synthetic import build_synthetic_data
 
-        return build_synthetic_data(cfg, **kwargs)
+        return build_synthetic_data(cfg, place)
+    if cfg.dataset == "tinyimagenet":
+        from .tinyimagenet import build_tinyimagenet_data
+
+        return build_tinyimagenet_data(cfg, place)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        from .cifar import build_cifar_data
+
+        return build_cifar_data(cfg, place)
+    if backend == "torch":
+        from .torch_loader import build_torch_data
+
+        return build_torch_data(cfg, place)
     from .dali import build_dali_data
 
-    # The DALI builder reads the resolved flavour (dali-gpu / dali-cpu) from cfg.backend, never "auto".
-    data = build_dali_data(dataclasses.replace(cfg, backend=backend), **kwargs)
-    data.backend = backend
-    return data
+    return build_dali_data(cfg, place, gpu=backend == "dali-gpu")

@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from mixmo_dist.config import DataConfig
+
+from .placement import Placement
 from .torch_loader import torch_data
 
 if TYPE_CHECKING:
@@ -170,13 +173,12 @@ def read_cifar(root: str | Path, dataset: str) -> tuple[list[str], CifarSplit, C
     return classes, train, val
 
 
-def build_cifar_data(cfg: Any, **placement: Any) -> Data:
+def build_cifar_data(cfg: DataConfig, place: Placement) -> Data:
     """Builds CIFAR-10/100 (`cfg.dataset`) from `cfg.root` with the torch backend's contract (see `build_data`).
 
     The reference recipe is `data.train_crop=pad_random`, `data.image_size=32`, `data.val_resize_ratio=1.0`, with the
-    reference's CIFAR normalisation (the `mean`/`std` given, e.g. from `wide_resnet28_10`'s pretrained cfg).
-    `placement` holds unique_per_rank, val_batch_size, rank, world_size, seed, device, channels_last, mean, std.
+    reference's CIFAR normalisation (`place.mean`/`place.std`, e.g. from `wide_resnet28_10`'s pretrained cfg).
     """
     classes, train_split, val_split = read_cifar(cfg.root, cfg.dataset)
     log.info("%s: %d train / %d test images, %d classes", cfg.dataset, len(train_split), len(val_split), len(classes))
-    return torch_data(cfg, train_split, val_split, classes, **placement)
+    return torch_data(cfg, train_split, val_split, classes, place)

@@ -34,8 +34,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Data
-from mixmo_dist.data.folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, load_rgb, scan_split
+from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split
+from mixmo_dist.data.placement import Placement
+from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["DaliTrainLoader", "DaliValLoader", "build_dali_data"]
 
@@ -129,11 +132,6 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
         output_layout="HWC" if aug.channels_last else "CHW",
     )
     return images, index
-
-
-def _seed31(*words: int) -> int:
-    """A 31-bit seed mixed from `words` (DALI takes non-negative int seeds; SeedSequence decorrelates them)."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class _Batches:
@@ -312,7 +310,7 @@ class DaliTrainLoader(_Batches):
                     self._global_order(self._epoch),
                     training=True,
                     # Augmentation differs per rank and per epoch; the order above is the same on every rank.
-                    seed=_seed31(self._seed, self._rank, self._epoch),
+                    seed=derive_seed(self._seed, self._rank, self._epoch, bits=31),
                     policy=LastBatchPolicy.FILL,
                     checkpoint=self._restore,
                 )
@@ -435,56 +433,32 @@ class DaliValLoader(_Batches):
             yield batch
 
 
-def build_dali_data(
-    cfg,
-    *,
-    unique_per_rank: int,
-    val_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    channels_last: bool,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    gpu: bool | None = None,
-) -> Data:
+def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
     """Builds the DALI training and validation loaders of an ImageNet-layout folder `cfg.root`.
 
     Args:
-        cfg: the DataConfig section (root, image_size, val_resize_ratio, train_crop, min_crop_scale, hflip,
+        cfg: the `data` section (root, image_size, val_resize_ratio, train_crop, min_crop_scale, hflip,
             dali_threads, dali_prefetch).
-        unique_per_rank: training images per rank per step (B of every training batch).
-        val_batch_size: validation images per rank per step.
-        rank, world_size: this process's global rank and the number of ranks.
-        seed: run seed; the sample order uses it on every rank, the augmentation mixes in the rank.
-        device: where batches are delivered; must be a CUDA device when `gpu`.
-        channels_last: deliver images in the channels_last memory format (decoded as NHWC, so no copy).
-        mean, std: per-channel normalisation in 0-1 units; ImageNet's when None.
-        gpu: decode on the GPU (nvJPEG "mixed" decoder) instead of on the CPU; None reads it from cfg.backend
-            ("dali-gpu" or "dali-cpu").
+        place: this rank's placement; `unique_per_rank` is the training batch, the run seed orders the samples on
+            every rank and, mixed with the rank, seeds the augmentation.
+        gpu: decode on the GPU (nvJPEG "mixed" decoder) instead of on the CPU; the device must then be CUDA.
     Returns:
         Data with backend "dali-gpu" or "dali-cpu".
     Raises:
-        ValueError: bad sizes, rank, device, crop mode, or dataset (missing split, class mismatch, too few
-            validation images for the ranks).
+        ValueError: a CPU device with `gpu`, or a bad dataset (missing split, class mismatch, too few validation
+            images for the ranks).
     """
-    if gpu is None:
-        if cfg.backend not in ("dali-gpu", "dali-cpu"):
-            raise ValueError(
-                f"config key data.backend: build_dali_data needs dali-gpu or dali-cpu, got {cfg.backend!r}"
-            )
-        gpu = cfg.backend == "dali-gpu"
-    _check_args(cfg, unique_per_rank, val_batch_size, rank, world_size, device, gpu)
-    mean = tuple(float(v) for v in (IMAGENET_MEAN if mean is None else mean))
-    std = tuple(float(v) for v in (IMAGENET_STD if std is None else std))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean/std must be 3 values each (std > 0), got mean={mean} std={std}")
+    if gpu and (place.device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(
+            f"data.backend dali-gpu decodes on a CUDA device, but the device is {place.device} "
+            f"(CUDA available: {torch.cuda.is_available()}); use dali-cpu or torch"
+        )
     classes, train_samples = scan_split(cfg.root, "train")
     _, val_samples = scan_split(cfg.root, "val", classes)
-    if len(val_samples) < world_size:
+    if len(val_samples) < place.world_size:
         raise ValueError(
-            f"{cfg.root}/val holds {len(val_samples)} images, fewer than the {world_size} ranks: every rank needs one"
+            f"{cfg.root}/val holds {len(val_samples)} images, fewer than the {place.world_size} ranks: every rank "
+            "needs one"
         )
     aug = _Augment(
         image_size=cfg.image_size,
@@ -492,31 +466,31 @@ def build_dali_data(
         min_crop_scale=float(cfg.min_crop_scale),
         hflip=bool(cfg.hflip),
         val_resize=round(cfg.image_size / cfg.val_resize_ratio),
-        mean_255=tuple(255.0 * v for v in mean),
-        std_255=tuple(255.0 * v for v in std),
-        channels_last=channels_last,
+        mean_255=tuple(255.0 * v for v in place.mean),
+        std_255=tuple(255.0 * v for v in place.std),
+        channels_last=place.channels_last,
         gpu=gpu,
     )
     common = dict(
         aug=aug,
-        rank=rank,
-        world_size=world_size,
+        rank=place.rank,
+        world_size=place.world_size,
         threads=cfg.dali_threads,
         prefetch=cfg.dali_prefetch,
-        device=device,
-        seed=seed,
+        device=place.device,
+        seed=place.seed,
     )
     train = DaliTrainLoader(
         paths=[p for p, _ in train_samples],
         labels=[c for _, c in train_samples],
-        batch_size=unique_per_rank,
+        batch_size=place.unique_per_rank,
         num_samples=len(train_samples),
         **common,
     )
     val = DaliValLoader(
         paths=[p for p, _ in val_samples],
         labels=[c for _, c in val_samples],
-        batch_size=val_batch_size,
+        batch_size=place.val_batch_size,
         num_samples=len(val_samples),
         **common,
     )
@@ -524,27 +498,9 @@ def build_dali_data(
         train=train,
         val=val,
         classes=classes,
-        mean=mean,
-        std=std,
+        mean=place.mean,
+        std=place.std,
         num_train=len(train_samples),
         num_val=len(val_samples),
         backend="dali-gpu" if gpu else "dali-cpu",
     )
-
-
-def _check_args(cfg, unique_per_rank, val_batch_size, rank, world_size, device, gpu) -> None:
-    """Refuses arguments that would fail deep inside DALI with an unhelpful message."""
-    for name, value in (("unique_per_rank", unique_per_rank), ("val_batch_size", val_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"rank {rank!r} / world_size {world_size!r}: need 0 <= rank < world_size")
-    if cfg.train_crop not in ("random_resized", "pad_random"):
-        raise ValueError(f"config key data.train_crop: {cfg.train_crop!r} is not one of random_resized, pad_random")
-    if not isinstance(device, torch.device):
-        raise TypeError(f"device must be a torch.device, got {type(device).__name__}")
-    if gpu and (device.type != "cuda" or not torch.cuda.is_available()):
-        raise ValueError(
-            f"data.backend dali-gpu decodes on a CUDA device, but the device is {device} "
-            f"(CUDA available: {torch.cuda.is_available()}); use dali-cpu or torch"
-        )

@@ -9,13 +9,17 @@ but reads nothing from disk and decodes nothing, so it measures the training ste
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .torch_loader import EpochPlan, mix_seed
+from mixmo_dist.config import DataConfig
+from mixmo_dist.runtime.seeds import derive_seed
+
+from .placement import Placement
+from .plan import EpochPlan
 
 if TYPE_CHECKING:
     from . import Data
@@ -33,7 +37,7 @@ class _SyntheticPool:
     def __init__(self, num_samples: int, *, image_size: int, seed: int, device: torch.device, channels_last: bool):
         per_image = 3 * image_size * image_size * 4
         size = max(1, min(num_samples, _POOL_BYTES // per_image))
-        gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 0x5E7))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, 0x5E7))
         images = torch.randn(size, 3, image_size, image_size, generator=gen, device=device)
         self.images_P3SS = images
         self.gen = gen
@@ -78,8 +82,6 @@ class SyntheticVal:
     def __init__(
         self, pool: _SyntheticPool, labels_N: Tensor, first_index: int, *, batch_size: int, rank: int, world_size: int
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"val_batch_size must be >= 1, got {batch_size}")
         # Val images come after the train ones in the pool's index space, so they differ from train images
         # whenever the pool is large enough to hold both.
         self._indices = torch.arange(labels_N.shape[0], device=labels_N.device)[rank::world_size]
@@ -101,49 +103,34 @@ class SyntheticVal:
             yield self._pool.take(idx_B + self._first), self._labels_N[idx_B]
 
 
-def build_synthetic_data(
-    cfg: Any,
-    *,
-    unique_per_rank: int,
-    val_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    channels_last: bool,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Data:
+def build_synthetic_data(cfg: DataConfig, place: Placement) -> Data:
     """Builds the synthetic backend from `cfg.synthetic_size`, `cfg.num_synthetic_classes` and `cfg.image_size`.
 
-    Every rank generates the same pool and labels from `seed`, so the ranks agree on the dataset without talking.
-    `mean`/`std` are only recorded: the images are drawn already normalised.
+    Every rank generates the same pool and labels from the run seed, so the ranks agree on the dataset without
+    talking. `place.mean`/`place.std` are only recorded: the images are drawn already normalised.
     """
     from . import Data
 
     num_train, num_classes = cfg.synthetic_size, cfg.num_synthetic_classes
-    if not isinstance(num_train, int) or num_train < 1:
-        raise ValueError(f"data.synthetic_size must be a positive int, got {num_train!r}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"data.num_synthetic_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(cfg.image_size, int) or cfg.image_size < 1:
-        raise ValueError(f"data.image_size must be a positive int, got {cfg.image_size!r}")
     num_val = max(1, num_train // _VAL_FRACTION)
     pool = _SyntheticPool(
-        num_train + num_val, image_size=cfg.image_size, seed=seed, device=device, channels_last=channels_last
+        num_train + num_val,
+        image_size=cfg.image_size,
+        seed=place.seed,
+        device=place.device,
+        channels_last=place.channels_last,
     )
     train_labels_N = pool.labels(num_train, num_classes)
     val_labels_N = pool.labels(num_val, num_classes)
-    train = SyntheticTrain(
-        pool, train_labels_N, unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed
-    )
-    val = SyntheticVal(pool, val_labels_N, num_train, batch_size=val_batch_size, rank=rank, world_size=world_size)
+    world = dict(rank=place.rank, world_size=place.world_size)
+    train = SyntheticTrain(pool, train_labels_N, unique_per_rank=place.unique_per_rank, seed=place.seed, **world)
+    val = SyntheticVal(pool, val_labels_N, num_train, batch_size=place.val_batch_size, **world)
     return Data(
         train=train,
         val=val,
         classes=[f"class_{k:03d}" for k in range(num_classes)],
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=place.mean,
+        std=place.std,
         num_train=num_train,
         num_val=num_val,
         backend="synthetic",

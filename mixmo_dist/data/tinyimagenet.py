@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .folder import IMAGE_EXTENSIONS, scan_split
+from mixmo_dist.config import DataConfig
+
+from .placement import Placement
 from .torch_loader import PathTable, torch_data
 
 if TYPE_CHECKING:
@@ -95,11 +98,10 @@ def read_tinyimagenet(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     return classes, train, val
 
 
-def build_tinyimagenet_data(cfg: Any, **placement: Any) -> Data:
+def build_tinyimagenet_data(cfg: DataConfig, place: Placement) -> Data:
     """Builds Tiny ImageNet from `cfg.root` with the torch backend's loaders and contract (see `build_data`).
 
-    `placement` holds unique_per_rank, val_batch_size, rank, world_size, seed, device, channels_last, mean, std.
     """
     classes, train_samples, val_samples = read_tinyimagenet(cfg.root)
     log.info("tinyimagenet: %d train / %d val images, %d classes", len(train_samples), len(val_samples), len(classes))
-    return torch_data(cfg, PathTable(train_samples), PathTable(val_samples), classes, **placement)
+    return torch_data(cfg, PathTable(train_samples), PathTable(val_samples), classes, place)

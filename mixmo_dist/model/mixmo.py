@@ -34,16 +34,6 @@ TESTED_ARCHS = (
 )
 
 
-def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
-    return root.get_submodule(dotted)
-
-
-def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, leaf = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)
-
-
 class MixMoNet(nn.Module):
     """M encoders (copies of the first conv), a mixing block, a shared core, M linear heads.
 
@@ -60,8 +50,8 @@ class MixMoNet(nn.Module):
         if not isinstance(first_conv, str) or not isinstance(classifier, str):
             raise ValueError(f"model.arch {arch!r}: timm metadata names no single first_conv/classifier")
         try:
-            conv = _get_submodule(base, first_conv)
-            fc = _get_submodule(base, classifier)
+            conv = base.get_submodule(first_conv)
+            fc = base.get_submodule(classifier)
         except AttributeError as err:
             raise ValueError(f"model.arch {arch!r}: metadata names a missing module ({err})") from None
         if not isinstance(conv, nn.Conv2d) or conv.bias is not None or conv.groups != 1:
@@ -89,8 +79,8 @@ class MixMoNet(nn.Module):
             head = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None)
             heads.append(head)
         self.heads = nn.ModuleList(heads)
-        _set_submodule(base, first_conv, nn.Identity())
-        _set_submodule(base, classifier, nn.Identity())
+        base.set_submodule(first_conv, nn.Identity())
+        base.set_submodule(classifier, nn.Identity())
         self.core = base
         self.pretrained_cfg = dict(cfg)
 

@@ -10,7 +10,6 @@ linear batches and M > 2 with one formula and lets the fused kernel recompute th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -213,8 +212,3 @@ def mix_features(feats: Sequence[Tensor], boxes_B4: Tensor, coef_in_MB: Tensor, 
 
         return mix_features_triton(feats, boxes_B4, coef_in_MB, coef_out_MB)
     return mix_features_torch(feats, boxes_B4, coef_in_MB, coef_out_MB)
-
-
-def encoder_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
-    """Spatial size after a conv (to size the masks before the forward pass)."""
-    return math.floor((size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1)

@@ -1,4 +1,4 @@
-"""Run reporting on rank 0: run.json, metrics.jsonl + metrics.csv (cut back on resume), progress bar or lines."""
+"""Run reporting on rank 0: metrics.jsonl + metrics.csv (cut back on resume), progress bar or lines."""
 
 from __future__ import annotations
 
@@ -6,18 +6,13 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
+from mixmo_dist.runtime.files import atomic_path, write_text_atomic
+
 log = logging.getLogger("mixmo_dist")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _flatten(record: dict) -> dict:
@@ -64,16 +59,12 @@ class MetricsLog:
         return dropped
 
     def _rewrite(self, records: list[dict]) -> None:
-        tmp = self.jsonl.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.jsonl)
-        tmp = self.csv.with_name(".metrics.csv.tmp")
-        with tmp.open("w", newline="") as fh:
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+        with atomic_path(self.csv) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for rec in records:
                 writer.writerow(_flatten(rec))
-        os.replace(tmp, self.csv)
 
     def append(self, record: dict) -> None:
         with self.jsonl.open("a") as fh:

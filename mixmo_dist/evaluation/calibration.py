@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixmo_dist.metrics import check_scores_and_labels, ece, nll
+from mixmo_dist.evaluation.metrics import check_scores_and_labels, ece, nll
 
 
 def fit_temperature(logits_NK: Tensor, labels_N: Tensor, max_iter: int = 100) -> float:

@@ -33,12 +33,8 @@ def mixmo_loss(
     """
     m, b, k = logits_MBK.shape
     logits = logits_MBK.float().reshape(m * b, k)
-    if targets.dtype.is_floating_point:
-        soft = targets.float().reshape(m * b, k)
-        if label_smoothing > 0:
-            soft = soft * (1.0 - label_smoothing) + label_smoothing / k
-        ce = -(soft * F.log_softmax(logits, dim=-1)).sum(-1)
-    else:
-        ce = F.cross_entropy(logits, targets.reshape(-1), reduction="none", label_smoothing=label_smoothing)
+    # F.cross_entropy takes class indices or class probabilities (soft targets), with label smoothing for both.
+    flat = targets.float().reshape(m * b, k) if targets.dtype.is_floating_point else targets.reshape(-1)
+    ce = F.cross_entropy(logits, flat, reduction="none", label_smoothing=label_smoothing)
     per_member_M = (ce.view(m, b) * weights_MB.float()).mean(1)
     return per_member_M.sum(), per_member_M

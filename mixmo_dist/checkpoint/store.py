@@ -1,9 +1,8 @@
-"""How checkpoints are stored: atomic `step_<N>` directories with a sha256 marker, and the one-run-per-directory lock.
+"""How checkpoints are stored: atomic `step_<N>` directories with a sha256 marker, kept to the newest k.
 
 The trainer decides what goes into a checkpoint; this module decides how it reaches the disk so that a checkpoint
 that `find_latest()` returns is always whole, whatever moment a process was killed at. Layout:
 
-    <output_dir>/.lock                          RunLock: JSON {pid, host, started, ...} of the run using the dir
     <output_dir>/checkpoints/                   CheckpointStore root
         step_00001000/                          one committed checkpoint
             model.safetensors ...               files written by the ranks (safetensors or JSON, never pickle)
@@ -28,14 +27,10 @@ written as a hidden temporary file, fsynced, then `os.replace`d, so a name that 
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import json
 import os
 import re
 import shutil
-import socket
-import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -48,9 +43,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mixmo_dist.checkpoint import CheckpointError, CheckpointWarning
+from mixmo_dist.runtime.files import atomic_path, fsync_dir, fsync_file, is_part_name, sha256_file, write_bytes_atomic
+
 MARKER = "COMPLETE"
 LATEST = "latest"
-LOCK_NAME = ".lock"
 
 # Canonical committed directory names; more than 8 digits is allowed because "%08d" simply grows past 99,999,999.
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -58,24 +55,6 @@ _TMP_RE = re.compile(r"^\.tmp_(step_\d{8,})_(\d+)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Keys of the marker that are not file names; file names may not take them.
 _RESERVED_NAMES = frozenset({MARKER, LATEST, "step"})
-_CHUNK = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint, checkpoint directory or run lock cannot be used as asked; the message names it."""
-
-
-class CheckpointWarning(UserWarning):
-    """Something was moved aside, replaced or taken over; training can go on, but a person may want to look."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so a multi-GB checkpoint never sits in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_step_dir_name(name: str) -> int | None:
@@ -93,38 +72,6 @@ def parse_step_dir_name(name: str) -> int | None:
 
 def _utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new entry is durable only once the directory holding it is fsynced.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _part_path(path: Path) -> Path:
-    # Hidden, unique per writer (pid alone can repeat across hosts), in the same directory so os.replace is atomic.
-    return path.with_name(f".{path.name}.part-{uuid.uuid4().hex}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    part = _part_path(path)
-    try:
-        with open(part, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
 
 
 def _check_file_name(name: Any, suffix: str | None) -> str:
@@ -289,17 +236,11 @@ class CheckpointStore:
                 raise TypeError(f"{file}: metadata must be a dict[str, str], got {metadata!r}")
             metadata = dict(metadata)
         storable = _to_storable(tensors, file)
-        part = _part_path(file)
         try:
-            save_file(storable, str(part), metadata=metadata)
-            _fsync_file(part)
-            os.replace(part, file)
+            with atomic_path(file) as part:
+                save_file(storable, str(part), metadata=metadata)
         except (SafetensorError, RuntimeError, ValueError, TypeError) as err:
-            part.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write {file}: {err}") from err
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
         return file
 
     def write_json(self, tmp_dir: str | Path, name: str, obj: Any) -> Path:
@@ -310,7 +251,7 @@ class CheckpointStore:
             text = json.dumps(obj, indent=1, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise TypeError(f"cannot write {file}: {err}; checkpoint JSON holds only plain Python data") from err
-        _atomic_write_bytes(file, text.encode() + b"\n")
+        write_bytes_atomic(file, text.encode() + b"\n")
         return file
 
     def commit(self, tmp_dir: str | Path, step: int) -> Path:
@@ -340,10 +281,10 @@ class CheckpointStore:
             raise CheckpointError(f"{tmp} is empty: nothing was written for step {step}")
         marker: dict[str, Any] = {"step": step}
         for path in entries:
-            _fsync_file(path)
+            fsync_file(path)
             marker[path.name] = sha256_file(path)
-        _atomic_write_bytes(tmp / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode() + b"\n")
-        _fsync_dir(tmp)
+        write_bytes_atomic(tmp / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode() + b"\n")
+        fsync_dir(tmp)
 
         final = self.root / name
         if final.exists() or final.is_symlink():
@@ -352,14 +293,14 @@ class CheckpointStore:
             if later_step > step:
                 self.move_aside(later, f"step {later_step} is later than the new checkpoint {name}", tag="superseded")
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._write_latest(name)
         self._prune(keep=final)
         return final
 
     def _write_latest(self, name: str) -> None:
-        _atomic_write_bytes(self.root / LATEST, name.encode() + b"\n")
-        _fsync_dir(self.root)
+        write_bytes_atomic(self.root / LATEST, name.encode() + b"\n")
+        fsync_dir(self.root)
 
     def _prune(self, keep: Path) -> None:
         # Only directories with a marker count as complete; a marker-less one is evidence, left to find_latest.
@@ -390,7 +331,7 @@ class CheckpointStore:
                 continue
             if tmp is not None or path.name.startswith(".trash_"):
                 shutil.rmtree(path, ignore_errors=True)
-            elif path.name.startswith(f".{LATEST}.part-"):
+            elif is_part_name(path.name, LATEST):
                 path.unlink(missing_ok=True)
             else:
                 continue
@@ -463,7 +404,7 @@ class CheckpointStore:
             os.rename(path, target)
         except FileNotFoundError:
             return None
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         warnings.warn(f"checkpoint {path} moved aside to {target.name}: {reason}", CheckpointWarning, stacklevel=2)
         return target
 
@@ -585,200 +526,32 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {path}: cannot read {name}: {err}") from err
 
 
-# --------------------------------------------------------------------------------------------------- run lock
-
-
-def _boot_id() -> str | None:
-    # Pids and process start ticks restart at boot; a lock from another boot is stale whatever its pid.
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc/<pid>/stat, or None where unavailable."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: the fields after it start at the last ')'.
-    fields = text.rsplit(")", 1)[-1].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    stat = _proc_stat(pid)
-    # A zombie (killed, not yet reaped) or dead process holds nothing.
-    return stat is None or stat[0] not in ("Z", "X")
-
-
-class RunLock:
-    """One run per output directory: `<output_dir>/.lock`, created atomically, holding who owns the directory.
-
-    The lock file is JSON {pid, host, started (UTC ISO time), proc_start (ticks since boot, from /proc), boot_id,
-    token}. A lock whose process is gone on this host (dead, zombie, another boot, or a pid reused by another
-    process, told apart by `proc_start`) is stale and taken over with a warning. A live one, or one written on
-    another host (which cannot be checked from here), is refused with a `CheckpointError` that says how to proceed.
-    Only one process of a run (global rank 0) should hold it. Usable as a context manager; also released at exit.
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The verified checkpoint directory that `path` names.
 
     Args:
-        output_dir: the run's output directory; created when missing.
+        path: a step directory (`.../checkpoints/step_<N>`) or a run output directory (then its newest complete
+            checkpoint, found by `CheckpointStore.find_latest`, which moves corrupt ones aside).
+
+    Raises:
+        CheckpointError: `path` does not exist, is neither kind of directory, holds no complete checkpoint, or the
+            step directory fails its sha256 verification (the message names it and the reason).
     """
-
-    def __init__(self, output_dir: str | Path) -> None:
-        if not isinstance(output_dir, (str, Path)):
-            raise TypeError(f"output_dir must be a str or Path, got {type(output_dir).__name__}")
-        self.output_dir = Path(output_dir).expanduser()
-        self.path = self.output_dir / LOCK_NAME
-        self._token: str | None = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._token is not None
-
-    def _own_record(self) -> dict[str, Any]:
-        stat = _proc_stat(os.getpid())
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "proc_start": None if stat is None else stat[1],
-            "boot_id": _boot_id(),
-            "token": uuid.uuid4().hex,
-        }
-
-    def acquire(self) -> None:
-        """Take the lock, taking over a stale one; a no-op when this object already holds it.
-
-        Raises:
-            CheckpointError: another live run holds it, it was written on another host, or it is unreadable.
-        """
-        if self.held:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        record = self._own_record()
-        for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._clear_if_stale()
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(record, indent=1).encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(self.output_dir)
-            self._token = record["token"]
-            atexit.register(self.release)
-            return
-        raise CheckpointError(f"could not create {self.path}: other processes keep creating and removing it")
-
-    def _read_holder(self) -> tuple[bytes, dict[str, Any]] | None:
-        # O_EXCL creation and the write of the content are two steps: an empty or partial file may be a lock
-        # being written right now, so give its writer a moment before calling it garbage.
-        raw = b""
-        for attempt in range(20):
-            try:
-                raw = self.path.read_bytes()
-            except FileNotFoundError:
-                return None
-            try:
-                holder = json.loads(raw)
-                if isinstance(holder, dict):
-                    return raw, holder
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                pass
-            if attempt < 19:
-                time.sleep(0.05)
-        raise CheckpointError(
-            f"lock file {self.path} is not a lock written by mixmo_dist ({raw[:80]!r}); "
-            f"if no run is using {self.output_dir}, delete {self.path} and start again"
-        )
-
-    def _stale_reason(self, holder: dict[str, Any]) -> str:
-        """Why the lock `holder` is stale; raises CheckpointError when it is (or may be) live."""
-        pid, host, started = holder.get("pid"), holder.get("host"), holder.get("started")
-        if isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(host, str):
-            raise CheckpointError(
-                f"lock file {self.path} has no valid pid/host ({holder!r}); "
-                f"if no run is using {self.output_dir}, delete {self.path} and start again"
-            )
-        who = f"pid {pid} on host {host} since {started}"
-        me = socket.gethostname()
-        if host != me:
-            raise CheckpointError(
-                f"another run ({who}) may be using {self.output_dir}; its lock {self.path} was written on another "
-                f"host and cannot be checked from {me}. If that run has ended, delete {self.path} and start again; "
-                "otherwise wait for it or choose another output directory"
-            )
-        boot = holder.get("boot_id")
-        if boot is not None and _boot_id() is not None and boot != _boot_id():
-            return f"{who} ran before this host rebooted"
-        if not _pid_alive(pid):
-            return f"{who} is no longer running"
-        stat = _proc_stat(pid)
-        proc_start = holder.get("proc_start")
-        if isinstance(proc_start, int) and stat is not None and stat[1] != proc_start:
-            return f"{who} is gone; pid {pid} now belongs to another process"
-        if pid == os.getpid():
-            raise CheckpointError(f"this process already holds {self.path} through another RunLock")
-        raise CheckpointError(
-            f"another run ({who}) is using {self.output_dir}; wait for it to end, stop it (kill {pid}), or choose "
-            f"another output directory. If you are sure it is not running, delete {self.path}"
-        )
-
-    def _clear_if_stale(self) -> None:
-        found = self._read_holder()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    if p.is_dir() and parse_step_dir_name(p.name) is not None:
+        reason = CheckpointStore(p.parent, keep_last=1).verify(p)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {p} is not usable: {reason}")
+        return p
+    root = p / "checkpoints"
+    if p.is_dir() and root.is_dir():
+        found = CheckpointStore(root, keep_last=1).find_latest()
         if found is None:
-            return  # removed meanwhile: try to create it again
-        raw, holder = found
-        reason = self._stale_reason(holder)
-        # Move the stale lock out of the way by rename, then check that what moved is what was judged: between
-        # reading and renaming, a competing process may have taken over and written a live lock.
-        moved = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex}")
-        try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return
-        try:
-            if moved.read_bytes() != raw:
-                try:
-                    os.link(moved, self.path)  # put the live lock back; fails harmlessly if one exists again
-                except FileExistsError:
-                    pass
-                return
-            warnings.warn(f"taking over stale run lock {self.path}: {reason}", CheckpointWarning, stacklevel=4)
-        finally:
-            moved.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        """Remove the lock file if it is still this process's own; safe to call twice."""
-        if self._token is None:
-            return
-        token, self._token = self._token, None
-        atexit.unregister(self.release)
-        try:
-            holder = json.loads(self.path.read_bytes())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return
-        # After a fork the child shares this object but not the lock: the pid check keeps it from removing it.
-        if isinstance(holder, dict) and holder.get("token") == token and holder.get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+            raise CheckpointError(f"run directory {p} holds no complete checkpoint under {root}")
+        return found
+    raise CheckpointError(
+        f"checkpoint {path} is neither a step directory (checkpoints/step_<8 digits>) nor a run output directory "
+        "(one holding checkpoints/)"
+    )

@@ -1,0 +1,212 @@
+"""What a run saves and restores: `CheckpointManager`, the one object the training loop calls to save and resume.
+
+A checkpoint directory (written through `CheckpointStore`, so atomic and sha256-verified) holds:
+
+    model.safetensors     the network's state_dict (rank 0's, after the ranks' buffers were synchronised)
+    trainer.safetensors   the optimizer's tensors (`optimizer/<param index>/<key>`) and the EMA's (`ema/<name>`)
+    state.json            counters (step, ...), the optimizer's non-tensor state and param groups, the scaler, the
+                          shape-defining settings, and what the loop describes (config, plan, schedule, epoch)
+    rank_<r>.json         per rank: its RNG streams, its data position, a fingerprint of its replica
+
+No pickle anywhere: tensors in safetensors, everything else in JSON, so loading never executes code. The manager
+never imports the trainer: the loop hands it the state objects and the collectives it needs (like torchtitan's
+`CheckpointManager(states=...)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mixmo_dist.checkpoint import CheckpointError
+from mixmo_dist.checkpoint.store import CheckpointStore
+
+log = logging.getLogger("mixmo_dist")
+
+# Settings a checkpoint cannot be resumed across: they change tensor shapes, the data position or the RNG streams.
+SHAPE_KEYS = ("arch", "num_members", "num_classes", "rows_per_rank", "world_size", "classes")
+
+
+class Stateful(Protocol):
+    """Anything with a JSON-able (or tensor) `state_dict()` and `load_state_dict(state)`."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def optimizer_tensors(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into safetensors-able tensors and JSON metadata (no pickle)."""
+    tensors, meta_state = {}, {}
+    for idx, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{idx}/{key}"] = value
+            else:
+                meta_state.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": meta_state}
+
+
+def optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    """The optimizer state_dict that `optimizer_tensors` split (the inverse)."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, idx, key = name.split("/", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, extra in meta["state"].items():
+        state.setdefault(int(idx), {}).update(extra)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer's bytes: equal across ranks iff the replicas are bit-identical."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CheckpointManager:
+    """Saves and restores the whole state of a run, on every rank (both methods are collectives).
+
+    Args:
+        store: where checkpoints go.
+        comm: the run's `Collectives` (broadcast, gather, buffer sync, barrier).
+        rank: this process's global rank; rank 0 writes, every rank reads its own `rank_<r>.json`.
+        model: the unwrapped network.
+        optimizer: its optimizer.
+        ema: an EMA with tensor `state_dict()`, or None.
+        scaler: a GradScaler, or None.
+        counters: the loop's counters (`state_dict()` -> {"step": int, ...}), merged into state.json.
+        rank_states: per-rank state objects saved into `rank_<r>.json` under their key (e.g. "rng", "data").
+        shape: the shape-defining settings of this run (`SHAPE_KEYS`); a checkpoint that differs is refused.
+        describe: returns informational entries for state.json (config, plan, epoch, ...); never restored.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        comm,
+        *,
+        rank: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: Stateful | None,
+        scaler: Stateful | None,
+        counters: Stateful,
+        rank_states: Mapping[str, Stateful],
+        shape: Mapping[str, Any],
+        describe: Callable[[], dict],
+    ) -> None:
+        self.store, self.comm, self.rank = store, comm, rank
+        self.model, self.optimizer, self.ema, self.scaler = model, optimizer, ema, scaler
+        self.counters, self.rank_states = counters, dict(rank_states)
+        self.shape, self.describe = dict(shape), describe
+
+    # ------------------------------------------------------------------------------------------------- saving
+
+    def _rank_state(self) -> dict:
+        state = {key: obj.state_dict() for key, obj in self.rank_states.items()}
+        state["param_fingerprint"] = fingerprint(self.model)
+        return state
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current state; returns its directory on rank 0, None elsewhere.
+
+        Raises:
+            RuntimeError: the replicas differ across ranks (a desync worth stopping for: DDP keeps them equal).
+        """
+        self.comm.sync_buffers(self.model)
+        states = self.comm.gather_objects(self._rank_state())
+        prints = {st["param_fingerprint"] for st in states}
+        counters = self.counters.state_dict()
+        if len(prints) > 1:
+            raise RuntimeError(f"model replicas differ across ranks at step {counters['step']}: {sorted(prints)}")
+        path = None
+        if self.rank == 0:
+            path = self._write(counters, states)
+            log.info("saved checkpoint %s", path)
+        self.comm.barrier()
+        return path
+
+    def _write(self, counters: dict, states: list[dict]) -> Path:
+        step = counters["step"]
+        tmp = self.store.begin(step)
+        self.store.write_tensors(tmp, "model.safetensors", self.model.state_dict())
+        tensors, opt_meta = optimizer_tensors(self.optimizer.state_dict())
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        self.store.write_tensors(tmp, "trainer.safetensors", tensors)
+        state = {
+            **self.describe(),
+            **counters,
+            "shape": self.shape,
+            "optimizer": opt_meta,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        self.store.write_json(tmp, "state.json", state)
+        for r, rank_state in enumerate(states):
+            self.store.write_json(tmp, f"rank_{r}.json", rank_state)
+        return self.store.commit(tmp, step)
+
+    # ------------------------------------------------------------------------------------------------ resuming
+
+    def resume(self, policy: str) -> Path | None:
+        """Restore the checkpoint that `policy` (`checkpoint.resume`: auto, never or a path) names, if any.
+
+        Rank 0 resolves it (it may move corrupt checkpoints aside) and tells the others.
+
+        Returns:
+            The checkpoint directory restored from, or None for a fresh start.
+
+        Raises:
+            CheckpointError: an explicit path that does not verify, or a checkpoint of an incompatible run.
+        """
+        path = None
+        if self.rank == 0:
+            self.store.cleanup_tmp()  # leftovers of saves killed mid-write
+            found = self.store.resolve(policy)
+            path = str(found) if found else None
+        path = self.comm.broadcast_object(path)
+        if path is None:
+            return None
+        state = self.store.read_json(path, "state.json")
+        self.check_compatible(state, path)
+        self.model.load_state_dict(self.store.read_tensors(path, "model.safetensors"), strict=True)
+        tensors = self.store.read_tensors(path, "trainer.safetensors")
+        self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.counters.load_state_dict(state)
+        rank_state = self.store.read_json(path, f"rank_{self.rank}.json")
+        # Data before RNG, as the state was captured: restoring a loader must not consume a restored stream.
+        for key in ("data", *sorted(k for k in self.rank_states if k not in ("data", "rng")), "rng"):
+            if key in self.rank_states:
+                self.rank_states[key].load_state_dict(rank_state[key])
+        return Path(path)
+
+    def check_compatible(self, state: dict, path: str | Path) -> None:
+        """Refuse a checkpoint whose shape-defining settings differ from this run's, naming each difference."""
+        saved = state.get("shape", {})
+        diffs = []
+        for key in SHAPE_KEYS:
+            if saved.get(key) != self.shape[key]:
+                shown = (saved.get(key), self.shape[key]) if key != "classes" else ("<list>", "<list>")
+                diffs.append(f"{key}: checkpoint {shown[0]!r} vs now {shown[1]!r}")
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {path}: " + "; ".join(diffs) + ". Resuming needs the same shape-defining "
+                "settings and world size (per-rank data positions and RNG streams cannot be remapped); start a new "
+                "run in another run.output_dir (model.init_from can start it from these weights) or set "
+                "checkpoint.resume=never"
+            )

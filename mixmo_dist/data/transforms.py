@@ -1,0 +1,106 @@
+"""Train and val transforms of one decoded image (Pillow in, uint8 tensor out); every random draw from a generator.
+
+Shape legend: S image side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+TRAIN_CROPS = ("random_resized", "pad_random")
+# RandomResizedCrop's aspect-ratio range and number of tries before its centre-crop fallback (torchvision's).
+_RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_RRC_TRIES = 10
+# CIFAR-style augmentation: zero padding on each side before a random crop of the original size.
+_PAD = 4
+
+
+def random_resized_crop_box(
+    height: int, width: int, min_scale: float, gen: torch.Generator
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (torchvision's sampling rule), drawn from `gen`.
+
+    Area fraction ~ U(min_scale, 1), log aspect ratio ~ U(log 3/4, log 4/3); after 10 boxes that do not fit,
+    a centre crop of the whole image clamped to the ratio range.
+
+    Returns:
+        (top, left, box_height, box_width) in pixels.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(_RRC_RATIO[0]), math.log(_RRC_RATIO[1])
+    for _ in range(_RRC_TRIES):
+        u_2 = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
+        target_area = area * (min_scale + (1.0 - min_scale) * u_2[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_2[1])
+        box_w = round(math.sqrt(target_area * aspect))
+        box_h = round(math.sqrt(target_area / aspect))
+        if 0 < box_w <= width and 0 < box_h <= height:
+            top = int(torch.randint(0, height - box_h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - box_w + 1, (1,), generator=gen))
+            return top, left, box_h, box_w
+    in_ratio = width / height
+    if in_ratio < _RRC_RATIO[0]:
+        box_w, box_h = width, round(width / _RRC_RATIO[0])
+    elif in_ratio > _RRC_RATIO[1]:
+        box_h, box_w = height, round(height * _RRC_RATIO[1])
+    else:
+        box_h, box_w = height, width
+    return (height - box_h) // 2, (width - box_w) // 2, box_h, box_w
+
+
+def _to_uint8_chw(img: Image.Image) -> Tensor:
+    """RGB Pillow image -> uint8 [3,H,W] tensor."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def train_transform(
+    img: Image.Image, *, image_size: int, train_crop: str, min_crop_scale: float, hflip: bool, gen: torch.Generator
+) -> Tensor:
+    """Train augmentation of one RGB image; every random draw comes from `gen`.
+
+    random_resized: RandomResizedCrop(scale=(min_crop_scale, 1)) resized to S x S (bilinear, antialiased).
+    pad_random: resize to S x S, zero-pad 4 px, random S x S crop (CIFAR style).
+    Then a horizontal flip with probability 1/2 when `hflip`.
+
+    Returns:
+        uint8 [3,S,S].
+    """
+    size = (image_size, image_size)
+    if train_crop == "random_resized":
+        top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
+        # Pillow's bilinear filter widens its support when downscaling, i.e. it antialiases.
+        img = img.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h))
+        image_3SS = _to_uint8_chw(img)
+    else:
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        padded_3PP = torch.zeros(3, image_size + 2 * _PAD, image_size + 2 * _PAD, dtype=torch.uint8)
+        padded_3PP[:, _PAD : _PAD + image_size, _PAD : _PAD + image_size] = _to_uint8_chw(img)
+        top, left = torch.randint(0, 2 * _PAD + 1, (2,), generator=gen).tolist()
+        image_3SS = padded_3PP[:, top : top + image_size, left : left + image_size].contiguous()
+    if hflip and bool(torch.rand((), generator=gen) < 0.5):
+        image_3SS = image_3SS.flip(2)
+    return image_3SS
+
+
+def val_transform(img: Image.Image, *, image_size: int, resize_ratio: float) -> Tensor:
+    """Resize the shorter side to round(S / resize_ratio) (bilinear, antialiased), then centre-crop S x S.
+
+    Returns:
+        uint8 [3,S,S].
+    """
+    short = round(image_size / resize_ratio)
+    width, height = img.size
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top = int(round((new_h - image_size) / 2.0))
+    left = int(round((new_w - image_size) / 2.0))
+    return _to_uint8_chw(img.crop((left, top, left + image_size, top + image_size)))

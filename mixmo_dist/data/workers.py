@@ -1,0 +1,200 @@
+"""DataLoader workers of the torch backend: how they start, how they behave, and how a pass of batches reaches the
+device.
+
+Shape legend: B batch rows, S image side.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mixmo_dist.config import DataConfig
+
+from .placement import Placement
+
+# The forkserver imports the datasets' module once, so forking a worker from it is cheap.
+_PRELOAD = ["mixmo_dist.data.torch_loader"]
+_FORKSERVER_LOCK = threading.Lock()
+_forkserver_started = False
+
+
+def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """Stacks worker outputs into (uint8 [B,3,S,S], int64 [B])."""
+    images_B3SS = torch.stack([image for image, _ in items])
+    labels_B = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return images_B3SS, labels_B
+
+
+# Signals a launcher sends to a rank's whole process group: workers must not die of them (see `_worker_init`).
+_GROUP_SIGNALS = (signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of DataLoader workers: a forkserver, started once per process with `_GROUP_SIGNALS` blocked.
+
+    Forking the rank itself is unsafe: by the time workers start it runs other threads (DALI executors, OpenMP
+    pools, gloo/NCCL, pin-memory), and a lock one of them held at the fork stays held forever in the child. A worker
+    that deadlocks that way looks alive, so the DataLoader waits for it forever; it was seen once here, in CI. The
+    forkserver is a fresh single-threaded interpreter that imports this module once (so forking a worker from it
+    is cheap), and every worker is forked from it. It inherits the blocked signal mask through exec, so neither it
+    nor a newly forked worker can be killed by a preemption signal aimed at the rank's process group; the rank
+    itself gets the signal (another of its threads takes it, or the main thread once the mask is restored).
+    """
+    from multiprocessing import forkserver
+
+    global _forkserver_started
+    with _FORKSERVER_LOCK:
+        if not _forkserver_started:
+            multiprocessing.set_forkserver_preload(_PRELOAD)
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+            try:
+                forkserver.ensure_running()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            _forkserver_started = True
+    return multiprocessing.get_context("forkserver")
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Per-worker set-up: one intra-op thread, out of the rank's process group, deaf to preemption signals.
+
+    Workers decode one image at a time: intra-op threads would only fight the other workers for cores. torchrun
+    forwards a preemption signal to each rank's whole process group, and a worker dying of it would crash its rank
+    before the rank can save, so workers leave that group and ignore SIGUSR2/SIGINT. SIGTERM sent to the worker
+    itself still ends it (the DataLoader's shutdown and multiprocessing's exit rely on that), and a worker whose
+    rank dies notices through the DataLoader's parent watchdog (the forkserver exits with the rank).
+    """
+    torch.set_num_threads(1)
+    os.setpgid(0, 0)
+    for sig in (signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
+
+
+class _DeviceNormalizer:
+    """Moves a uint8 batch to the device and normalises it there (4x less host-to-device traffic than float32)."""
+
+    def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float], channels_last: bool):
+        self.device = device
+        self.channels_last = channels_last
+        std_3 = torch.tensor(std, dtype=torch.float32)
+        # x_norm = (x/255 - mean) / std = x * scale - shift
+        self.scale_1311 = (1.0 / (255.0 * std_3)).view(1, 3, 1, 1).to(device)
+        self.shift_1311 = (torch.tensor(mean, dtype=torch.float32) / std_3).view(1, 3, 1, 1).to(device)
+
+    def __call__(self, images_B3SS: Tensor, labels_B: Tensor) -> tuple[Tensor, Tensor]:
+        images = images_B3SS.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.float().mul_(self.scale_1311).sub_(self.shift_1311)
+        return images, labels_B.to(self.device, non_blocking=True)
+
+
+class _Batches:
+    """A batch sampler whose batches are replaced before each pass, so one DataLoader (and its workers) serves all."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class WorkerTimeoutError(RuntimeError):
+    """No batch came from the DataLoader workers within `data.worker_timeout_s`."""
+
+
+# The message DataLoader raises when its `timeout` expires (torch/utils/data/dataloader.py, stable since 1.0).
+_DATALOADER_TIMEOUT = "DataLoader timed out after"
+
+
+def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: bool, timeout_s: float) -> DataLoader:
+    """A DataLoader over explicit batches of keys, set per pass in its `batch_sampler.batches`.
+
+    The plan decides the order, not the DataLoader. Persistent workers are started once and pickle the dataset
+    once (an in-memory CIFAR split included), not at every epoch. With workers, waiting for one batch longer than
+    `timeout_s` (> 0) is an error instead of a hang.
+    """
+    return DataLoader(
+        dataset,
+        batch_sampler=_Batches(),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin,
+        worker_init_fn=_worker_init,
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        persistent_workers=persistent and num_workers > 0,
+        timeout=timeout_s if num_workers > 0 else 0.0,
+        # A private generator: the DataLoader draws a base seed per pass, which must not consume the global RNG.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class Decoder:
+    """Decodes passes of explicit batches of one dataset with worker processes and delivers them to the device.
+
+    Args:
+        dataset: a map-style dataset indexed by the keys in the batches, returning (uint8 [3,S,S], label).
+        cfg: the `data` section: `num_workers` decoding processes (0 decodes in the calling process) and
+            `worker_timeout_s`, the longest wait for one batch before `WorkerTimeoutError` (0 waits forever).
+        place: where batches go (device, layout, normalisation).
+        persistent: keep the workers (and the pickled dataset) from one pass to the next.
+        what: the loader's name in error messages ("train" / "val").
+    """
+
+    def __init__(self, dataset: Dataset, cfg: DataConfig, place: Placement, *, persistent: bool, what: str) -> None:
+        self.dataset = dataset
+        self.num_workers = cfg.num_workers
+        self.persistent = persistent
+        self.timeout_s = float(cfg.worker_timeout_s)
+        self.what = what
+        self.to_device = _DeviceNormalizer(place.device, place.mean, place.std, place.channels_last)
+        self._loader: DataLoader | None = None
+
+    def run(self, batches: list[list[Any]], *, first: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yields the normalised device batches of `batches`; `first` is the index of batches[0] in its pass."""
+        loader = self._loader
+        if loader is None:
+            loader = _make_loader(
+                self.dataset,
+                num_workers=self.num_workers,
+                pin=self.to_device.device.type == "cuda",
+                persistent=self.persistent,
+                timeout_s=self.timeout_s,
+            )
+            if self.persistent:
+                self._loader = loader
+        loader.batch_sampler.batches = batches
+        delivered = 0
+        batches_it = iter(loader)
+        try:
+            for images_B3SS, labels_B in batches_it:
+                delivered += 1
+                yield self.to_device(images_B3SS, labels_B)
+        except RuntimeError as err:
+            if not str(err).startswith(_DATALOADER_TIMEOUT):
+                raise
+        else:
+            return
+        # Timed out. Drop every reference to the DataLoader and its iterator (the caught exception's traceback held
+        # one) so the iterator is collected now: its shutdown terminates the workers, the stuck one included.
+        self._loader = loader = batches_it = None
+        raise WorkerTimeoutError(
+            f"{self.what} loader: no batch from its {self.num_workers} DataLoader workers within "
+            f"data.worker_timeout_s={self.timeout_s:g} s (batch {first + delivered} of the pass); a worker is stuck "
+            "or far too slow (a hung file system, a huge image). The workers were stopped. Raise "
+            "data.worker_timeout_s for slow storage, or set it to 0 to wait forever."
+        )

@@ -1,0 +1,1 @@
+"""Evaluation: paper-grade metrics (exact under DDP), temperature scaling, the evaluation of checkpoints, plots."""

@@ -1,0 +1,197 @@
+"""Weight files in and out of MixMo form.
+
+- `init_from_vanilla(model, path)` (`model.init_from`): starts a MixMo network from a vanilla network of the same
+  arch (an exported or timm safetensors file, a timm `.pth`/`.bin` state_dict, or a 1-member run of ours).
+- `export_folded(loaded, out)`: folds a MixMo network into the plain timm model of the same arch (encoders summed,
+  heads averaged: its logits are the ensemble's mean logits) and writes its state_dict as safetensors with metadata
+  {arch, num_classes, classes, mean, std, source_checkpoint, format: timm}, so `timm.create_model(arch,
+  num_classes=K, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=K))` loads it.
+
+Shape legend: M members, K classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mixmo_dist.checkpoint import CheckpointError
+from mixmo_dist.checkpoint.store import CheckpointStore, resolve_checkpoint
+from mixmo_dist.runtime.files import atomic_path
+
+from .mixmo import MixMoNet
+
+if TYPE_CHECKING:
+    from mixmo_dist.checkpoint.reader import LoadedCheckpoint
+
+log = logging.getLogger("mixmo_dist")
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def export_folded(loaded: LoadedCheckpoint, out: str | os.PathLike[str]) -> dict[str, str]:
+    """Write the folded timm state_dict of `loaded` to the safetensors file `out` (atomically).
+
+    Returns:
+        The metadata stored in the file's header (all values are strings; lists are JSON).
+    """
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the export is a safetensors file, its name must end in .safetensors")
+    metadata = {
+        "format": "timm",
+        "arch": str(loaded.shape["arch"]),
+        "num_classes": str(loaded.shape["num_classes"]),
+        "classes": json.dumps(loaded.classes),
+        "mean": json.dumps(list(loaded.mean)),
+        "std": json.dumps(list(loaded.std)),
+        "source_checkpoint": str(loaded.path.resolve()),
+        "source_step": str(loaded.step),
+        "num_members": str(loaded.shape["num_members"]),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in loaded.model.folded_state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as part:
+        save_file(tensors, str(part), metadata=metadata)
+    return metadata
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    # Training scripts often nest the weights one level down; those two spellings are accepted, nothing else.
+    if isinstance(obj, dict) and len(obj) and not all(isinstance(v, Tensor) for v in obj.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    ):
+        raise ValueError(
+            f"model.init_from={path}: not a state_dict (a dict of name -> tensor, possibly under 'state_dict' or "
+            "'model')"
+        )
+    return obj
+
+
+def _from_run(path: Path, first_conv: str, classifier: str) -> tuple[dict[str, Tensor], str]:
+    """The timm-form state_dict of a 1-member run/step directory, and its arch."""
+    step_dir = resolve_checkpoint(path)
+    store = CheckpointStore(step_dir.parent, keep_last=1)
+    shape = store.read_json(step_dir, "state.json").get("shape", {})
+    if shape.get("num_members") != 1:
+        raise ValueError(
+            f"model.init_from={path}: key num_members is {shape.get('num_members')!r}; a run directory must be a "
+            "1-member (vanilla) run; export a MixMo run with `python -m mixmo_dist.export` and pass the file instead"
+        )
+    state = {}
+    for key, value in store.read_tensors(step_dir, "model.safetensors").items():
+        if key.startswith("core."):
+            state[key[len("core.") :]] = value
+        elif key == "encoders.0.weight":
+            state[f"{first_conv}.weight"] = value
+        elif key.startswith("heads.0."):
+            state[f"{classifier}.{key[len('heads.0.') :]}"] = value
+        else:
+            raise ValueError(f"model.init_from={path}: unexpected key {key!r} in {step_dir}/model.safetensors")
+    return state, str(shape.get("arch"))
+
+
+def load_vanilla_state_dict(path: str | os.PathLike[str], first_conv: str, classifier: str):
+    """Read a vanilla network's weights in timm form.
+
+    Args:
+        path: a `.safetensors` file (timm or exported), a `.pth`/`.pt`/`.bin` state_dict (loaded with
+            `torch.load(weights_only=True)`), or a 1-member run/step directory of ours.
+        first_conv, classifier: the arch's first conv and classifier module names (timm metadata).
+
+    Returns:
+        (state_dict, arch or None when the file does not say).
+
+    Raises:
+        ValueError: unreadable file, unsupported kind, or a run directory with more than one member.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"model.init_from={path}: no such file or directory")
+    if p.is_dir():
+        try:
+            return _from_run(p, first_conv, classifier)
+        except CheckpointError as err:
+            raise ValueError(f"model.init_from={path}: {err}") from None
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                arch = (f.metadata() or {}).get("arch")
+            return load_file(str(p)), arch
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"model.init_from={path}: cannot read safetensors file: {err}") from None
+    if p.suffix in _TORCH_SUFFIXES:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise ValueError(
+                f"model.init_from={path}: cannot load it with torch.load(weights_only=True): {detail}"
+            ) from None
+        return _unwrap_state_dict(obj, p), None
+    raise ValueError(
+        f"model.init_from={path}: unsupported file type {p.suffix!r}; expected .safetensors, "
+        f"{', '.join(_TORCH_SUFFIXES)} or a run directory"
+    )
+
+
+@torch.no_grad()
+def init_from_vanilla(model: MixMoNet, path: str) -> None:
+    """Initialise `model` from a vanilla network of the same arch, in place.
+
+    The core takes the vanilla weights and buffers; every encoder takes the vanilla first conv divided by M, so the
+    summed evaluation path starts equal to the vanilla network; every head takes the vanilla classifier. After it,
+    the eval-mode mean of the member logits equals the vanilla network's logits.
+
+    Raises:
+        ValueError: naming the file and the key, when the arch differs, a key is missing or unexpected, or a tensor
+            shape differs (e.g. another number of classes).
+    """
+    first_w = f"{model.first_conv_name}.weight"
+    cls_w = f"{model.classifier_name}.weight"
+    cls_b = f"{model.classifier_name}.bias"
+    state, arch = load_vanilla_state_dict(path, model.first_conv_name, model.classifier_name)
+    if arch is not None and arch != model.arch:
+        raise ValueError(f"model.init_from={path}: key arch is {arch!r}, the model is {model.arch!r}")
+    core = model.core.state_dict()
+    expected = {k: v.shape for k, v in core.items()}
+    expected[first_w] = model.encoders[0].weight.shape
+    expected[cls_w] = model.heads[0].weight.shape
+    if model.heads[0].bias is not None:
+        expected[cls_b] = model.heads[0].bias.shape
+    for key in sorted(expected):
+        if key not in state:
+            raise ValueError(f"model.init_from={path}: key {key!r} is missing (is it a {model.arch} checkpoint?)")
+        if tuple(state[key].shape) != tuple(expected[key]):
+            raise ValueError(
+                f"model.init_from={path}: key {key!r} has shape {tuple(state[key].shape)}, the {model.arch} with "
+                f"{model.num_classes} classes needs {tuple(expected[key])}"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"model.init_from={path}: unexpected key {unexpected[0]!r} (is it a {model.arch} checkpoint?)")
+    model.core.load_state_dict({k: state[k] for k in core}, strict=True)
+    m = len(model.encoders)
+    for enc in model.encoders:
+        enc.weight.copy_(state[first_w] / m)
+    for head in model.heads:
+        head.weight.copy_(state[cls_w])
+        if head.bias is not None:
+            head.bias.copy_(state[cls_b])
+    log.info("initialised %s (M=%d) from vanilla weights %s", model.arch, m, path)

@@ -1,0 +1,64 @@
+"""The collectives of a run, on top of Accelerate's operations (NCCL on GPU, gloo on CPU).
+
+Every rank must call each method in the same order (they are collectives). With one process they are no-ops that
+return their input, so single-process code pays nothing. Stages that need collectives (the trainer, the checkpoint
+manager, evaluation) receive a `Collectives` instead of reaching for `torch.distributed` themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
+from torch import nn
+
+
+class Collectives:
+    """Collectives over the Accelerator's process group.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator` (or anything with `num_processes` and `wait_for_everyone`).
+    """
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.world_size = accelerator.num_processes
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (any picklable value) on every rank."""
+        if self.world_size == 1:
+            return obj
+        return broadcast_object_list([obj])[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, by global rank, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        return list(gather_object([obj]))
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over ranks (a new tensor)."""
+        return t.clone() if self.world_size == 1 else reduce(t, "max")
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (a new tensor)."""
+        return t.clone() if self.world_size == 1 else reduce(t, "sum")
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise mean over ranks (a new tensor)."""
+        return t.clone() if self.world_size == 1 else reduce(t, "mean")
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BN statistics), in place.
+
+        DDP broadcasts buffers only at the start of a forward (and not at all with `broadcast_buffers=False`), so
+        after a step each rank holds its own statistics; evaluation and checkpoints must see one model.
+        """
+        if self.world_size > 1:
+            for buf in module.buffers():
+                broadcast(buf, from_process=0)
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives."""
+        self.accelerator.wait_for_everyone()

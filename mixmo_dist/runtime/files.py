@@ -1,0 +1,93 @@
+"""The project's one way to write a file atomically, plus the fsync and hashing helpers that durability needs.
+
+A file written through `atomic_path` (or the `write_*_atomic` shortcuts) either exists whole under its final name or
+not at all, whatever moment the process is killed at: the content goes to a hidden temporary file in the same
+directory, is fsynced, and is `os.replace`d onto the name (atomic on POSIX file systems). Every writer of the
+package (checkpoints, run.json, metrics, the resolved config, exports) goes through here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def part_path(path: Path) -> Path:
+    """The hidden temporary name `path` is written under first (unique per writer: pids repeat across hosts)."""
+    return path.with_name(f".{path.name}.part-{uuid.uuid4().hex}")
+
+
+def is_part_name(name: str, of: str) -> bool:
+    """Whether `name` is a temporary file left by a writer of the file called `of`."""
+    return name.startswith(f".{of}.part-")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """Yields a temporary path to write `path`'s content to; on success it is fsynced and renamed onto `path`.
+
+    On any exception (or a kill) the temporary file is removed (or left hidden) and `path` keeps its old content.
+    The parent directory must exist.
+
+    Args:
+        path: the final file.
+        fsync: fsync the content before the rename (off only for files whose loss costs nothing).
+    """
+    path = Path(path)
+    part = part_path(path)
+    try:
+        yield part
+        if fsync:
+            fsync_file(part)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
+    """Write `data` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path, fsync=fsync) as part, open(part, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, fsync: bool = True) -> None:
+    """Write UTF-8 `text` to `path` atomically (see `atomic_path`)."""
+    write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+    """Write `obj` as JSON (plus a final newline) to `path` atomically (see `atomic_path`)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file's content to stable storage."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of a directory durable (a rename or a new name is durable only after this)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks so a multi-GB checkpoint never sits in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,64 @@
+"""The derived sizes of a run: rows per rank, steps, the scaled LR (computed here, logged, never written back)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mixmo_dist.config import Config, ConfigError, DataConfig
+from mixmo_dist.training.optim import scaled_lr
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Derived sizes and lengths of a run (logged in run.json and stored in checkpoints)."""
+
+    world_size: int
+    rows_per_rank: int
+    unique_per_rank: int
+    grad_accum_steps: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: float
+    total_steps: int
+    stop_step: int
+    unique_per_step: int
+    lr: float
+    eval_every_steps: int
+
+
+def rows_per_rank(data_cfg: DataConfig, world_size: int) -> int:
+    """Rows per rank per micro-batch: `data.batch_size`, or `data.global_batch_size / world size`."""
+    if data_cfg.global_batch_size is None:
+        return data_cfg.batch_size
+    if data_cfg.global_batch_size % world_size:
+        raise ConfigError(
+            f"config key data.global_batch_size: {data_cfg.global_batch_size} rows are not divisible by the world "
+            f"size {world_size}"
+        )
+    return data_cfg.global_batch_size // world_size
+
+
+def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Plan:
+    """The plan of a run of `cfg` on `world_size` ranks whose loader yields `micro_batches_per_epoch` per epoch."""
+    rows = rows_per_rank(cfg.data, world_size)
+    reps = cfg.mixmo.batch_repetitions
+    if rows % reps:
+        raise ConfigError(f"config key mixmo.batch_repetitions: {reps} does not divide the {rows} rows per rank")
+    accum = cfg.optim.grad_accum_steps
+    steps_per_epoch = micro_batches_per_epoch / accum
+    total = max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
+    stop = total if cfg.schedule.max_steps is None else min(total, cfg.schedule.max_steps)
+    unique_per_step = rows // reps * world_size * accum
+    return Plan(
+        world_size=world_size,
+        rows_per_rank=rows,
+        unique_per_rank=rows // reps,
+        grad_accum_steps=accum,
+        micro_batches_per_epoch=micro_batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        stop_step=stop,
+        unique_per_step=unique_per_step,
+        lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_reference_batch, unique_per_step),
+        eval_every_steps=max(1, round(cfg.eval.every_n_epochs * steps_per_epoch)),
+    )

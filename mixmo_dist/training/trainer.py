@@ -1,0 +1,447 @@
+"""The training flow: the only module that knows the order of the stages.
+
+loader batch -> member inputs (repetition + shuffles) -> sampled mixing -> model (encoders, mixing, core, heads)
+-> reweighted loss -> agreed step (non-finite skip, stop/save flags) -> optimizer -> metrics / checkpoint.
+
+Shape legend: M members, U unique images per rank per micro-batch, R = U * repetitions rows, K classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mixmo_dist import __version__
+from mixmo_dist.checkpoint.lock import lock_run_dir
+from mixmo_dist.checkpoint.state import CheckpointManager
+from mixmo_dist.checkpoint.store import CheckpointStore
+from mixmo_dist.config import Config, ConfigError, config_to_dict, dump_config
+from mixmo_dist.data import Placement, build_data, timm_mean_std
+from mixmo_dist.evaluation.metrics import EvalAccumulator
+from mixmo_dist.model import build_model
+from mixmo_dist.model.weights import init_from_vanilla
+from mixmo_dist.ops import cut_probability, sample_mixing
+from mixmo_dist.ops.input_cutmix import input_cutmix
+from mixmo_dist.runtime.collectives import Collectives
+from mixmo_dist.runtime.files import write_json_atomic
+from mixmo_dist.runtime.seeds import STREAM_MIXING, RankRNG, rank_seed, seed_everything
+from mixmo_dist.runtime.signals import StopSignal
+from mixmo_dist.training.loss import mixmo_loss, reweight
+from mixmo_dist.training.members import member_inputs
+from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
+from mixmo_dist.training.plan import build_plan, rows_per_rank
+from mixmo_dist.training.reporting import MetricsLog, Progress, metric_columns
+
+log = logging.getLogger("mixmo_dist")
+
+
+def _fault_nan_steps(rank: int) -> set[int]:
+    """Test hook: MIXMO_FAULT_NAN="RANK:STEP[,STEP...]" makes that rank's loss NaN at those steps."""
+    spec = os.environ.get("MIXMO_FAULT_NAN", "")
+    if not spec:
+        return set()
+    who, _, steps = spec.partition(":")
+    return {int(s) for s in steps.split(",") if s} if int(who) == rank else set()
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports back to the loop (tensors stay on the device until logged)."""
+
+    loss: torch.Tensor
+    member_losses: torch.Tensor
+    kappa_mean: torch.Tensor
+    cut: torch.Tensor
+    cut_prob: float
+    lr: float
+    grad_norm: float | None
+    skipped: bool
+    stop: bool
+    save_due: bool
+
+
+class Trainer:
+    """Builds every stage from the config, then `fit()` runs the loop. What must survive a requeue is registered
+    with the `CheckpointManager` in one place (`_build_checkpoints`); the trainer's own share is its counters."""
+
+    def __init__(self, cfg: Config, accelerator):
+        self.cfg, self.acc = cfg, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        self.comm = Collectives(accelerator)
+        self.out = Path(cfg.run.output_dir)
+        self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
+        seed_everything(cfg.run.seed, self.rank)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(rank_seed(cfg.run.seed, self.rank, STREAM_MIXING))
+        self.data = build_data(cfg.data, self._placement())
+        self.plan = build_plan(cfg, self.world, len(self.data.train))
+        self.num_classes = self._num_classes()
+        self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
+        self.raw = accelerator.unwrap_model(self.model)
+        if cfg.model.compile:
+            self.raw.forward_train = torch.compile(self.raw.forward_train)
+        self.schedule = build_schedule(cfg.schedule, self.plan.lr, self.plan.steps_per_epoch, self.plan.total_steps)
+        self.ema = EMA(self.raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.metrics = MetricsLog(self.out, metric_columns(cfg.mixmo.num_members))
+        self.stop_signal = StopSignal()
+        self.step = self.nonfinite_total = self.nonfinite_run = 0
+        self.fault_nan = _fault_nan_steps(self.rank)
+        self.checkpoints = self._build_checkpoints()
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def _placement(self) -> Placement:
+        cfg = self.cfg
+        rows = rows_per_rank(cfg.data, self.world)
+        mean, std = timm_mean_std(cfg.model.arch)
+        return Placement(
+            rank=self.rank,
+            world_size=self.world,
+            seed=cfg.run.seed,
+            device=self.device,
+            unique_per_rank=max(1, rows // cfg.mixmo.batch_repetitions),
+            val_batch_size=cfg.data.val_batch_size or rows,
+            channels_last=cfg.model.channels_last,
+            mean=mean,
+            std=std,
+        )
+
+    def _num_classes(self) -> int:
+        found = len(self.data.classes)
+        wanted = self.cfg.model.num_classes
+        if wanted is not None and wanted != found:
+            raise ConfigError(f"config key model.num_classes: {wanted}, but {self.cfg.data.root} has {found} classes")
+        return found
+
+    def _build_model_and_optimizer(self):
+        cfg = self.cfg
+        model = build_model(cfg.model.arch, cfg.mixmo.num_members, self.num_classes)
+        if cfg.model.init_from:
+            init_from_vanilla(model, cfg.model.init_from)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = model.to(self.device)
+        return model, build_optimizer(model, cfg.optim, self.plan.lr)
+
+    def _build_checkpoints(self) -> CheckpointManager:
+        return CheckpointManager(
+            CheckpointStore(self.out / "checkpoints", self.cfg.checkpoint.keep_last),
+            self.comm,
+            rank=self.rank,
+            model=self.raw,
+            optimizer=self.optimizer,
+            ema=self.ema,
+            scaler=self.acc.scaler,
+            counters=self,
+            rank_states={"rng": RankRNG(self.generator), "data": self.data.train},
+            shape={
+                "arch": self.cfg.model.arch,
+                "num_members": self.cfg.mixmo.num_members,
+                "num_classes": self.num_classes,
+                "rows_per_rank": self.plan.rows_per_rank,
+                "world_size": self.world,
+                "classes": list(self.data.classes),
+            },
+            describe=lambda: {
+                "epoch": self.epoch,
+                "version": __version__,
+                "config": config_to_dict(self.cfg),
+                "schedule": {"step": self.step, "lr": self.schedule(self.step)},
+                "plan": asdict(self.plan),
+            },
+        )
+
+    # -- the trainer's own state (registered as the checkpoint's counters) ------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+
+    @property
+    def epoch(self) -> float:
+        return self.step * self.plan.grad_accum_steps / self.plan.micro_batches_per_epoch
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train until the stop step (or a preemption signal). Returns "completed" or "preempted"."""
+        self.resume()
+        self._write_run_json()
+        self.stop_signal.install()
+        progress = Progress(self.plan.stop_step, self.step, self.cfg.log.progress, self.cfg.log.every_n_steps)
+        batches = self._micro_batches()
+        last_save, last_eval = time.monotonic(), -1
+        window_t0, window_rows = time.monotonic(), 0
+        saved_at = self.step if self.step > 0 else -1
+        try:
+            while self.step < self.plan.stop_step:
+                t0 = time.monotonic()
+                micro = [next(batches) for _ in range(self.plan.grad_accum_steps)]
+                t1 = time.monotonic()
+                due = self.cfg.checkpoint.every_n_minutes is not None and (
+                    time.monotonic() - last_save >= 60 * self.cfg.checkpoint.every_n_minutes
+                )
+                res = self.train_step(micro, save_due=due)
+                t2 = time.monotonic()
+                window_rows += self.plan.rows_per_rank * self.world * self.plan.grad_accum_steps
+                if self.step % self.cfg.log.every_n_steps == 0 or res.stop:
+                    rec = self._train_record(res, window_rows / max(t2 - window_t0, 1e-9), t1 - t0, t2 - t1)
+                    window_t0, window_rows = time.monotonic(), 0
+                    if self.acc.is_main_process:
+                        self.metrics.append(rec)
+                        progress.update(self.step, rec)
+                        self.acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
+                if self.step % self.plan.eval_every_steps == 0:
+                    self._log_val(self.evaluate())
+                    last_eval = self.step
+                every = self.cfg.checkpoint.every_n_steps
+                if res.stop or res.save_due or (every and self.step % every == 0):
+                    self.checkpoints.save()
+                    saved_at, last_save = self.step, time.monotonic()
+                if res.stop:
+                    return self._preempted()
+            if self.cfg.eval.at_end and last_eval != self.step:
+                self._log_val(self.evaluate())
+            if saved_at != self.step:
+                self.checkpoints.save()
+            return "completed"
+        finally:
+            progress.close()
+            self.stop_signal.uninstall()
+
+    def resume(self) -> None:
+        """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
+        path = self.checkpoints.resume(self.cfg.checkpoint.resume)
+        if not self.acc.is_main_process:
+            return
+        dropped = self.metrics.truncate_after(self.step)
+        if path is not None:
+            (self.out / "PREEMPTED").unlink(missing_ok=True)
+            log.info("resumed from step %d (%s); dropped %d metric lines past it", self.step, path, dropped)
+
+    def _micro_batches(self):
+        """Loader batches forever; the loader rolls over to the next epoch by itself."""
+        while True:
+            yield from self.data.train
+
+    def train_step(self, micro: list, *, save_due: bool = False) -> StepResult:
+        """One optimizer step over `grad_accum_steps` micro-batches; every rank takes the same decisions."""
+        cfg = self.cfg
+        cut_prob = cut_probability(self.step / self.plan.total_steps, cfg.mixmo.cut_prob)
+        lr = self.schedule(self.step)
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        sums = torch.zeros(3 + cfg.mixmo.num_members, device=self.device)
+        for i, (images_UCHW, labels_U) in enumerate(micro):
+            last = i == len(micro) - 1
+            with nullcontext() if last else self.acc.no_sync(self.model):
+                loss, member_M, kappa, cut = self._forward_backward(images_UCHW, labels_U, cut_prob, len(micro))
+            sums += torch.cat([loss.detach()[None], member_M.detach(), kappa[None], cut[None]]) / len(micro)
+        local = torch.stack(
+            [
+                (~torch.isfinite(sums[0])).float(),
+                torch.tensor(float(self.stop_signal.received is not None), device=self.device),
+                torch.tensor(float(save_due), device=self.device),
+            ]
+        )
+        bad, stop, due = self.comm.max(local).tolist()  # the one host sync of a step
+        grad_norm = None
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite()
+        else:
+            self.nonfinite_run = 0
+            if cfg.optim.clip_grad_norm or (self.step + 1) % cfg.log.every_n_steps == 0:
+                max_norm = cfg.optim.clip_grad_norm or float("inf")
+                grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.raw)
+        self.step += 1
+        m = cfg.mixmo.num_members
+        return StepResult(
+            sums[0],
+            sums[1 : 1 + m],
+            sums[1 + m],
+            sums[2 + m],
+            cut_prob,
+            lr,
+            grad_norm,
+            bool(bad),
+            bool(stop),
+            bool(due),
+        )
+
+    def _forward_backward(self, images_UCHW, labels_U, cut_prob: float, accum: int):
+        """member inputs -> mixing sample -> model -> reweighted loss -> backward (scaled for accumulation)."""
+        cfg = self.cfg.mixmo
+        x_MRCHW, y_MR = member_inputs(
+            images_UCHW,
+            labels_U,
+            num_members=cfg.num_members,
+            repetitions=cfg.batch_repetitions,
+            input_repetition=cfg.input_repetition,
+            generator=self.generator,
+        )
+        h, w = self.raw.encoder_output_hw(*x_MRCHW.shape[-2:])
+        mix = sample_mixing(
+            x_MRCHW.shape[1],
+            cfg.num_members,
+            h,
+            w,
+            mixing=cfg.mixing,
+            alpha=cfg.alpha,
+            cut_prob=cut_prob,
+            generator=self.generator,
+            device=self.device,
+        )
+        targets = y_MR
+        if cfg.input_cutmix_prob > 0:
+            x_MRCHW, targets = input_cutmix(
+                x_MRCHW, y_MR, mix, self.num_classes, cfg.input_cutmix_prob, self.generator, encoder_hw=(h, w)
+            )
+        with self.acc.autocast():
+            logits_MRK = self.model(x_MRCHW, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
+        weights_MR = reweight(mix.lam_MB, cfg.weight_root)
+        loss, member_M = mixmo_loss(logits_MRK, targets, weights_MR, self.cfg.optim.label_smoothing)
+        if self.step in self.fault_nan:
+            loss = loss * float("nan")
+        self.acc.backward(loss / accum)
+        return loss, member_M, mix.lam_MB.mean(), mix.is_cut.float()
+
+    def _count_nonfinite(self) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        log.warning("step %d: non-finite loss on at least one rank; all ranks skip this step", self.step)
+        limit = self.cfg.optim.max_nonfinite_steps
+        if self.nonfinite_run >= limit:
+            raise RuntimeError(
+                f"{self.nonfinite_run} consecutive non-finite losses (optim.max_nonfinite_steps={limit}) at step "
+                f"{self.step}: lower optim.lr, enable optim.clip_grad_norm, or check the data; the last complete "
+                f"checkpoint in {self.checkpoints.store.root} is intact"
+            )
+
+    def _train_record(self, res: StepResult, rows_per_s: float, data_time: float, compute_time: float) -> dict:
+        m = self.cfg.mixmo.num_members
+        stats = self.comm.mean(torch.cat([res.loss[None], res.member_losses, res.kappa_mean[None], res.cut[None]]))
+        values = stats.tolist()
+        rec = {"split": "train", "step": self.step, "epoch": round(self.epoch, 4), "loss": values[0]}
+        rec.update({f"loss_member_{i}": values[1 + i] for i in range(m)})
+        rec.update(
+            lr=res.lr,
+            img_per_s=rows_per_s,
+            unique_img_per_s=rows_per_s / self.cfg.mixmo.batch_repetitions,
+            data_time=data_time,
+            compute_time=compute_time,
+            kappa_mean=values[1 + m],
+            cut_share=values[2 + m],
+            cut_prob=res.cut_prob,
+            grad_norm=res.grad_norm,
+            nonfinite_skipped=self.nonfinite_total,
+        )
+        return rec
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Exact validation over all ranks (every image once) with the EMA weights when EMA is on."""
+        self.comm.sync_buffers(self.raw)
+        model = self.ema.module if self.ema is not None else self.raw
+        was_training = model.training
+        model.eval()
+        acc = EvalAccumulator(self.cfg.mixmo.num_members, self.num_classes, self.device)
+        for images_BCHW, labels_B in self.data.val:
+            with self.acc.autocast():
+                logits_MBK = model(images_BCHW)
+            acc.update(logits_MBK.float(), labels_B)
+        result = acc.compute(reduce=self.comm.sum if self.world > 1 else None)
+        model.train(was_training)
+        return result
+
+    def _log_val(self, result: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        rec = {"split": "val", "step": self.step, "epoch": round(self.epoch, 4)}
+        rec.update({k: v for k, v in result.items() if k != "reliability"})
+        self.metrics.append(rec)
+        members = " ".join(f"{v:.3f}" for v in result["member_top1"])
+        log.info(
+            "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s",
+            *(self.step, result["top1"], result["top5"], result["nll"], result["ece"], members),
+        )
+        self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
+
+    # -- ending -----------------------------------------------------------------------------------------------
+    def _preempted(self) -> str:
+        if self.acc.is_main_process:
+            write_json_atomic(
+                self.out / "PREEMPTED", {"step": self.step, "signal": self.stop_signal.received, "time": time.time()}
+            )
+            job = os.environ.get("SLURM_JOB_ID")
+            if os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
+                log.info("requeueing SLURM job %s", job)
+                subprocess.run(["scontrol", "requeue", job], check=False)
+        log.warning(
+            "stopped at step %d after %s; the run resumes from its checkpoint",
+            self.step,
+            self.stop_signal.received or "a signal on another rank",
+        )
+        return "preempted"
+
+    def _write_run_json(self) -> None:
+        hosts = self.comm.gather_objects(socket.gethostname())
+        if not self.acc.is_main_process:
+            return
+        dump_config(self.cfg, self.out / "config.yaml")
+        cuda_name = f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda" else ""
+        info = {
+            "world_size": self.world,
+            "hosts": hosts,
+            "device": str(self.device) + cuda_name,
+            "mixed_precision": str(self.acc.mixed_precision),
+            "num_params": sum(p.numel() for p in self.raw.parameters()),
+            "version": __version__,
+            "git_commit": _git_commit(),
+            "backend": self.data.backend,
+            "classes": list(self.data.classes),
+            "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
+            "num_train": self.data.num_train,
+            "num_val": self.data.num_val,
+            "plan": asdict(self.plan),
+            "config": config_to_dict(self.cfg),
+        }
+        write_json_atomic(self.out / "run.json", info)
+        brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
+        log.info("run: %s", json.dumps({k: info[k] for k in brief}))
+        log.info("plan: %s", json.dumps(asdict(self.plan)))
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        self.acc.end_training()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
