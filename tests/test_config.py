@@ -312,7 +312,7 @@ def test_launcher_can_strip_its_own_words_and_forward_the_rest():
 
 
 def test_every_field_has_a_docstring():
-    tree = ast.parse(Path(config_module.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(config_module.schema.__file__).read_text(encoding="utf-8"))
     documented: dict[str, set[str]] = {}
     for node in ast.walk(tree):
         if not isinstance(node, ast.ClassDef):
