@@ -1,18 +1,21 @@
 """Entry point: `accelerate launch -m mixmo_dist.train --config configs/X.yaml [--section.key=value ...]`.
 
-Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here.
+Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here. `--help [SECTION]`
+and `--print-config` print and exit before anything is built (see `mixmo_dist.config.cli`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.config import ConfigError, load_config
-from mixmo_dist.runtime import build_accelerator, die_with_parent
+from mixmo_dist.config.cli import info_text
 
 log = logging.getLogger("mixmo_dist")
+
+PROG = "python -m mixmo_dist.train"
 
 
 def _setup_logging(main_process: bool) -> None:
@@ -30,6 +33,8 @@ def run(argv: list[str]) -> str:
     Raises:
         ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
     """
+    # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
+    from mixmo_dist.runtime import build_accelerator, die_with_parent
     from mixmo_dist.trainer import Trainer
 
     cfg = load_config(argv)
@@ -47,9 +52,43 @@ def run(argv: list[str]) -> str:
         trainer.close()
 
 
+def _is_global_rank_zero() -> bool:
+    # torchrun (under accelerate launch) exports RANK to every rank; a plain `python -m` run has none.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_info(argv: list[str]) -> int | None:
+    """`--help`/`--print-config`: print on global rank 0 only and return the exit status; None for a run.
+
+    Every rank reads the same words, so every rank exits here with the same status, before any process group or
+    Accelerator exists; under `accelerate launch` the text and any error line appear once.
+    """
+    try:
+        text = info_text(argv, prog=PROG)
+    except ConfigError as err:
+        if _is_global_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if text is None:
+        return None
+    if _is_global_rank_zero():
+        try:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `--help | head`: the reader has what it wanted; point stdout at devnull so the exit flush stays quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    info_status = _print_info(argv)
+    if info_status is not None:
+        return info_status
+    from mixmo_dist.checkpoint import CheckpointError  # after the flags: see run()
+
     try:
         status = run(argv)
     except (ConfigError, CheckpointError, ValueError) as err:
