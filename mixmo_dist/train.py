@@ -1,7 +1,7 @@
 """Entry point: `accelerate launch -m mixmo_dist.train --config configs/X.yaml [--section.key=value ...]`.
 
-Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here. `--help [SECTION]`
-and `--print-config` print and exit before anything is built (see `mixmo_dist.config.cli`).
+Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here. `--help [SECTION]`,
+`--print-config` and words the config refuses are answered before anything is built (see `mixmo_dist.config.cli`).
 """
 
 from __future__ import annotations
@@ -57,20 +57,23 @@ def _is_global_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _print_info(argv: list[str]) -> int | None:
-    """`--help`/`--print-config`: print on global rank 0 only and return the exit status; None for a run.
+def _answer_without_training(argv: list[str]) -> int | None:
+    """`--help`, `--print-config` or words the config refuses: print on global rank 0 only and return the exit
+    status; None when `argv` describes a valid run.
 
-    Every rank reads the same words, so every rank exits here with the same status, before any process group or
-    Accelerator exists; under `accelerate launch` the text and any error line appear once.
+    Every rank reads the same words and files, so every rank gets the same answer and exits here, before torch is
+    imported or any process group or Accelerator exists: under `accelerate launch` the text or the error line
+    appears once.
     """
     try:
         text = info_text(argv, prog=PROG)
+        if text is None:
+            load_config(argv)  # run() loads it again; this only refuses bad words early, on every rank alike
+            return None
     except ConfigError as err:
         if _is_global_rank_zero():
             print(f"error: {err}", file=sys.stderr)
         return 2
-    if text is None:
-        return None
     if _is_global_rank_zero():
         try:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -84,7 +87,7 @@ def _print_info(argv: list[str]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
     argv = sys.argv[1:] if argv is None else argv
-    info_status = _print_info(argv)
+    info_status = _answer_without_training(argv)
     if info_status is not None:
         return info_status
     from mixmo_dist.checkpoint import CheckpointError  # after the flags: see run()

@@ -138,6 +138,27 @@ def test_help_under_a_two_process_accelerate_launch_prints_once(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_global_rank_zero_prints_and_every_rank_exits_alike(tmp_path, rank):
+    # torchrun exports RANK to each rank. Under a real launch the agent stops the other ranks as soon as one exits
+    # non-zero, so whether rank 1 would have printed too is a race there: the rank logic is checked here instead.
+    env = train_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2")
+    out = tmp_path / "run"
+    bad = _train("--optim.lrr=0.1", f"--run.output_dir={out}", env=env)
+    assert bad.returncode == 2 and bad.stdout == ""
+    if rank == "0":
+        assert bad.stderr.startswith("error: unknown config key optim.lrr in command-line argument '--optim.lrr=0.1'")
+        assert bad.stderr.endswith("; did you mean optim.lr?\n") and bad.stderr.count("\n") == 1
+    else:
+        assert bad.stderr == ""
+    for words in (["--help"], ["--help", "log"], ["--print-config"]):
+        res = _train(*words, f"--run.output_dir={out}", env=env)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        assert (res.stdout != "") == (rank == "0")
+    assert _train("--help", "nope", env=env).stderr.startswith("error:") == (rank == "0")
+    assert not out.exists()
+
+
 def test_print_config_round_trips_through_config(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("optim:\n  lr: 1e-3\nrun:\n  name: '2024'\n", encoding="utf-8")

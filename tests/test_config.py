@@ -489,7 +489,8 @@ def test_config_md_is_the_generated_reference():
         rows = [line for line in body.splitlines() if line.startswith("| `")]
         assert [row.split("`")[1] for row in rows] == [f.name for f in dataclasses.fields(section_cls)], section
         for row, f in zip(rows, dataclasses.fields(section_cls)):
-            assert row.endswith(f" | {docs[section_cls.__name__, f.name]} |"), row
+            plain = row.replace("&lt;", "<").replace("\\|", "|")  # Markdown escapes of the generator
+            assert plain.endswith(f" | {docs[section_cls.__name__, f.name]} |"), row
     # The entry point that writes the file prints the same text.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run(

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import shutil
 import textwrap
 import typing
@@ -174,7 +175,8 @@ prints the same, `--help SECTION` one section, and `--print-config` the resolved
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    # A `|` would end the cell; `<output_dir>` would be read as an HTML tag and vanish (`x < y` stays as it is).
+    return re.sub(r"<(?=[A-Za-z_/])", "&lt;", text.replace("|", "\\|"))
 
 
 def markdown() -> str:
