@@ -1,6 +1,7 @@
 """Entry point: `accelerate launch -m mixmo_dist.train --config configs/X.yaml [--section.key=value ...]`.
 
-Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here.
+Parses the config, builds the runtime and the Trainer, runs it. No training logic lives here. `--help [SECTION]`,
+`--print-config` and words the config refuses are answered before anything is built (see `mixmo_dist.config.cli`).
 """
 
 from __future__ import annotations
@@ -8,12 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.config import ConfigError, load_config
-from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
-from mixmo_dist.runtime.logs import setup_logging
+from mixmo_dist.config.cli import answer_without_training
 
 log = logging.getLogger("mixmo_dist")
+
+PROG = "python -m mixmo_dist.train"
 
 
 def run(argv: list[str]) -> str:
@@ -22,6 +23,9 @@ def run(argv: list[str]) -> str:
     Raises:
         ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
     """
+    # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
+    from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
+    from mixmo_dist.runtime.logs import setup_logging
     from mixmo_dist.training.trainer import Trainer
 
     cfg = load_config(argv)
@@ -42,6 +46,11 @@ def run(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    info_status = answer_without_training(argv, prog=PROG)
+    if info_status is not None:
+        return info_status
+    from mixmo_dist.checkpoint import CheckpointError  # after the flags: see run()
+
     try:
         status = run(argv)
     except (ConfigError, CheckpointError, ValueError) as err:

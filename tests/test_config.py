@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -171,16 +172,37 @@ def test_coercion_accepts(section, key, raw, expected):
             "data.backend",
             ["valid choices: auto, dali-gpu, dali-cpu, torch, synthetic"],
         ),
-        (["--mixmo.num_members=1"], "mixmo.mixing", ["needs mixmo.num_members >= 2", "requires mixmo.mixing=none"]),
+        (
+            ["--mixmo.num_members=1", "--mixmo.mixing=cut"],
+            "mixmo.mixing",
+            ["needs mixmo.num_members >= 2", "requires mixmo.mixing=none", "mixmo.num_members set on the command line"],
+        ),
         (["--data.image_size=4"], "data.image_size", ["must be >= 8, got 4"]),
         (["--data.val_resize_ratio=1.5"], "data.val_resize_ratio", ["must be in (0, 1]"]),
-        (["--optim.momentum=0"], "optim.nesterov", ["Nesterov needs optim.momentum > 0"]),
+        (["--optim.momentum=0", "--optim.nesterov=yes"], "optim.nesterov", ["Nesterov needs optim.momentum > 0"]),
         (["--optim.ema_decay=1"], "optim.ema_decay", ["in (0, 1) or null"]),
-        (["--schedule.warmup_epochs=6"], "schedule.warmup_epochs", ["in [0, schedule.epochs=6.0)"]),
+        (
+            ["--schedule.warmup_epochs=6"],
+            "schedule.warmup_epochs",
+            ["in [0, schedule.epochs=6.0)", "(set on the command line; schedule.epochs is at its default)"],
+        ),
+        (
+            ["--schedule.warmup_epochs=1", "--schedule.epochs=1"],
+            "schedule.warmup_epochs",
+            ["in [0, schedule.epochs=1.0), got 1.0", "schedule.epochs set on the command line"],
+        ),
+        (["--schedule.warmup_epochs=-1"], "schedule.warmup_epochs", ["must be >= 0"]),
         (["--schedule.milestones=[5, 3]"], "schedule.milestones", ["strictly increasing"]),
         (["--schedule.milestones=[9]"], "schedule.milestones", ["in (0, schedule.epochs=6.0)"]),
-        (["--data.batch_size=63"], "data.batch_size", ["not divisible by mixmo.batch_repetitions=2"]),
+        (
+            ["--data.batch_size=63"],
+            "data.batch_size",
+            ["not divisible by mixmo.batch_repetitions=2", "mixmo.batch_repetitions is at its default"],
+        ),
+        (["--data.batch_size=64", "--mixmo.batch_repetitions=3"], "data.batch_size", ["batch_repetitions=3"]),
+        (["--data.global_batch_size=99"], "data.global_batch_size", ["not divisible by mixmo.batch_repetitions=2"]),
         (["--slurm.signal_delay_s=3600"], "slurm.signal_delay_s", ["60 * slurm.timeout_min=3600"]),
+        (["--slurm.signal_delay_s=120", "--slurm.timeout_min=2"], "slurm.signal_delay_s", ["timeout_min=120)"]),
     ],
 )
 def test_invalid_command_line_names_the_key(argv, key, fragments):
@@ -206,8 +228,8 @@ def test_yaml_errors_name_the_key_and_file(tmp_path):
         match=rf"schedule\.kind: invalid value 'linear'; valid choices: cosine, step \(set in {re.escape(path)}\)",
     ):
         load_config(["--config", path])
-    path = write_yaml(tmp_path, "mixmo:\n  num_members: 1\n")
-    with pytest.raises(ConfigError, match="vanilla baseline"):
+    path = write_yaml(tmp_path, "mixmo:\n  num_members: 1\n  mixing: linear\n")
+    with pytest.raises(ConfigError, match=r"vanilla baseline.*\(set in .*; mixmo.num_members set in .*cfg\.yaml\)"):
         load_config(["--config", path])
     # The command line can fix what the file got wrong.
     assert load_config(["--config", path, "--mixmo.mixing=none"]).mixmo.num_members == 1
@@ -312,7 +334,7 @@ def test_launcher_can_strip_its_own_words_and_forward_the_rest():
 
 
 def test_every_field_has_a_docstring():
-    tree = ast.parse(Path(config_module.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(config_module.schema.__file__).read_text(encoding="utf-8"))
     documented: dict[str, set[str]] = {}
     for node in ast.walk(tree):
         if not isinstance(node, ast.ClassDef):
@@ -349,3 +371,129 @@ def test_entry_point_pattern_prints_one_line_error():
     assert len(lines) == 1 and lines[0].startswith("error: config key optim.lr: expected a float, got 'abc' (str)")
     good = subprocess.run(run + ["--optim.lr", "0.05"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert good.returncode == 0 and good.stdout.strip() == "0.05"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Defaults adapt to the values set; values set are held to every rule; stored configs reload as written.
+# --------------------------------------------------------------------------------------------------------------
+
+# Every rule between keys that has an adaptive side: (the words that set one key, the default that adapts, its value).
+ADAPTIVE = [
+    (["--schedule.epochs=1"], "schedule.warmup_epochs", 0.25),
+    (["--schedule.epochs=0.5"], "schedule.warmup_epochs", 0.125),
+    (["--mixmo.num_members=1"], "mixmo.mixing", "none"),
+    (["--optim.momentum=0"], "optim.nesterov", False),
+    (["--mixmo.batch_repetitions=3"], "data.batch_size", 63),
+    (["--mixmo.batch_repetitions=128"], "data.batch_size", 128),
+    (["--slurm.timeout_min=1"], "slurm.signal_delay_s", 30),
+    (["--slurm.timeout_min=2"], "slurm.signal_delay_s", 60),
+]
+
+
+def _value(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize(("argv", "key", "adapted"), ADAPTIVE)
+def test_a_default_adapts_to_the_values_set_and_is_recorded(tmp_path, argv, key, adapted):
+    cfg = load_config(argv)
+    value = _value(cfg, key)
+    assert value == adapted and type(value) is type(adapted)
+    (change,) = cfg.adaptations
+    assert (change.key, change.value, change.default) == (key, adapted, _value(Config(), key))
+    line = str(change)
+    assert line.startswith(f"{key}={adapted!r} instead of its default ") and "\n" not in line
+    # The key the default had to fit is named in the reason.
+    assert argv[0][2:].split("=")[0] in line
+    # The same value set in a YAML file adapts the same way.
+    section, _, name = argv[0][2:].partition("=")[0].partition(".")
+    path = write_yaml(tmp_path, yaml.safe_dump({section: {name: yaml.safe_load(argv[0].split("=")[1])}}))
+    assert load_config(["--config", path]) == cfg and load_config(["--config", path]).adaptations == cfg.adaptations
+
+
+def test_warmup_adapts_only_where_the_default_conflicts():
+    # Commands that were valid before keep exactly their meaning: a warmup that fits stays 1 epoch.
+    assert load_config(["--schedule.epochs=1.5"]).schedule.warmup_epochs == 1.0
+    assert load_config(["--schedule.epochs=1.5"]).adaptations == ()
+    assert load_config([]).adaptations == () and Config().adaptations == ()
+    # A warmup set by the user is never adapted, only checked.
+    assert load_config(["--schedule.epochs=1", "--schedule.warmup_epochs=0.5"]).schedule.warmup_epochs == 0.5
+    assert load_config(["--schedule.epochs=1", "--schedule.warmup_epochs=0"]).adaptations == ()
+    # Defaults never invent a run length: a warmup or milestones longer than the default epochs are refused.
+    with pytest.raises(ConfigError, match=r"schedule\.milestones: .*schedule\.epochs is at its default"):
+        load_config(["--schedule.kind=step", "--schedule.milestones=[30, 60]"])
+
+
+def test_values_set_in_a_file_are_held_to_the_rules_too():
+    # configs/demo.yaml spells out warmup_epochs: 1.0, so a 1-epoch run over it must set the warmup as well.
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", str(DEMO_YAML), "--schedule.epochs=1"])
+    assert info.value.key == "schedule.warmup_epochs"
+    assert f"(set in {DEMO_YAML}; schedule.epochs set on the command line)" in str(info.value)
+    cfg = load_config(["--config", str(DEMO_YAML), "--schedule.epochs=1", "--schedule.warmup_epochs=0.1"])
+    assert cfg.schedule.warmup_epochs == 0.1 and cfg.adaptations == ()
+
+
+def test_python_callers_get_the_same_rules():
+    assert ScheduleConfig(epochs=1).warmup_epochs == 0.25
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_epochs: must be in \[0, schedule\.epochs=1\.0\)"):
+        ScheduleConfig(epochs=1, warmup_epochs=1)
+    # replace() passes every field: the old warmup counts as set.
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_epochs"):
+        dataclasses.replace(ScheduleConfig(), epochs=1)
+    # A section shared by two configs is never changed in place by a rule that spans sections.
+    data = DataConfig()
+    cfg = Config(data=data, mixmo=MixMoConfig(batch_repetitions=3))
+    assert cfg.data.batch_size == 63 and data.batch_size == 64 and Config(data=data).data is data
+    assert [c.key for c in cfg.adaptations] == ["data.batch_size"]
+
+
+@pytest.mark.parametrize(("argv", "key", "adapted"), ADAPTIVE)
+def test_stored_configs_reload_as_written(tmp_path, argv, key, adapted):
+    cfg = load_config(argv)
+    assert cfg.adaptations
+    # Equality and hashing ignore how a value came to be; copies keep the record.
+    assert pickle.loads(pickle.dumps(cfg)).adaptations == cfg.adaptations
+    # Checkpoints store config_to_dict (every key, the adapted one included) as JSON.
+    stored = json.loads(json.dumps(config_to_dict(cfg)))
+    assert _value(config_from_dict(stored), key) == adapted
+    assert config_from_dict(stored) == cfg and hash(config_from_dict(stored)) == hash(cfg)
+    assert config_from_dict(stored).adaptations == ()  # nothing left at a default
+    # Run directories store dump_config's YAML; --config reloads it, with the record as a comment.
+    path = tmp_path / "run" / "config.yaml"
+    dump_config(cfg, path)
+    text = path.read_text(encoding="utf-8")
+    assert f"# adapted default: {cfg.adaptations[0]}\n" in text
+    assert load_config(["--config", str(path)]) == cfg
+    assert load_config(["--config", str(path)]).adaptations == ()
+    # evaluate/export merge single-key overrides over the stored dict: an unrelated key keeps the rest valid.
+    assert config_from_dict({**stored, "data": {**stored["data"], "root": "elsewhere"}}).data.root == "elsewhere"
+
+
+def test_config_md_is_the_generated_reference():
+    from mixmo_dist.config.reference import MARKDOWN_COMMAND, markdown
+
+    text = (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert text == markdown(), f"docs/CONFIG.md differs from the config dataclasses: run `{MARKDOWN_COMMAND}`"
+    # The generator lists every key of every section, with its docstring.
+    docs = {}
+    for node in ast.walk(ast.parse(Path(config_module.schema.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef):
+            for stmt, nxt in zip(node.body, node.body[1:]):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                    docs[node.name, stmt.target.id] = " ".join(nxt.value.value.split())
+    for section in SECTIONS:
+        section_cls = type(getattr(Config(), section))
+        body = text.split(f"\n## `{section}`\n", 1)[1].split("\n## ", 1)[0]
+        rows = [line for line in body.splitlines() if line.startswith("| `")]
+        assert [row.split("`")[1] for row in rows] == [f.name for f in dataclasses.fields(section_cls)], section
+        for row, f in zip(rows, dataclasses.fields(section_cls)):
+            plain = row.replace("&lt;", "<").replace("\\|", "|")  # Markdown escapes of the generator
+            assert plain.endswith(f" | {docs[section_cls.__name__, f.name]} |"), row
+    # The entry point that writes the file prints the same text.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-m", "mixmo_dist.config", "--markdown"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0 and res.stdout == text, res.stderr

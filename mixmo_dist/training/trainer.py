@@ -424,6 +424,8 @@ class Trainer:
         write_json_atomic(self.out / "run.json", info)
         brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
         log.info("run: %s", json.dumps({k: info[k] for k in brief}))
+        for change in self.cfg.adaptations:
+            log.info("config: %s", change)
         log.info("plan: %s", json.dumps(asdict(self.plan)))
 
     def close(self) -> None:

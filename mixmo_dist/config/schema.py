@@ -1,31 +1,24 @@
-"""Typed run configuration: one frozen dataclass per section, and the only code that reads YAML or argv.
+"""The config schema: one frozen, keyword-only dataclass per section, their coercion and their validation.
 
-A config is built from three layers, later ones winning: the dataclass defaults (the CPU demo), an optional YAML
-file (`--config FILE`, a mapping of sections to mappings of keys) and command-line overrides
-(`--section.key=value` or `--section.key value`). Every layer goes through the same strict path: unknown sections or
-keys, type mismatches and out-of-range values raise `ConfigError`, whose one-line message names the key (and the
-valid choices or keys). Entry points catch `ConfigError`, print `error: <message>` to stderr and exit with status 2.
-
-Sections only hold what the user sets; derived values (per-rank rows, scaled LR, steps per epoch) are computed by
-the builders that use them, never written back here.
+Each field is coerced to its annotation and checked when a section is built. A rule between two keys (warmup vs
+run length, Nesterov vs momentum, ...) holds the values a caller passed; a *default* that breaks it adapts to what
+was passed instead of failing, and the change is recorded (`Config.adaptations`). The loader (loader.py) passes
+exactly the keys set in YAML or on the command line, so those are the "passed" values; a stored config passes every
+key and is therefore held to every rule as written.
 """
 
+import copy
 import dataclasses
-import difflib
 import functools
 import math
-import os
-import tempfile
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
-import yaml
-
 __all__ = [
+    "Adaptation",
     "CheckpointConfig",
     "Config",
     "ConfigError",
@@ -38,12 +31,6 @@ __all__ = [
     "RunConfig",
     "ScheduleConfig",
     "SlurmConfig",
-    "config_from_dict",
-    "config_to_dict",
-    "dump_config",
-    "format_overrides",
-    "load_config",
-    "parse_overrides",
 ]
 
 
@@ -52,15 +39,34 @@ class ConfigError(ValueError):
 
     Attributes:
         key: the `section.key` the error is about, or None when it is about no single key (e.g. a bad file).
+        related: the other `section.key`s of a broken rule between keys (the loader says where each was set).
     """
 
-    def __init__(self, message: str, *, key: str | None = None) -> None:
+    def __init__(self, message: str, *, key: str | None = None, related: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.key = key
+        self.related = related
 
 
-def _fail(key: str, detail: str) -> typing.NoReturn:
-    raise ConfigError(f"config key {key}: {detail}", key=key)
+def _fail(key: str, detail: str, related: tuple[str, ...] = ()) -> typing.NoReturn:
+    raise ConfigError(f"config key {key}: {detail}", key=key, related=related)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """A default that was changed to fit values set by the user (see the module docstring)."""
+
+    key: str
+    """`section.key` of the adapted default."""
+    default: Any
+    """The field's declared default."""
+    value: Any
+    """The value the config holds instead."""
+    reason: str
+    """Why, naming the keys it had to fit."""
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value!r} instead of its default {self.default!r}: {self.reason}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,7 +86,7 @@ class _Mismatch(Exception):
         self.expected = expected
 
 
-def _optional_inner(tp: Any) -> Any | None:
+def optional_inner(tp: Any) -> Any | None:
     """The X of `X | None`, or None when `tp` is not optional."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -90,15 +96,15 @@ def _optional_inner(tp: Any) -> Any | None:
     return None
 
 
-def _is_text_type(tp: Any) -> bool:
+def is_text_type(tp: Any) -> bool:
     """True for str, Literal[str, ...] and their `| None` forms: fields whose command-line text is kept raw."""
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     tp = inner if inner is not None else tp
     return tp is str or typing.get_origin(tp) is Literal
 
 
 def _describe(tp: Any) -> str:
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     if inner is not None:
         return f"{_describe(inner)} or null"
     if typing.get_origin(tp) is Literal:
@@ -192,7 +198,7 @@ def _coerce(value: Any, tp: Any, key: str, label: str | None = None, shown: Any 
     """
     label = label or key
     shown = shown or tp
-    inner = _optional_inner(tp)
+    inner = optional_inner(tp)
     if inner is not None:
         if value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS):
             return None
@@ -219,7 +225,7 @@ def _coerce(value: Any, tp: Any, key: str, label: str | None = None, shown: Any 
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -230,7 +236,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 class _Section:
-    """Base of every section: coerces each field to its annotation, then runs the section's own checks."""
+    """Base of every section: coerces each field to its annotation, then runs the section's own checks.
+
+    Besides its fields, an instance holds `_given` (the names of the keywords its caller passed) and `_adapted`
+    (the Adaptations its rules made); neither takes part in equality, hashing or the stored form.
+    """
 
     _section: ClassVar[str]
     """The section's name in YAML and on the command line (`optim` for `--optim.lr`)."""
@@ -239,18 +249,52 @@ class _Section:
         super().__init_subclass__(**kwargs)
         cls._section = section
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Section":
+        # __new__ sees the caller's keywords, the generated __init__ cannot tell a passed value from a default: the
+        # rules need that difference (a passed value is held to them, a default adapts). Copies and unpickling call
+        # __new__ without keywords, then restore both attributes from the original's __dict__.
+        self = super().__new__(cls)
+        object.__setattr__(self, "_given", frozenset(kwargs))
+        object.__setattr__(self, "_adapted", ())
+        return self
+
     def __post_init__(self) -> None:
-        for name, tp in _field_types(type(self)).items():
+        for name, tp in field_types(type(self)).items():
             # The dataclass is frozen; __post_init__ is the one place allowed to store the coerced value.
             object.__setattr__(self, name, _coerce(getattr(self, name), tp, f"{self._section}.{name}"))
         self._validate()
 
     def _validate(self) -> None:
-        """Range and cross-field checks of the section; raise ConfigError through `_check`."""
+        """Range checks of single keys (`_check`), then rules between keys (`_rule`); raise ConfigError."""
 
     def _check(self, name: str, ok: bool, requirement: str) -> None:
         if not ok:
             _fail(f"{self._section}.{name}", f"must be {requirement}, got {getattr(self, name)!r}")
+
+    def _rule(
+        self,
+        name: str,
+        ok: bool,
+        detail: str,
+        *,
+        related: tuple[str, ...],
+        adapt: Callable[[], Any] | None = None,
+        why: str = "",
+    ) -> None:
+        """A rule between key `name` of this section and the `related` keys (`section.key`); `ok` says it holds.
+
+        When it does not: if `name` was not passed (its default broke the rule) and `adapt` is given, `name` takes
+        `adapt()` and the change is recorded with `why` as its reason; otherwise ConfigError naming `name`, with
+        `detail` as the message.
+        """
+        if ok:
+            return
+        if adapt is None or name in self._given:
+            _fail(f"{self._section}.{name}", detail, related)
+        default = getattr(self, name)
+        object.__setattr__(self, name, adapt())
+        change = Adaptation(f"{self._section}.{name}", default, getattr(self, name), why)
+        object.__setattr__(self, "_adapted", (*self._adapted, change))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,13 +302,14 @@ class RunConfig(_Section, section="run"):
     """Identity and reproducibility of a run."""
 
     name: str = "demo"
-    """Run name, used in logs and as the default SLURM job name."""
+    """Run name, used in logs, as the TensorBoard run name and as the default SLURM job name."""
     output_dir: str = "runs/demo"
     """Directory for the resolved config, metrics, TensorBoard logs and checkpoints/ (created if missing)."""
     seed: int = 0
     """Base seed; every rank derives its own generators from it and its global rank."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """Autocast dtype: auto follows the launcher's --mixed_precision; an explicit value wins over the launcher."""
+    """Autocast dtype: auto follows the launcher's --mixed_precision; an explicit value wins over the launcher. fp16
+    needs CUDA."""
 
     def _validate(self) -> None:
         self._check("name", bool(self.name.strip()), "a non-empty string")
@@ -278,22 +323,25 @@ class DataConfig(_Section, section="data"):
     """Where the images come from, how they are decoded, augmented and batched."""
 
     root: str = "data/demo"
-    """Dataset root holding train/ and val/ class folders (ignored by the synthetic backend)."""
+    """Dataset root holding train/ and val/ class folders (ignored by the synthetic backend); the default is the
+    demo set that `make demo` generates."""
     dataset: Literal["imagefolder", "cifar10", "cifar100", "tinyimagenet"] = "imagefolder"
-    """Dataset layout and normalisation statistics to use."""
+    """Dataset layout and normalisation statistics to use (the limits of each are listed in README.md, Known
+    limitations)."""
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch", "synthetic"] = "auto"
-    """Loader: auto picks dali-gpu on CUDA, dali-cpu without CUDA, torch when DALI is not installed; synthetic
-    generates random tensors (benchmarks)."""
+    """Loader. auto: dali-gpu with CUDA and DALI, dali-cpu with DALI but no CUDA, torch without DALI. synthetic:
+    random tensors (benchmarks and smoke tests)."""
     image_size: int = 32
     """Side of the square training and validation crops, in pixels."""
     val_resize_ratio: float = 0.875
     """Validation resizes the shorter side to image_size / val_resize_ratio, then center-crops image_size."""
     batch_size: int = 64
-    """Rows per rank per step, counting batch repetitions (rows / mixmo.batch_repetitions unique images)."""
+    """Rows per rank per step, counting batch repetitions (rows / mixmo.batch_repetitions unique images); must be a
+    multiple of mixmo.batch_repetitions (left at its default, it is rounded down to one)."""
     global_batch_size: int | None = None
     """Rows per step over all ranks; when set it replaces batch_size (per-rank rows = global / world size)."""
     val_batch_size: int | None = None
-    """Validation images per rank per step; null = batch_size."""
+    """Validation images per rank per step; null = the per-rank rows."""
     num_workers: int = 2
     """Decoding worker processes per rank for the torch backend."""
     worker_timeout_s: float = 600.0
@@ -335,15 +383,18 @@ class ModelConfig(_Section, section="model"):
     """The timm backbone that is converted into a MixMo network."""
 
     arch: str = "resnet18"
-    """timm model name of a ResNet-family backbone (resnet18/50, wide_resnet50_2, resnet50d, ...)."""
+    """timm name of a ResNet-family backbone. Tested: resnet18/34/50/101/152, resnet50d, resnet26t, wide_resnet50_2,
+    resnext50_32x4d, seresnet50, plus the paper's wide_resnet28_10 and preactresnet18_3 (registered by
+    mixmo_dist.model)."""
     num_classes: int | None = None
     """Number of classes K; null = number of class folders (when set it must match the data)."""
     channels_last: bool = True
     """Use the channels_last memory format for activations and weights."""
     compile: bool = False
-    """Wrap the training step in torch.compile."""
+    """Wrap the training forward (MixMoNet.forward_train) in torch.compile."""
     init_from: str | None = None
-    """Path of a vanilla (timm) checkpoint to initialise the backbone from; null = timm's random init."""
+    """Vanilla weights to start the backbone from (an exported file or a 1-member run, see init_from in README.md);
+    null = timm's random initialisation."""
 
     def _validate(self) -> None:
         self._check("arch", bool(self.arch.strip()), "a non-empty timm model name")
@@ -358,11 +409,13 @@ class MixMoConfig(_Section, section="mixmo"):
     num_members: int = 2
     """Number of subnetworks M (encoder + head pairs); 1 with mixing none is the vanilla baseline."""
     mixing: Literal["cut", "linear", "none"] = "cut"
-    """Mixing block in training: cut (Cut-MixMo, rectangles with probability p), linear (Linear-MixMo), none."""
+    """Mixing block in training: cut (Cut-MixMo: rectangles with probability p, else linear), linear
+    (Linear-MixMo), none (fixed 1/M). num_members=1 needs none (left at its default, it becomes none)."""
     alpha: float = 2.0
     """Dirichlet concentration of the mixing ratios kappa; 0 = fixed 1/M (MIMO)."""
     cut_prob: float = 0.5
-    """p0: probability that a batch uses rectangles instead of linear mixing (decays to 0 over the last 1/12)."""
+    """p0: probability that a batch uses rectangles instead of linear mixing; decays linearly to 0 over the last
+    1/12 of training."""
     weight_root: float = 3.0
     """r of the loss weights w_m = M kappa_m^(1/r) / sum_j kappa_j^(1/r); 1 gives w = M kappa."""
     batch_repetitions: int = 2
@@ -380,12 +433,15 @@ class MixMoConfig(_Section, section="mixmo"):
         self._check("batch_repetitions", self.batch_repetitions >= 1, ">= 1")
         self._check("input_repetition", 0 <= self.input_repetition <= 1, "in [0, 1]")
         self._check("input_cutmix_prob", 0 <= self.input_cutmix_prob <= 1, "in [0, 1]")
-        if self.num_members == 1 and self.mixing != "none":
-            _fail(
-                "mixmo.mixing",
-                f"{self.mixing!r} mixing needs mixmo.num_members >= 2, got num_members=1; "
-                "the vanilla baseline (num_members=1) requires mixmo.mixing=none",
-            )
+        self._rule(
+            "mixing",
+            self.num_members >= 2 or self.mixing == "none",
+            f"{self.mixing!r} mixing needs mixmo.num_members >= 2, got num_members=1; "
+            "the vanilla baseline (num_members=1) requires mixmo.mixing=none",
+            related=("mixmo.num_members",),
+            adapt=lambda: "none",
+            why="mixmo.num_members=1 (the vanilla baseline) has nothing to mix",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,15 +449,15 @@ class OptimConfig(_Section, section="optim"):
     """SGD, weight decay, loss options and step-level safety nets."""
 
     lr: float = 0.8
-    """Peak learning rate for lr_reference_batch unique images per step; scaled linearly to the real count."""
+    """Peak LR for lr_reference_batch unique images per step; scaled linearly to the real number of unique images."""
     lr_reference_batch: int = 256
-    """Unique images per step (over all ranks and accumulation steps) for which lr is given."""
+    """Unique images per step (over all ranks and accumulation steps) that lr is given for."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = True
-    """Nesterov momentum (needs momentum > 0)."""
+    """Nesterov momentum; needs momentum > 0 (left at its default with momentum 0, it becomes false)."""
     weight_decay: float = 5e-4
-    """Decoupled-from-loss SGD weight decay coefficient."""
+    """SGD weight decay coefficient (added to the gradient; an L2 loss c * sum(theta^2) equals weight decay 2c)."""
     wd_exclude_norm_bias: bool = True
     """Exclude normalisation layers and biases from weight decay (chosen by module type)."""
     label_smoothing: float = 0.0
@@ -411,9 +467,10 @@ class OptimConfig(_Section, section="optim"):
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value; null = no clipping."""
     ema_decay: float | None = None
-    """Decay of an exponential moving average of the weights, evaluated alongside; null = no EMA."""
+    """Decay of an exponential moving average of the weights; when set, validation uses the EMA weights. null = no
+    EMA."""
     max_nonfinite_steps: int = 5
-    """Abort after this many consecutive steps with a non-finite loss (those steps are skipped)."""
+    """Abort after this many consecutive steps with a non-finite loss (those steps are skipped on every rank)."""
 
     def _validate(self) -> None:
         self._check("lr", self.lr > 0, "> 0")
@@ -426,8 +483,18 @@ class OptimConfig(_Section, section="optim"):
         self._check("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1) or null")
         self._check("max_nonfinite_steps", self.max_nonfinite_steps >= 1, ">= 1")
         # torch.optim.SGD refuses nesterov without momentum only when the optimizer is built; fail at load instead.
-        if self.nesterov and self.momentum == 0:
-            _fail("optim.nesterov", "Nesterov needs optim.momentum > 0; set optim.nesterov=false or a momentum")
+        self._rule(
+            "nesterov",
+            not (self.nesterov and self.momentum == 0),
+            "Nesterov needs optim.momentum > 0; set optim.nesterov=false or a momentum",
+            related=("optim.momentum",),
+            adapt=lambda: False,
+            why="Nesterov needs optim.momentum > 0, and optim.momentum is 0",
+        )
+
+
+_WARMUP_CAP = 0.25
+"""Fraction of schedule.epochs a default warmup_epochs is cut to when it does not fit the run."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,24 +504,40 @@ class ScheduleConfig(_Section, section="schedule"):
     epochs: float = 6.0
     """Training length in epochs (an epoch = every unique image seen batch_repetitions times per member)."""
     warmup_epochs: float = 1.0
-    """Linear warmup from 0 to the peak LR over this many epochs, per step."""
+    """Linear warmup from 0 to the peak LR over this many epochs, per step; must be < epochs (left at its default
+    with epochs <= 1, it becomes epochs / 4)."""
     kind: Literal["cosine", "step"] = "cosine"
     """Decay after warmup: cosine to 0 at the end, or multiply by gamma at each milestone."""
     milestones: tuple[float, ...] = ()
-    """Epochs at which kind=step multiplies the LR by gamma; increasing, each < epochs (a tuple: configs are frozen)."""
+    """Epochs after which kind=step multiplies the LR by gamma; strictly increasing, each < epochs."""
     gamma: float = 0.1
     """Factor applied at each milestone of kind=step."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps even if epochs are not done (the schedule still spans epochs)."""
+    """Stop after this many optimizer steps even if the epochs are not done (the schedule still spans epochs)."""
 
     def _validate(self) -> None:
         self._check("epochs", self.epochs > 0, "> 0")
-        self._check("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, schedule.epochs={self.epochs})")
+        self._check("warmup_epochs", self.warmup_epochs >= 0, ">= 0")
         self._check("gamma", self.gamma > 0, "> 0")
         self._check("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or null")
         ms = self.milestones
-        self._check("milestones", all(0 < m < self.epochs for m in ms), f"in (0, schedule.epochs={self.epochs})")
+        self._check("milestones", all(m > 0 for m in ms), "> 0 each")
         self._check("milestones", all(a < b for a, b in zip(ms, ms[1:])), "strictly increasing")
+        # A run length the user did not choose is never invented to fit a warmup or milestones: those are refused.
+        self._rule(
+            "warmup_epochs",
+            self.warmup_epochs < self.epochs,
+            f"must be in [0, schedule.epochs={self.epochs}), got {self.warmup_epochs!r}",
+            related=("schedule.epochs",),
+            adapt=lambda: self.epochs * _WARMUP_CAP,
+            why=f"the default does not fit in schedule.epochs={self.epochs}; capped to {_WARMUP_CAP:g} x epochs",
+        )
+        self._rule(
+            "milestones",
+            all(m < self.epochs for m in ms),
+            f"must be in (0, schedule.epochs={self.epochs}), got {ms!r}",
+            related=("schedule.epochs",),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -464,11 +547,12 @@ class CheckpointConfig(_Section, section="checkpoint"):
     every_n_steps: int | None = None
     """Save every this many optimizer steps; null = not by step count."""
     every_n_minutes: float | None = 30.0
-    """Save when this many minutes passed since the last save; null = not by time."""
+    """Save when this many minutes have passed since the last save (agreed by all ranks); null = not by time."""
     keep_last: int = 3
-    """Number of complete checkpoints kept; older ones are deleted after a new one is complete."""
+    """Number of complete checkpoints kept; older ones are deleted once a new one is complete."""
     resume: str = "auto"
-    """auto = resume from output_dir's latest complete checkpoint if any; never = start fresh; else a step dir."""
+    """auto = resume from the newest complete checkpoint in output_dir, if any; never = start fresh; otherwise a
+    step_<N> directory to resume from."""
 
     def _validate(self) -> None:
         self._check("every_n_steps", self.every_n_steps is None or self.every_n_steps >= 1, ">= 1 or null")
@@ -484,9 +568,10 @@ class LogConfig(_Section, section="log"):
     every_n_steps: int = 10
     """Log loss, LR and throughput every this many optimizer steps."""
     tensorboard: bool = False
-    """Also write TensorBoard event files under output_dir."""
+    """Also write TensorBoard event files, to <output_dir>/<run.name>/. Needs the tensorboard package (in the venv
+    and the Docker image); refused with an error where it is missing."""
     progress: Literal["auto", "bar", "lines"] = "auto"
-    """Console progress: a bar on a terminal, plain lines otherwise (auto), or forced."""
+    """Console progress: a bar on a terminal, plain log lines otherwise (auto), or forced."""
 
     def _validate(self) -> None:
         self._check("every_n_steps", self.every_n_steps >= 1, ">= 1")
@@ -497,7 +582,7 @@ class EvalConfig(_Section, section="eval"):
     """Validation during training."""
 
     every_n_epochs: float = 1.0
-    """Evaluate on the validation split every this many epochs (fractions allowed)."""
+    """Evaluate on the validation split every this many epochs (fractions allowed; rounded to whole steps)."""
     at_end: bool = True
     """Evaluate once more after the last step."""
 
@@ -507,12 +592,12 @@ class EvalConfig(_Section, section="eval"):
 
 @dataclass(frozen=True, kw_only=True)
 class SlurmConfig(_Section, section="slurm"):
-    """Job resources for the SLURM/submitit launchers (the trainer itself ignores this section)."""
+    """Job resources, read by `python -m mixmo_dist.submit` (submitit); the trainer and `sbatch` ignore them."""
 
     nodes: int = 1
     """Number of nodes."""
     gpus_per_node: int = 0
-    """GPUs requested per node (0 = CPU job)."""
+    """GPUs requested per node (0 = a CPU job with no GPU request)."""
     tasks_per_node: int | None = None
     """Tasks per node; null = max(1, gpus_per_node)."""
     cpus_per_task: int = 8
@@ -530,9 +615,10 @@ class SlurmConfig(_Section, section="slurm"):
     timeout_min: int = 60
     """Time limit of one job in minutes; longer trainings requeue."""
     signal_delay_s: int = 120
-    """Seconds before the time limit at which the job is signalled to checkpoint and requeue."""
+    """Seconds before the time limit at which the job is signalled to checkpoint and requeue; must be < 60 *
+    timeout_min (left at its default with timeout_min <= 2, it becomes half the time limit)."""
     max_requeues: int = 20
-    """Maximum number of automatic requeues (timeouts and preemptions)."""
+    """submitit's limit on requeues after timeouts (preemptions are not counted)."""
     job_name: str | None = None
     """SLURM job name; null = run.name."""
 
@@ -544,17 +630,28 @@ class SlurmConfig(_Section, section="slurm"):
         self._check("mem_gb", self.mem_gb is None or self.mem_gb >= 1, ">= 1 or null")
         self._check("timeout_min", self.timeout_min >= 1, ">= 1")
         self._check("max_requeues", self.max_requeues >= 0, ">= 0")
-        # A signal at or before the job's start would leave no time to train.
-        limit_s = 60 * self.timeout_min
-        self._check("signal_delay_s", 0 <= self.signal_delay_s < limit_s, f"in [0, 60 * slurm.timeout_min={limit_s})")
+        self._check("signal_delay_s", self.signal_delay_s >= 0, ">= 0")
         for name in ("partition", "account", "qos", "constraint", "job_name"):
             value = getattr(self, name)
             self._check(name, value is None or bool(value.strip()), "a non-empty string or null")
+        # A signal at or before the job's start would leave no time to train.
+        limit_s = 60 * self.timeout_min
+        self._rule(
+            "signal_delay_s",
+            self.signal_delay_s < limit_s,
+            f"must be in [0, 60 * slurm.timeout_min={limit_s}), got {self.signal_delay_s!r}",
+            related=("slurm.timeout_min",),
+            adapt=lambda: limit_s // 2,
+            why=f"the default does not fit in the {limit_s} s time limit (slurm.timeout_min); set to half of it",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The whole run configuration: one field per section; defaults reproduce the CPU demo."""
+    """The whole run configuration: one field per section; defaults reproduce the CPU demo.
+
+    `adaptations` lists the defaults that were changed to fit values the caller set (see the module docstring).
+    """
 
     run: RunConfig = field(default_factory=RunConfig)
     """Identity and reproducibility."""
@@ -575,256 +672,45 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation during training."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    """SLURM resources (read by the launchers only)."""
+    """SLURM resources (read by python -m mixmo_dist.submit only)."""
 
     def __post_init__(self) -> None:
-        for name, section_cls in _field_types(Config).items():
+        for name, section_cls in field_types(Config).items():
             value = getattr(self, name)
             if not isinstance(value, section_cls):
                 raise ConfigError(
                     f"config section {name}: expected a {section_cls.__name__}, got {type(value).__name__}", key=name
                 )
-        # Checks that span sections; the world size is unknown here, so per-rank checks of
-        # global_batch_size belong to the data builder.
+        # Rules that span sections. A section may be shared by several Configs: adapt a copy, never the original.
+        # The world size is unknown here, so per-rank checks of global_batch_size belong to the data builder.
         reps = self.mixmo.batch_repetitions
-        if self.data.global_batch_size is None and self.data.batch_size % reps:
-            _fail(
-                "data.batch_size",
-                f"{self.data.batch_size} rows per rank is not divisible by mixmo.batch_repetitions={reps} "
-                "(each unique image fills batch_repetitions rows)",
-            )
-        if self.data.global_batch_size is not None and self.data.global_batch_size % reps:
-            _fail(
-                "data.global_batch_size",
-                f"{self.data.global_batch_size} rows is not divisible by mixmo.batch_repetitions={reps}",
-            )
-
-
-def _sections() -> dict[str, type]:
-    return _field_types(Config)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Dicts, YAML and the command line.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _suggest(word: str, candidates: Sequence[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{close[0]}?" if close else ""
-
-
-def _check_section(section: Any, where: str) -> type:
-    sections = _sections()
-    if not isinstance(section, str) or section not in sections:
-        raise ConfigError(
-            f"unknown config section {section!r}{where}; valid sections: {', '.join(sections)}"
-            + _suggest(str(section), list(sections)),
-            key=str(section),
+        data = copy.copy(self.data)
+        data._rule(
+            "batch_size",
+            data.global_batch_size is not None or data.batch_size % reps == 0,
+            f"{data.batch_size} rows per rank is not divisible by mixmo.batch_repetitions={reps} "
+            "(each unique image fills batch_repetitions rows)",
+            related=("mixmo.batch_repetitions",),
+            adapt=lambda: max(reps, data.batch_size // reps * reps),
+            why=f"the default is not a multiple of mixmo.batch_repetitions={reps}; rounded down to one",
         )
-    return sections[section]
-
-
-def _check_key(section: str, key: Any, where: str) -> Any:
-    """The annotation of `section.key`, or ConfigError listing the section's keys and the closest one."""
-    types_by_key = _field_types(_sections()[section])
-    if not isinstance(key, str) or key not in types_by_key:
-        raise ConfigError(
-            f"unknown config key {section}.{key}{where}; valid keys of {section}: {', '.join(types_by_key)}"
-            + _suggest(str(key), list(types_by_key), f"{section}."),
-            key=f"{section}.{key}",
+        data._rule(
+            "global_batch_size",
+            data.global_batch_size is None or data.global_batch_size % reps == 0,
+            f"{data.global_batch_size} rows is not divisible by mixmo.batch_repetitions={reps}",
+            related=("mixmo.batch_repetitions",),
         )
-    return types_by_key[key]
+        if data.batch_size != self.data.batch_size:
+            object.__setattr__(self, "data", data)
+        changes = tuple(change for name in field_types(Config) for change in getattr(self, name)._adapted)
+        object.__setattr__(self, "_adaptations", changes)
+
+    @property
+    def adaptations(self) -> tuple[Adaptation, ...]:
+        """The defaults changed to fit the values set (in section order); empty for a config stored in full."""
+        return self._adaptations
 
 
-def _build(d: Any, origins: Mapping[str, str]) -> Config:
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"a config must be a mapping of sections to mappings of keys, got {type(d).__name__}")
-    sections = {}
-    try:
-        for name, values in d.items():
-            section_cls = _check_section(name, "")
-            if values is None:  # `eval:` with nothing under it in YAML
-                values = {}
-            if not isinstance(values, Mapping):
-                raise ConfigError(
-                    f"config section {name} must be a mapping of keys, got {values!r} ({type(values).__name__})",
-                    key=name,
-                )
-            for key in values:
-                _check_key(name, key, "")
-            sections[name] = section_cls(**values)
-        return Config(**sections)
-    except ConfigError as err:
-        # A section-level origin only explains section-level errors: a key left at its default was not "set in" it.
-        origin = origins.get(err.key or "")
-        if origin is None:
-            raise
-        raise ConfigError(f"{err} (set {origin})", key=err.key) from None
-
-
-def config_from_dict(d: Mapping[str, Mapping[str, Any]]) -> Config:
-    """Build a Config from a plain `{section: {key: value}}` dict (e.g. the one stored in a checkpoint).
-
-    Strict: unknown sections or keys, wrong types and invalid values raise ConfigError. Missing sections and keys
-    take their defaults. Values are coerced like YAML values (`'1e-4'` becomes 1e-4).
-    """
-    return _build(d, {})
-
-
-def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The plain `{section: {key: value}}` form of `cfg` (lists, not tuples), ready for JSON or YAML."""
-    if not isinstance(cfg, Config):
-        raise TypeError(f"config_to_dict expects a Config, got {type(cfg).__name__}")
-    return {
-        name: {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
-        for name, section in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
-    }
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    """Write `cfg` as YAML to `path` atomically (temporary file + rename); `--config path` reloads it exactly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "# Resolved mixmo_dist config; reload with --config " + path.name + "\n"
-    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_yaml(path: str) -> Any:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
-    if data is None:  # an empty file means "all defaults"
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of sections ({', '.join(_sections())}), got {type(data).__name__}"
-        )
-    return data
-
-
-def _parse_value(text: str, tp: Any) -> Any:
-    # Text fields keep the literal text: YAML would turn `--run.name=2024` into an int and
-    # `--run.mixed_precision=no` into False. Everything else is parsed as YAML, so `[30,60]`, `null` and `1e-4` work.
-    if _is_text_type(tp):
-        return text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        # Not YAML: hand the raw text to the strict coercion, which reports it against the field's type.
-        return text
-
-
-def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """Split a command line into the config file and the `--section.key` overrides.
-
-    Accepts `--config FILE`, `--config=FILE`, `--section.key=value` and `--section.key value`; a repeated key or
-    `--config` keeps the last value. Section and key names are checked (ConfigError with a suggestion); values are
-    parsed as YAML except for text fields, and are coerced and validated only when the Config is built.
-
-    Any other word raises ConfigError, so a launcher with flags of its own removes them first (e.g. argparse's
-    `parse_known_args`), and can drop a section from what it forwards to the job with
-    `overrides.pop("slurm", None)` followed by `format_overrides(config_path, overrides)`.
-
-    Args:
-        argv: the words after the module name.
-
-    Returns:
-        (config_path or None, {section: {key: value}}) in command-line order.
-    """
-    if isinstance(argv, str) or not isinstance(argv, Sequence):
-        raise TypeError(f"argv must be a list of strings, got {type(argv).__name__}")
-    config_path: str | None = None
-    overrides: dict[str, dict[str, Any]] = {}
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if not isinstance(word, str):
-            raise TypeError(f"argv must be a list of strings, got {word!r} ({type(word).__name__}) at position {i}")
-        name, has_value, text = word[2:].partition("=") if word.startswith("--") else ("", False, "")
-        if not word.startswith("--") or (name != "config" and "." not in name):
-            raise ConfigError(
-                f"unexpected command-line argument {word!r}; expected --config FILE or --section.key=value "
-                f"(sections: {', '.join(_sections())})"
-            )
-        if not has_value:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError(f"command-line argument {word} needs a value ({word}=VALUE or {word} VALUE)")
-            text = argv[i + 1]
-            i += 1
-        i += 1
-        if name == "config":
-            if not text:
-                raise ConfigError("command-line argument --config needs a file path")
-            config_path = text
-            continue
-        section, _, key = name.partition(".")
-        where = f" in command-line argument {word!r}"
-        _check_section(section, where)
-        tp = _check_key(section, key, where)
-        overrides.setdefault(section, {})[key] = _parse_value(text, tp)
-    return config_path, overrides
-
-
-def format_overrides(config_path: str | None, overrides: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The inverse of `parse_overrides`: argv words that parse back to the same path and overrides."""
-    argv = [] if config_path is None else ["--config", str(config_path)]
-    for section, values in overrides.items():
-        _check_section(section, "")
-        for key, value in values.items():
-            tp = _check_key(section, key, "")
-            if _is_text_type(tp) and isinstance(value, str):
-                text = value
-            else:
-                # A one-element flow list makes PyYAML quote exactly what would otherwise change type on reload.
-                text = yaml.safe_dump([_plain(value)], default_flow_style=True, width=2**31).strip()[1:-1]
-            argv.append(f"--{section}.{key}={text}")
-    return argv
-
-
-def load_config(argv: Sequence[str]) -> Config:
-    """Resolve the run configuration: defaults < YAML file (`--config`) < command-line overrides.
-
-    Args:
-        argv: the words after the module name, e.g. `["--config", "configs/x.yaml", "--optim.lr=0.2"]`; without
-            `--config` the defaults (the CPU demo) are the base.
-
-    Raises:
-        ConfigError: unknown section/key/argument, unreadable file, wrong type or invalid value; the message names
-            the key and where it was set.
-    """
-    config_path, overrides = parse_overrides(argv)
-    merged: dict[Any, dict[Any, Any]] = {}
-    origins: dict[str, str] = {}
-    if config_path is not None:
-        for section, values in _read_yaml(config_path).items():
-            merged[section] = dict(values) if isinstance(values, Mapping) else values
-            origins[str(section)] = f"in {config_path}"
-            if isinstance(values, Mapping):
-                origins.update({f"{section}.{key}": f"in {config_path}" for key in values})
-    for section, values in overrides.items():
-        if merged.get(section) is None:
-            merged[section] = {}
-        if isinstance(merged[section], dict):  # a non-mapping section stays as is, so _build reports it
-            merged[section].update(values)
-        origins.update({f"{section}.{key}": "on the command line" for key in values})
-    return _build(merged, origins)
+def section_classes() -> dict[str, type]:
+    """`{section name: section class}` in the order of Config's fields."""
+    return field_types(Config)
