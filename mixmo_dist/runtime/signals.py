@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
 log = logging.getLogger("mixmo_dist")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> bool:
+    """Ask the kernel to SIGKILL this process when `parent` (its current parent process) dies.
+
+    Linux's PR_SET_PDEATHSIG: the signal comes when the thread that created this process exits, so `parent` must
+    have created it from a thread that lives as long as the process (its main thread). If `parent` is already gone
+    (this process was re-parented before the call took effect), exit at once.
+
+    Returns:
+        False where the kernel call is unavailable (not Linux); the caller decides whether that matters.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os._exit(1)
+    return True
 
 
 @dataclass
