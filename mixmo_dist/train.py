@@ -18,7 +18,7 @@ PROG = "python -m mixmo_dist.train"
 
 
 def run(argv: list[str]) -> str:
-    """Train with the config that `argv` describes. Returns "completed" or "preempted".
+    """Train with the config that `argv` describes. Returns "completed", "preempted" or "interrupted".
 
     Raises:
         ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
@@ -43,8 +43,13 @@ def run(argv: list[str]) -> str:
         trainer.close()
 
 
+# Exit status of a run stopped by Ctrl-C after saving (the shell's convention for SIGINT: 128 + 2).
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
+    """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0 (it is
+    requeued); a run stopped by Ctrl-C saves and exits 130, and a second Ctrl-C exits 130 at once."""
     argv = sys.argv[1:] if argv is None else argv
     info_status = answer_without_training(argv, prog=PROG)
     if info_status is not None:
@@ -56,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped without saving; the run resumes from its last complete checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     log.info("run %s", status)
-    return 0
+    return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
 if __name__ == "__main__":

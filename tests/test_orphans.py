@@ -52,6 +52,10 @@ def _train_rows(out: Path) -> int:
     return path.read_text().count('"split": "train"') if path.exists() else 0
 
 
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
 def _is_trainer(pid: int) -> bool:
     try:
         return b"mixmo_dist.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -114,7 +118,9 @@ def test_nothing_outlives_a_sigkill(tiny_data, tmp_path, nproc, victim):
                 break
             time.sleep(0.2)
         assert not left, f"after {GONE_WITHIN_S:.0f} s these processes of the run are still alive: " + "; ".join(
-            f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:120]!r}" for pid in left if Path(f"/proc/{pid}").exists()
+            f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:120]!r}"
+            for pid in left
+            if Path(f"/proc/{pid}").exists()
         )
     finally:
         _kill_all(tagged(tag))

@@ -134,19 +134,18 @@ class TorchTrainLoader(EpochPlan):
 
     def epoch_keys(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """This rank's batches of `epoch` as lists of (epoch, position, dataset index) keys."""
-        order = self.global_order(epoch)
         positions_SU = self.rank_positions()
-        indices_SU = order[positions_SU]
+        indices_SU = self.global_order(epoch)[positions_SU]
         return [
             [(epoch, pos, idx) for pos, idx in zip(pos_row, idx_row)]
             for pos_row, idx_row in zip(positions_SU.tolist(), indices_SU.tolist())
         ]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch, start = self._begin_pass()
+        epoch, start = self.begin_pass()
         # Skipping happens here, on keys: batches before `start` are never decoded.
         for batch in self._decoder.run(self.epoch_keys(epoch)[start:], first=start):
-            self._batch += 1
+            self.advance()
             yield batch
 
 

@@ -33,8 +33,8 @@ from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
 from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.files import write_json_atomic
-from mixmo_dist.runtime.seeds import STREAM_MIXING, RankRNG, rank_seed, seed_everything
-from mixmo_dist.runtime.signals import StopSignal
+from mixmo_dist.runtime.seeds import RankRNG, seed_rank
+from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
@@ -65,7 +65,7 @@ class StepResult:
     lr: float
     grad_norm: float | None
     skipped: bool
-    stop: bool
+    stop: float  # NO_STOP, PREEMPT or INTERRUPT (runtime/signals.py), agreed by all ranks
     save_due: bool
 
 
@@ -80,9 +80,8 @@ class Trainer:
         self.comm = Collectives(accelerator)
         self.out = Path(cfg.run.output_dir)
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
-        seed_everything(cfg.run.seed, self.rank)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(rank_seed(cfg.run.seed, self.rank, STREAM_MIXING))
+        seed_rank(cfg.run.seed, self.rank, self.generator)
         self.data = build_data(cfg.data, self._placement())
         self.plan = build_plan(cfg, self.world, len(self.data.train))
         self.num_classes = self._num_classes()
@@ -133,6 +132,7 @@ class Trainer:
         return model, build_optimizer(model, cfg.optim, self.plan.lr)
 
     def _build_checkpoints(self) -> CheckpointManager:
+        rng = RankRNG(self.generator, seed=self.cfg.run.seed, rank=self.rank)
         return CheckpointManager(
             CheckpointStore(self.out / "checkpoints", self.cfg.checkpoint.keep_last),
             self.comm,
@@ -142,7 +142,7 @@ class Trainer:
             ema=self.ema,
             scaler=self.acc.scaler,
             counters=self,
-            rank_states={"rng": RankRNG(self.generator), "data": self.data.train},
+            rank_states={"rng": rng, "data": self.data.train},
             shape={
                 "arch": self.cfg.model.arch,
                 "num_members": self.cfg.mixmo.num_members,
@@ -158,6 +158,7 @@ class Trainer:
                 "schedule": {"step": self.step, "lr": self.schedule(self.step)},
                 "plan": asdict(self.plan),
             },
+            elastic=self.cfg.data.global_batch_size is not None,
         )
 
     # -- the trainer's own state (registered as the checkpoint's counters) ------------------------------------
@@ -174,7 +175,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train until the stop step (or a preemption signal). Returns "completed" or "preempted"."""
+        """Train until the stop step or a signal. Returns "completed", "preempted" (SIGUSR2/SIGTERM: requeue) or
+        "interrupted" (Ctrl-C: the checkpoint is saved, nothing is requeued)."""
         self.resume()
         self._write_run_json()
         self.stop_signal.install()
@@ -209,7 +211,7 @@ class Trainer:
                     self.checkpoints.save()
                     saved_at, last_save = self.step, time.monotonic()
                 if res.stop:
-                    return self._preempted()
+                    return self._stopped(res.stop)
             if self.cfg.eval.at_end and last_eval != self.step:
                 self._log_val(self.evaluate())
             if saved_at != self.step:
@@ -250,7 +252,7 @@ class Trainer:
         local = torch.stack(
             [
                 (~torch.isfinite(sums[0])).float(),
-                torch.tensor(float(self.stop_signal.received is not None), device=self.device),
+                torch.tensor(self.stop_signal.flag, device=self.device),
                 torch.tensor(float(save_due), device=self.device),
             ]
         )
@@ -279,7 +281,7 @@ class Trainer:
             lr,
             grad_norm,
             bool(bad),
-            bool(stop),
+            stop,
             bool(due),
         )
 
@@ -383,13 +385,13 @@ class Trainer:
         self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
 
     # -- ending -----------------------------------------------------------------------------------------------
-    def _preempted(self) -> str:
+    def _stopped(self, how: float) -> str:
+        status = "interrupted" if how == INTERRUPT else "preempted"
         if self.acc.is_main_process:
-            write_json_atomic(
-                self.out / "PREEMPTED", {"step": self.step, "signal": self.stop_signal.received, "time": time.time()}
-            )
+            signal_name = self.stop_signal.received
+            write_json_atomic(self.out / "PREEMPTED", {"step": self.step, "signal": signal_name, "time": time.time()})
             job = os.environ.get("SLURM_JOB_ID")
-            if os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
+            if status == "preempted" and os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
                 log.info("requeueing SLURM job %s", job)
                 subprocess.run(["scontrol", "requeue", job], check=False)
         log.warning(
@@ -397,7 +399,7 @@ class Trainer:
             self.step,
             self.stop_signal.received or "a signal on another rank",
         )
-        return "preempted"
+        return status
 
     def _write_run_json(self) -> None:
         hosts = self.comm.gather_objects(socket.gethostname())
