@@ -8,6 +8,8 @@
 #   scripts/slurm_cluster.sh status   daemons, network and `sinfo`; exit 0 only if every node is usable
 #   scripts/slurm_cluster.sh env      print `export SLURM_CONF=...` (use: eval "$(scripts/slurm_cluster.sh env)")
 #   scripts/slurm_cluster.sh nodes    one line per node: NAME NETNS ADDRESS (for tests that inspect a node)
+#   scripts/slurm_cluster.sh check-stopped  exit 1, listing them, if namespaces, links, mounts, daemons or processes
+#                                     of this cluster exist (CI runs it after `stop`)
 #   scripts/slurm_cluster.sh exec N CMD...  run CMD inside node N (1 or 2): its network, hostname and /etc/hosts
 #
 # Layout (ID = MIXMO_SLURM_PORT, default 6817; every name and address below derives from it, so two clusters with
@@ -450,6 +452,29 @@ cmd_env() {
     echo "export SLURM_CONF=$CONF"
 }
 
+cmd_check_stopped() {
+    local left=() i ns pidfile pid
+    for ns in "$SWITCH_NS" $(for ((i = 1; i <= NUM_NODES; i++)); do node_ns "$i"; done); do
+        netns_exists "$ns" && left+=("network namespace $ns")
+        mount | grep -q "/run/netns/$ns " && left+=("mount /run/netns/$ns")
+    done
+    ip link show "$ROOT_LINK" >/dev/null 2>&1 && left+=("link $ROOT_LINK")
+    [[ -e "$NETNS_MOUNT_MARK" ]] && mountpoint -q /run/netns && left+=("the /run/netns mount made by start")
+    for pidfile in "$MUNGE_DIR/munged.pid" "$STATE"/slurm*.pid; do
+        [[ -e "$pidfile" ]] || continue
+        pid_alive "$pidfile" "$(basename "$pidfile" .pid | cut -d- -f1)" && left+=("daemon $(cat "$pidfile") ($pidfile)")
+    done
+    # Daemons and job steps name the config or the state directory on their command line.
+    for pid in $(pgrep -f -- "$STATE/" || true); do
+        [[ "$pid" == "$$" ]] || left+=("process $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)")
+    done
+    if [[ ${#left[@]} -gt 0 ]]; then
+        printf 'slurm_cluster: left behind: %s\n' "${left[@]}" >&2
+        return 1
+    fi
+    log "nothing of the cluster in $STATE is left"
+}
+
 cmd_nodes() {
     local i
     for ((i = 1; i <= NUM_NODES; i++)); do echo "$(node_name "$i") $(node_ns "$i") $(node_addr "$i")"; done
@@ -472,12 +497,13 @@ stop) cmd_stop ;;
 status) cmd_status ;;
 env) cmd_env ;;
 nodes) cmd_nodes ;;
+check-stopped) cmd_check_stopped ;;
 exec)
     shift
     cmd_exec "$@"
     ;;
 *)
-    echo "usage: $0 start|stop|status|env|nodes|exec N [CMD...]" >&2
+    echo "usage: $0 start|stop|status|env|nodes|check-stopped|exec N [CMD...]" >&2
     exit 2
     ;;
 esac
