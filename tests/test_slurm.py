@@ -3,9 +3,8 @@
 Without SLURM: the per-node argv of `mixmo_dist.slurm_launch`, submit's executor parameters, signal forwarding
 through a real `accelerate launch` agent, and a submitit LocalExecutor run of the real trainer.
 With SLURM (marker `slurm`, on the two-node cluster of `scripts/slurm_cluster.sh`, see `slurm_support.py`): node
-lists expanded by the real `scontrol`, and a one-node submitit job that is preempted with SIGUSR2, requeued under
-the same id and resumed from its checkpoint. The multi-node jobs are in `test_slurm_multinode.py`. If the cluster
-cannot start, these skip (or fail when MIXMO_REQUIRE_SLURM=1).
+lists expanded by the real `scontrol`. The SLURM jobs (sbatch and submitit, preempted, a node lost) are in
+`test_slurm_multinode.py`. If the cluster cannot start, these skip (or fail when MIXMO_REQUIRE_SLURM=1).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_support import cancel, job_env, preempt_and_release, tiny, train_records, wait_for
+from slurm_support import job_env, tiny, train_records, wait_for
 
 from mixmo_dist import slurm_launch, submit
 from mixmo_dist.config import load_config
@@ -326,7 +325,7 @@ def test_submit_rejects_bad_input_before_submitting(tmp_path, capsys, argv, mess
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Real trainer runs (submitit local executor, then SLURM).
+# A real trainer run through submitit's local executor.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -343,43 +342,3 @@ def test_submit_local_executor_runs_the_trainer(tiny_data, tmp_path):
     assert f"job {job_id}: completed" in res.stdout
     assert [r["step"] for r in train_records(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_submitit_preempted_job_requeues_and_resumes(slurm_cluster, tiny_data, tmp_path):
-    """A one-node job on the two-node cluster: rank 0 requeues through submitit's own handler."""
-    out = tmp_path / "run"
-    env = job_env(slurm_cluster)
-    args = tiny(tiny_data, out, "--schedule.epochs=2", "--schedule.max_steps=10", "--checkpoint.every_n_steps=2")
-    args += ["--slurm.nodes=1", "--slurm.tasks_per_node=2", "--slurm.gpus_per_node=0", "--slurm.cpus_per_task=1"]
-    args += ["--slurm.timeout_min=10"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mixmo_dist.submit", "--wait", *args],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    job_id = None
-    try:
-        first = ""
-        while job_id is None and (line := proc.stdout.readline()):  # warnings may come first
-            first += line
-            job_id = next(iter(re.findall(r"^submitted job (\d+)", line)), None)
-        assert job_id is not None, first
-        # Here rank 0 hands over to submitit's handler, which runs `scontrol requeue`.
-        preempt_and_release(job_id, out, env)
-        rest, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        cancel(job_id, env)
-    assert proc.returncode == 0, first + rest
-    assert f"job {job_id}: completed" in rest
-    log = (out / "submitit" / f"{job_id}_0_log.err").read_text()
-    stopped = int(re.search(r"stopped at step (\d+) after SIGUSR2", log).group(1))
-    assert f"Requeued job {job_id}" in log
-    assert f"resumed from step {stopped} " in log
-    assert 2 <= stopped < 10
-    # The resumed run truncated nothing it needed and repeated no step: one record per step, in order.
-    assert [r["step"] for r in train_records(out)] == list(range(1, 11))
-    assert not (out / "PREEMPTED").exists()  # removed by the resumed run

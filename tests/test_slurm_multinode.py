@@ -4,8 +4,8 @@ Each node is a slurmd in its own network, UTS and mount namespace (own hostname,
 file), so a job with `--nodes=2` and 2 processes per node forms a 4-rank gloo world across two "hosts": the
 rendezvous goes to the first host's address, never to 127.0.0.1. Every job here trains the same 8 steps (resnet18 at
 32 px, 5 steps per epoch at world size 4, checkpoints every 2 steps), so all of them must end with the very same
-weights as the uninterrupted `sbatch` run: through submitit, after a preemption and requeue, and after losing a node
-and resuming on the other one.
+weights as the uninterrupted `sbatch` run: through submitit (preempted and requeued by submitit's handler), through
+sbatch after a preemption and requeue, and after losing a node and resuming on the other one.
 """
 
 from __future__ import annotations
@@ -142,20 +142,45 @@ def test_sbatch_two_nodes_four_ranks(slurm_cluster, reference):
 
 
 @pytest.mark.slow
-def test_submitit_two_nodes_same_as_sbatch(slurm_cluster, reference, tiny_data, tmp_path):
+def test_submitit_two_nodes_preempted_then_same_as_sbatch(slurm_cluster, reference, tiny_data, tmp_path):
+    """`python -m mixmo_dist.submit --slurm.nodes=2`: 4 tasks on 2 nodes, preempted once; rank 0 requeues through
+    submitit's own handler, the job resumes under the same id and ends with the sbatch run's weights."""
     out = tmp_path / "run"
+    env = job_env(slurm_cluster)
     n1, n2 = (node.name for node in slurm_cluster.nodes)
     args = _words(tiny_data, out) + ["--slurm.nodes=2", "--slurm.tasks_per_node=2", "--slurm.gpus_per_node=0"]
     args += ["--slurm.cpus_per_task=1", "--slurm.timeout_min=10"]
-    res = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "mixmo_dist.submit", "--cluster=slurm", "--wait", *args],
-        cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=900,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
-    job_id = re.search(r"submitted job (\d+) \(slurm, 4 tasks\)", res.stdout).group(1)
-    assert f"job {job_id}: completed" in res.stdout
-    assert "#SBATCH --nodes=2" in (out / "submitit" / f"{job_id}_submission.sh").read_text()
+    job_id, first = None, ""
+    try:
+        while job_id is None and (line := proc.stdout.readline()):  # warnings may come first
+            first += line
+            job_id = next(iter(re.findall(r"^submitted job (\d+) \(slurm, 4 tasks\)", line)), None)
+        assert job_id is not None, first
+        preempt_and_release(job_id, out, env)
+        rest, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cancel(job_id, env)
+    assert proc.returncode == 0, first + rest
+    assert f"job {job_id}: completed" in rest
+    script = (out / "submitit" / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --requeue" in script
+    logs = [(out / "submitit" / f"{job_id}_{task}_log.err").read_text() for task in range(4)]
+    stops = [re.findall(r"stopped at step (\d+) after SIGUSR2", log) for log in logs]
+    assert all(len(s) == 1 for s in stops) and len({s[0] for s in stops}) == 1, stops  # the same step on 4 ranks
+    stopped = int(stops[0][0])
+    assert 2 <= stopped < STEPS
+    assert f"Requeued job {job_id}" in logs[0]
+    assert f"resumed from step {stopped} " in logs[0]
+    assert not (out / "PREEMPTED").exists()  # removed by the resumed run
     assert _hosts(out) == [n1, n1, n2, n2]
+    assert [r["step"] for r in train_records(out)] == list(range(1, STEPS + 1))
     _assert_evaluation_exact(out)
     # The same 4-rank world from the same config as the sbatch run: the same training, bit for bit.
     ref = reference[0] / "checkpoints" / FINAL / "model.safetensors"
