@@ -158,3 +158,25 @@ def node_processes(node: Node) -> dict[int, tuple[str, str]]:
 def job_processes(node: Node) -> dict[int, tuple[str, str]]:
     """The node's processes other than its slurmd: what jobs (slurmstepd and the tasks under it) left there."""
     return {pid: proc for pid, proc in node_processes(node).items() if proc[0] != "slurmd"}
+
+
+def step_tasks(node: Node, job_id: str, step: str = "0") -> dict[int, str]:
+    """The processes that a job step's tasks started on the node: every descendant of its slurmstepd
+    ("slurmstepd: [JOB.STEP]"), not slurmstepd itself. {pid: command line}."""
+    table = node_processes(node)
+    parents = {}
+    for pid in table:
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its ")".
+            parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    stepd = [pid for pid, (_, cmd) in table.items() if cmd.startswith(f"slurmstepd: [{job_id}.{step}]")]
+    found, frontier = {}, list(stepd)
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = table[pid][1]
+                frontier.append(pid)
+    return found

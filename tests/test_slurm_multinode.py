@@ -28,9 +28,9 @@ from slurm_support import (
     final_state,
     job_env,
     job_processes,
-    node_processes,
     preempt_and_release,
     records,
+    step_tasks,
     tiny,
     train_records,
     wait_for,
@@ -234,13 +234,11 @@ def test_node_loss_ends_the_job_and_it_resumes_on_the_other_node(slurm_cluster, 
     assert res.returncode == 0 and job_id, res.stderr
     try:
         wait_for(lambda: _latest_complete(out) >= 2, 300, "the first complete checkpoint", poll_s=0.2)
-        # "Node loss": SIGKILL every process of the job on the second node (its launcher, torchrun agent, ranks 2-3
-        # and their data workers), leaving slurmd and slurmstepd. The batch script and ranks 0-1 on the first node
-        # live on: ending the job is up to SLURM noticing (srun --kill-on-bad-exit) and to the surviving ranks not
-        # waiting forever in a collective for peers that are gone.
-        victims = {
-            pid: cmd for pid, (comm, cmd) in node_processes(second).items() if comm not in ("slurmd", "slurmstepd")
-        }
+        # "Node loss": SIGKILL every process that the training step's task started on the first node (its
+        # launcher, torchrun agent, ranks 0-1 with the run lock, their data workers), leaving slurmd, slurmstepd and
+        # the batch script's srun: ending the job is up to srun noticing (--kill-on-bad-exit) and to the second
+        # node's ranks not waiting forever in a collective for peers that are gone.
+        victims = step_tasks(first, job_id)
         assert any("mixmo_dist.train" in cmd for cmd in victims.values()), victims
         for pid in victims:
             try:
@@ -262,8 +260,8 @@ def test_node_loss_ends_the_job_and_it_resumes_on_the_other_node(slurm_cluster, 
 
     resume_from = _latest_complete(out)
     assert 2 <= resume_from < STEPS
-    # Resubmit on the second node alone, with 4 processes there: the world size stays 4, and rank 0, which ran on
-    # the first node, now runs on the second (the dead job's run lock must not stop it).
+    # Resubmit on the second node alone, with 4 processes there: the world size stays 4, and rank 0, killed on the
+    # first node while holding the run lock, now runs on the second (the dead job's lock must not stop it).
     res = _sbatch(slurm_cluster, tiny_data, out, tmp_path, "--wait", "--nodes=1", f"--nodelist={second.name}",
                   procs_per_node=4, words=workers)  # fmt: skip
     job2 = res.stdout.strip().split(";")[0]
