@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 NPROC_DEMO ?= 2
 
-.PHONY: venv demo test test-gpu-stack lint bench gpu-check slurm-up slurm-down clean
+.PHONY: venv demo test test-gpu-stack lint bench gpu-check slurm-up slurm-status slurm-down clean
 
 # The venv is rebuilt only when its inputs change (pyproject.toml or this Makefile's pins).
 $(STAMP): pyproject.toml Makefile
@@ -55,6 +55,9 @@ gpu-check:
 
 slurm-up:
 	bash scripts/slurm_cluster.sh start
+
+slurm-status:
+	bash scripts/slurm_cluster.sh status
 
 slurm-down:
 	bash scripts/slurm_cluster.sh stop

@@ -2,7 +2,8 @@
 
 `slurm/imagenet_r50.sh` runs `srun --ntasks-per-node=1 python -m mixmo_dist.slurm_launch [words...]`. On every node
 this module reads the SLURM environment (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST, SLURM_JOB_ID, the GPU
-count) and the `MIXMO_*` variables, builds the launcher argv
+count) and the `MIXMO_*` variables, takes machine rank 0's host from SLURM itself (`scontrol show hostnames`, the
+first host of the compressed node list), builds the launcher argv
 
     python -m accelerate.commands.launch --num_machines N --machine_rank R --main_process_ip HOST
         --main_process_port P --num_processes N*G [--multi_gpu] [MIXMO_ACCELERATE_ARGS...]
@@ -25,6 +26,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +62,7 @@ class LaunchPlan:
     Attributes:
         num_machines: nodes in the job (SLURM_NNODES).
         machine_rank: this node's index in [0, num_machines) (SLURM_NODEID).
-        main_process_ip: host of machine rank 0 (first host of SLURM_JOB_NODELIST).
+        main_process_ip: host of machine rank 0 (the first host of SLURM_JOB_NODELIST, as scontrol expands it).
         main_process_port: rendezvous port on that host.
         procs_per_node: training processes per node (one per GPU).
         config: config file passed as `--config`.
@@ -83,67 +85,34 @@ class LaunchPlan:
         return self.num_machines * self.procs_per_node
 
 
-def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand a SLURM compressed host list, in order.
+def job_hosts(env: Mapping[str, str]) -> list[str]:
+    """The job's hosts in SLURM's order, expanded by SLURM itself: `scontrol show hostnames $SLURM_JOB_NODELIST`.
 
-    Handles comma-separated groups, ranges with zero padding and several bracket groups in one name, e.g.
-    `gpu[01-02,07],cpu-a[1-2]b[3-4]` -> gpu01 gpu02 gpu07 cpu-a1b3 cpu-a1b4 cpu-a2b3 cpu-a2b4.
+    SLURM_JOB_NODELIST is compressed (`gpu[01-02,07]`); its first host runs machine rank 0 (SLURM_NODEID 0).
 
     Args:
-        nodelist: value of SLURM_JOB_NODELIST.
+        env: the environment; scontrol runs with it (it reads SLURM_CONF there, like any SLURM command).
 
     Returns:
-        The host names.
+        The host names, e.g. ['gpu01', 'gpu02', 'gpu07'].
 
     Raises:
-        ValueError: the list is empty or malformed (unbalanced brackets, bad range).
+        ValueError: scontrol is not on PATH, or it fails on the list (its message is included).
     """
-    hosts: list[str] = []
-    for group in _split_top_level(nodelist):
-        names = [""]
-        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", group):
-            names = [name + literal for name in names]
-            if ranges:
-                names = [name + item for name in names for item in _expand_ranges(ranges, nodelist)]
-        hosts.extend(names)
-    if not hosts or any(not host for host in hosts):
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is empty or malformed")
+    nodelist = env["SLURM_JOB_NODELIST"]
+    cmd = ["scontrol", "show", "hostnames", nodelist]
+    try:
+        res = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError as err:
+        raise ValueError(f"scontrol is not on PATH: it is needed to expand SLURM_JOB_NODELIST={nodelist!r}") from err
+    except subprocess.TimeoutExpired as err:
+        raise ValueError(f"`{shlex.join(cmd)}` did not answer within 60 s") from err
+    hosts = res.stdout.split()
+    # scontrol 22.05 exits 0 on a malformed list, printing "Invalid hostlist: ..." on stderr and nothing on stdout.
+    if res.returncode != 0 or not hosts:
+        why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}, no output"])[-1]
+        raise ValueError(f"`{shlex.join(cmd)}` failed: {why}")
     return hosts
-
-
-def _split_top_level(nodelist: str) -> list[str]:
-    """Split at commas that are outside brackets."""
-    groups, depth, current = [], 0, []
-    for char in nodelist.strip():
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if depth not in (0, 1):
-            raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} has unbalanced brackets")
-        if char == "," and depth == 0:
-            groups.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth != 0:
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} has unbalanced brackets")
-    groups.append("".join(current))
-    return [group for group in groups if group]
-
-
-def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
-    """Expand `01-03,7` into ['01', '02', '03', '7'] keeping each range's zero padding."""
-    items = []
-    for part in ranges.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if match is None:
-            raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: bad range {part!r}")
-        lo, hi = match.group(1), match.group(2) or match.group(1)
-        if int(hi) < int(lo):
-            raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: descending range {part!r}")
-        items.extend(str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1))
-    return items
 
 
 def _positive_int(env: Mapping[str, str], name: str) -> int:
@@ -202,18 +171,19 @@ def _take_config(words: list[str], config: str) -> tuple[str, list[str]]:
     return config, rest
 
 
-def plan_from_env(env: Mapping[str, str], argv: Sequence[str] = ()) -> LaunchPlan:
+def plan_from_env(env: Mapping[str, str], argv: Sequence[str] = (), hosts: Sequence[str] | None = None) -> LaunchPlan:
     """Read the SLURM and MIXMO_* variables into a LaunchPlan.
 
     Args:
         env: the environment (os.environ inside an srun task).
         argv: extra trainer words from the command line; they follow MIXMO_OVERRIDES, and a `--config` among
             them replaces MIXMO_CONFIG.
+        hosts: the job's hosts in order; default: `job_hosts(env)` (scontrol expands SLURM_JOB_NODELIST).
 
     Raises:
-        ValueError: a SLURM variable is missing (not inside srun), a MIXMO_* variable is malformed, the config file
-            does not exist or does not validate with the overrides (ConfigError), or MIXMO_ACCELERATE_ARGS sets a
-            flag this module owns.
+        ValueError: a SLURM variable is missing (not inside srun), the node list cannot be expanded or does not
+            hold SLURM_NNODES hosts, a MIXMO_* variable is malformed, the config file does not exist or does not
+            validate with the overrides (ConfigError), or MIXMO_ACCELERATE_ARGS sets a flag this module owns.
     """
     for name in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID"):
         if name not in env:
@@ -222,7 +192,7 @@ def plan_from_env(env: Mapping[str, str], argv: Sequence[str] = ()) -> LaunchPla
     machine_rank = int(env["SLURM_NODEID"])
     if not 0 <= machine_rank < num_machines:
         raise ValueError(f"SLURM_NODEID={machine_rank} is outside [0, SLURM_NNODES={num_machines})")
-    hosts = expand_hostlist(env["SLURM_JOB_NODELIST"])
+    hosts = job_hosts(env) if hosts is None else list(hosts)
     if len(hosts) != num_machines:
         raise ValueError(
             f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} names {len(hosts)} hosts but SLURM_NNODES={num_machines}"

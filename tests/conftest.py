@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurm_support import slurm_cluster  # noqa: F401  (the session's one SLURM cluster, shared by every module)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
