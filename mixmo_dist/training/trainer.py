@@ -16,6 +16,7 @@ import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.files import write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
+from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
@@ -185,11 +187,15 @@ class Trainer:
         last_save, last_eval = time.monotonic(), -1
         window_t0, window_rows = time.monotonic(), 0
         saved_at = self.step if self.step > 0 else -1
+        unsettled = self.step > 0 and self.world > 2
         try:
             while self.step < self.plan.stop_step:
                 t0 = time.monotonic()
                 micro = [next(batches) for _ in range(self.plan.grad_accum_steps)]
                 t1 = time.monotonic()
+                if unsettled:  # resumed on 3+ ranks: DDP buckets as after an uninterrupted run's step 0
+                    settle_buckets(self.raw, self.optimizer, self.generator, partial(self._settle, micro[0]))
+                    unsettled = False
                 due = self.cfg.checkpoint.every_n_minutes is not None and (
                     time.monotonic() - last_save >= 60 * self.cfg.checkpoint.every_n_minutes
                 )
@@ -321,6 +327,11 @@ class Trainer:
             loss = loss * float("nan")
         self.acc.backward(loss / accum)
         return loss, member_M, mix.lam_MB.mean(), mix.is_cut.float()
+
+    def _settle(self, batch) -> None:
+        self.model.train()
+        cut_prob = cut_probability(self.step / self.plan.total_steps, self.cfg.mixmo.cut_prob)
+        self._forward_backward(*batch, cut_prob, 1)
 
     def _count_nonfinite(self) -> None:
         self.nonfinite_total += 1
