@@ -109,6 +109,28 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    # Read from /proc where possible: os.umask can only be read by setting it, for a moment, for every thread.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give the file `path` the mode a plain `open()` would have given it: 0o666 minus the process umask.
+
+    safetensors' `save_file` creates its file 0o600 whatever the umask, so weights would be unreadable to the
+    owner's group and to an evaluation or container running under another uid, unlike every other output file.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _part_path(path: Path) -> Path:
     # Hidden, unique per writer (pid alone can repeat across hosts), in the same directory so os.replace is atomic.
     return path.with_name(f".{path.name}.part-{uuid.uuid4().hex}")
@@ -125,6 +147,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+def _unreadable(path: Path, name: str, err: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path}: no permission to read {name} ({err.strerror}); it was left where it is. "
+        "Run as the user who wrote it, or have its files made readable (e.g. chmod -R g+rX)"
+    )
 
 
 def _check_file_name(name: Any, suffix: str | None) -> str:
@@ -292,6 +321,7 @@ class CheckpointStore:
         part = _part_path(file)
         try:
             save_file(storable, str(part), metadata=metadata)
+            apply_umask(part)
             _fsync_file(part)
             os.replace(part, file)
         except (SafetensorError, RuntimeError, ValueError, TypeError) as err:
@@ -408,6 +438,10 @@ class CheckpointStore:
 
         Returns:
             None when the checkpoint is whole, else the reason it is not.
+
+        Raises:
+            CheckpointError: a file this process has no permission to read. That is not damage (it may belong to
+                another user), so callers must not move the checkpoint aside for it.
         """
         path = Path(path)
         step = parse_step_dir_name(path.name)
@@ -420,6 +454,8 @@ class CheckpointStore:
             return f"no {MARKER} marker (the save did not finish)"
         try:
             marker = json.loads(marker_path.read_bytes())
+        except PermissionError as err:
+            raise _unreadable(path, MARKER, err) from err
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             return f"{MARKER} marker is not valid JSON ({err})"
         if not isinstance(marker, dict):
@@ -440,6 +476,8 @@ class CheckpointStore:
                 return f"listed file {name} is missing"
             try:
                 actual = sha256_file(file)
+            except PermissionError as err:
+                raise _unreadable(path, name, err) from err
             except OSError as err:
                 return f"listed file {name} cannot be read ({err})"
             if actual != digest:
@@ -451,6 +489,9 @@ class CheckpointStore:
 
         Returns:
             The new path, or None when `path` no longer exists (another process moved it first).
+
+        Raises:
+            CheckpointError: the rename is refused (read-only mount, no write permission); nothing is changed.
         """
         path = Path(path)
         stamp = _utc_stamp()
@@ -463,6 +504,11 @@ class CheckpointStore:
             os.rename(path, target)
         except FileNotFoundError:
             return None
+        except OSError as err:  # a read-only mount, a directory of another user
+            raise CheckpointError(
+                f"checkpoint {path} is unusable: {reason}; it cannot be moved aside ({err.strerror}): "
+                "move or remove it by hand"
+            ) from err
         _fsync_dir(target.parent)
         warnings.warn(f"checkpoint {path} moved aside to {target.name}: {reason}", CheckpointWarning, stacklevel=2)
         return target
@@ -494,6 +540,9 @@ class CheckpointStore:
 
         Returns:
             The checkpoint directory, or None when no checkpoint verifies (a fresh run).
+
+        Raises:
+            CheckpointError: a candidate cannot be read (permissions) or cannot be moved aside; nothing is moved.
         """
         if not self.root.is_dir():
             return None

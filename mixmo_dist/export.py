@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import mixmo_dist.model.registry  # noqa: F401  (registers the paper's archs with timm)
-from mixmo_dist.checkpoint import CheckpointError, CheckpointStore, parse_step_dir_name
+from mixmo_dist.checkpoint import CheckpointError, CheckpointStore, apply_umask, parse_step_dir_name
 from mixmo_dist.config import Config, ConfigError, config_from_dict
 from mixmo_dist.data import timm_mean_std
 from mixmo_dist.model import MixMoNet, build_model
@@ -203,6 +203,7 @@ def export_folded(loaded: LoadedCheckpoint, out: str | os.PathLike[str]) -> dict
     part = out.with_name(f".{out.name}.part-{os.getpid()}")
     try:
         save_file(tensors, str(part), metadata=metadata)
+        apply_umask(part)
         os.replace(part, out)
     finally:
         part.unlink(missing_ok=True)
