@@ -47,6 +47,8 @@ else
   WORK=$(mktemp -d /var/tmp/mixmo-docker.XXXXXX)
 fi
 WORK=$(cd "$WORK" && pwd)
+# Traversable like a user's own directory: the host-side checks read the outputs as uid 1000 and 4321, not as root.
+chmod 0755 "$WORK"
 STORE=$WORK/storage
 
 # A private podman store (its own root and runroot): nothing touches the machine's default storage, and cleaning up
@@ -212,7 +214,8 @@ logged "$WORK/demo.log" "tail -15" -- pm run "${RUN_OPTS[@]}" -v "$RUNS:/workspa
 # As the host user who owns runs/ (uid 1000, no root privileges): the files are theirs and readable.
 as_user() { setpriv --reuid "$1" --regid "$1" --clear-groups -- "${@:2}"; }
 metrics=$RUNS/demo/metrics.jsonl
-latest=$(as_user "$USER_UID" cat "$RUNS/demo/checkpoints/latest") || fail_step demo "no checkpoints/latest in $RUNS/demo"
+latest=$(as_user "$USER_UID" cat "$RUNS/demo/checkpoints/latest") \
+  || fail_step demo "no checkpoints/latest in $RUNS/demo"
 ckpt=$RUNS/demo/checkpoints/$latest
 as_user "$USER_UID" test -s "$ckpt/model.safetensors" -a -f "$ckpt/COMPLETE" \
   || fail_step demo "checkpoint $ckpt incomplete or unreadable by uid $USER_UID"
@@ -225,16 +228,20 @@ world_writable=$(find "$RUNS" -perm -o+w ! -type l | head -3)
 echo "final metrics line: $last_val"
 ok demo "trained to $latest; host uid $USER_UID reads metrics.jsonl and the checkpoint; all files owned by it"
 
-# --- evaluate: as a uid the image does not know --------------------------------------------------------------------
+# --- evaluate: as a uid the image does not know ----------------------------------------------------------------
 begin evaluate
 EVAL=$WORK/eval
 mkdir -p "$EVAL"
 chown "$OTHER_UID:$OTHER_UID" "$EVAL"
 chmod 0755 "$EVAL"
-pm run "${RUN_OPTS[@]}" --user "$OTHER_UID:$OTHER_UID" -e HOME=/tmp -v "$RUNS:/workspace/runs:ro" -v "$EVAL:/workspace/eval" \
-  --entrypoint python "$IMAGE_TAG" -m mixmo_dist.evaluate --checkpoint runs/demo --out eval/demo.json \
+pm run "${RUN_OPTS[@]}" --user "$OTHER_UID:$OTHER_UID" -e HOME=/tmp -v "$RUNS:/workspace/runs:ro" \
+  -v "$EVAL:/workspace/eval" --entrypoint python "$IMAGE_TAG" \
+  -m mixmo_dist.evaluate --checkpoint runs/demo --out eval/demo.json \
   >"$WORK/eval.json" 2>"$WORK/eval.log" || { tail -20 "$WORK/eval.log"; fail_step evaluate "evaluate failed"; }
-as_user "$OTHER_UID" cat "$EVAL/demo.json" >/dev/null || fail_step evaluate "eval/demo.json unreadable by uid $OTHER_UID"
+as_user "$OTHER_UID" cat "$EVAL/demo.json" >/dev/null \
+  || fail_step evaluate "eval/demo.json unreadable by uid $OTHER_UID"
+[ "$(stat -c %u "$EVAL/demo.json")" = "$OTHER_UID" ] \
+  || fail_step evaluate "eval/demo.json is not owned by uid $OTHER_UID"
 summary=$(python3 - "$WORK/eval.json" "$last_val" <<'EOF'
 import json, sys
 ev = json.load(open(sys.argv[1]))
