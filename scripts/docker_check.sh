@@ -18,8 +18,8 @@
 # Environment: MIXMO_DOCKER_KEEP=1 (keep the work directory, image and storage), MIXMO_DOCKER_DIR (work directory;
 # default a new /var/tmp/mixmo-docker.XXXXXX; needs ~15 GB), MIXMO_DOCKER_DRIVER (podman storage driver, default
 # overlay; vfs where overlay cannot mount, e.g. inside another container: it copies every layer),
-# MIXMO_DEBIAN_MIRROR (default http://deb.debian.org/debian), MIXMO_DOCKER_TORCH_INDEX (default: the local
-# /opt/pypi-more/simple when it holds torch, else https://pypi.org/simple).
+# MIXMO_DEBIAN_MIRROR (default http://deb.debian.org/debian), MIXMO_DOCKER_TORCH_INDEX (the build's TORCH_INDEX_URL;
+# default: an index of the files the host's pip picks for torch, else https://pypi.org/simple).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -161,23 +161,80 @@ begin build
 # pip inside the build sees this machine's wheel directories (read-only) the way the host's pip does; the image
 # keeps nothing of them (build-time mounts, not layers).
 mounts=()
+mounted=""
+add_mount() { # add_mount DIR: bind DIR read-only at the same path, unless it or a parent is already
+  local m
+  for m in $mounted; do
+    case "$1/" in "$m"/*) return ;; esac
+  done
+  mounts+=(--volume "$1:$1:ro")
+  mounted+="$1 "
+}
 find_links=()
 extra_index=()
 for d in /opt/wheels /opt/pypi /opt/pypi-more; do
   [ -d "$d" ] || continue
-  mounts+=(--volume "$d:$d:ro")
+  add_mount "$d"
   if [ -d "$d/simple" ]; then extra_index+=("file://$d/simple"); else find_links+=("$d"); fi
 done
+
+# Writes into $1 a PEP 503 index that lists, for torch, torchvision and each of their dependencies, the one file this
+# machine's pip picks for the Dockerfile's pins (`pip install --dry-run --report`), and mounts the local directories
+# its file:// links point into. Fails where the host's pip cannot do it for the base's Python (3.11).
+torch_index_from_host_pip() {
+  local out=$1 torch torchvision listing
+  torch=$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile)
+  torchvision=$(sed -n 's/^ARG TORCHVISION_VERSION=//p' docker/Dockerfile)
+  [ "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = 3.11 ] || return 1
+  python3 -m pip install --dry-run --ignore-installed --quiet --report "$WORK/torch-report.json" \
+    "torch==$torch" "torchvision==$torchvision" >"$WORK/torch-report.log" 2>&1 || return 1
+  listing=$(python3 - "$WORK/torch-report.json" "$out" <<'PY'
+import html, json, os, re, sys
+
+report, out = sys.argv[1:3]
+items = json.load(open(report))["install"]
+dirs, local = set(), 0
+for item in items:
+    name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
+    info = item["download_info"]
+    url, archive = info["url"], info.get("archive_info")
+    if archive is None:
+        sys.exit(f"{name}: {url} is not an archive")
+    hashes = dict(archive.get("hashes") or {})
+    if not hashes and "hash" in archive:
+        algo, _, value = archive["hash"].partition("=")
+        hashes[algo] = value
+    href = url + (f"#sha256={hashes['sha256']}" if "sha256" in hashes else "")
+    if url.startswith("file://"):
+        local += 1
+        dirs.add(os.path.dirname(url[len("file://") :]))
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    with open(os.path.join(out, name, "index.html"), "w") as f:
+        f.write(f'<html><body><a href="{html.escape(href)}">{html.escape(url.rsplit("/", 1)[-1])}</a></body></html>\n')
+print(f"{len(items)} {local}", *sorted(dirs))
+PY
+  ) || return 1
+  # shellcheck disable=SC2086 # the listing is words: a count, a count, then directories without spaces
+  set -- $listing
+  echo "torch index from the host's pip: $1 files, $2 of them local"
+  shift 2
+  for d in "$@"; do add_mount "$d"; done
+}
+
+# torch's layer gets that index when possible, so that the build takes torch from the local wheel directories as the
+# host's pip does: offered the same wheel by PyPI and by a local index, the base's pip (23.0) takes PyPI's copy and
+# downloads ~3 GB. Otherwise torch comes from PyPI, whose Linux wheels are the same CUDA build.
 if [ -n "${MIXMO_DOCKER_TORCH_INDEX:-}" ]; then
   torch_index=$MIXMO_DOCKER_TORCH_INDEX
-elif [ -f /opt/pypi-more/simple/torch/index.html ]; then
-  torch_index=file:///opt/pypi-more/simple
+  # --index-url replaces pip's default index, not the extras: an index given by hand may lack torch's dependencies.
+  [ "$torch_index" = https://pypi.org/simple ] || extra_index+=(https://pypi.org/simple)
+elif torch_index_from_host_pip "$WORK/torch-index"; then
+  add_mount "$WORK/torch-index"
+  torch_index=file://$WORK/torch-index
 else
+  echo "the host's pip could not resolve torch for Python 3.11 (see $WORK/torch-report.log): torch from PyPI"
   torch_index=https://pypi.org/simple
 fi
-# The torch layer's --index-url replaces pip's default index, not these extras: PyPI stays reachable for torch's
-# dependencies that the local directories lack (cuda-bindings, ...).
-[ "$torch_index" = https://pypi.org/simple ] || extra_index+=(https://pypi.org/simple)
 # The host's CA bundle too: where HTTPS goes through an intercepting proxy (as here), the base's own CA list fails.
 host_ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 [ -f "$host_ca" ] && mounts+=(--volume "$host_ca:/etc/pip-host-ca.crt:ro")
@@ -185,7 +242,7 @@ host_ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
   echo "[global]"
   [ -f "$host_ca" ] && echo "cert = /etc/pip-host-ca.crt"
   [ ${#find_links[@]} -eq 0 ] || echo "find-links = ${find_links[*]}"
-  echo "extra-index-url = ${extra_index[*]}"
+  [ ${#extra_index[@]} -eq 0 ] || echo "extra-index-url = ${extra_index[*]}"
 } >"$WORK/pip.conf"
 mounts+=(--volume "$WORK/pip.conf:/etc/pip.conf:ro")
 echo "pip.conf for the build:"
