@@ -91,8 +91,10 @@ logged() { # logged LOG FILTER -- CMD...
 }
 du_bytes() { { du -sxb "$1" 2>/dev/null || true; } | tail -1 | cut -f1; }
 
+sampler=""
 cleanup() {
   local rc=$?
+  [ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true
   echo
   echo "=== docker-check: summary ==="
   printf '%s\n' "${RESULTS[@]}"
@@ -249,15 +251,33 @@ echo "pip.conf for the build:"
 sed 's/^/  /' "$WORK/pip.conf"
 echo "TORCH_INDEX_URL=$torch_index"
 build_t0=$(date +%s)
+# The disk the build needs is its peak, not what is left after it (a layer is written next to the container's changes
+# before those are dropped): sample the store's size while it runs.
+echo 0 >"$WORK/peak_bytes"
+(
+  peak=0
+  while sleep 10; do
+    now=$(du_bytes "$STORE")
+    if [ "${now:-0}" -gt "$peak" ]; then
+      peak=$now
+      echo "$peak" >"$WORK/peak_bytes"
+    fi
+  done
+) &
+sampler=$!
 # chroot isolation: the RUN steps need no OCI runtime (crun/runc containers cannot be nested in a build here).
 logged "$WORK/build.log" "grep --line-buffered -E '^(STEP|COMMIT|Successfully|ERROR|Error)' | cut -c1-150" -- \
   pm build --isolation chroot --pull=never --format docker -f docker/Dockerfile -t "$IMAGE_TAG" \
   --build-arg "BASE_IMAGE=$BASE_TAG" --build-arg "TORCH_INDEX_URL=$torch_index" "${mounts[@]}" . \
   || { tail -30 "$WORK/build.log"; fail_step build "podman build failed (log above)"; }
 build_s=$(($(date +%s) - build_t0))
+kill "$sampler" 2>/dev/null || true
+sampler=""
 size=$(pm image inspect --format '{{.Size}}' "$IMAGE_TAG")
 disk=$(du_bytes "$STORE")
-ok build "in ${build_s}s; image $(gb "$size"); storage after build $(gb "$disk") (base + layers + build cache)"
+peak=$(cat "$WORK/peak_bytes")
+[ "$disk" -gt "$peak" ] && peak=$disk
+ok build "in ${build_s}s; image $(gb "$size"); podman storage $(gb "$disk") after the build, $(gb "$peak") at its peak"
 echo "torch came from: $(grep -m1 -oE '(Processing|Downloading) [^ ]*torch-[0-9][^ ]*' "$WORK/build.log" || echo '?')"
 
 # --- demo: the default command as the image's user --------------------------------------------------------------
