@@ -189,6 +189,9 @@ def ensemble_eval(run_a, run_b, corruptions, tmp_path_factory) -> tuple[dict, Pa
 
 def test_export_metadata_and_timm_loading_equal_the_ensemble(run_a, exported):
     file, meta = exported
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert file.stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone writes 0o600
     run_json = json.loads((run_a / "run.json").read_text())
     step_dir = resolve_checkpoint(run_a)
     assert meta["format"] == "timm" and meta["arch"] == "resnet18" and meta["num_classes"] == "10"

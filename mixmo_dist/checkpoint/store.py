@@ -74,6 +74,13 @@ def _utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+def _unreadable(path: Path, name: str, err: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path}: no permission to read {name} ({err.strerror}); it was left where it is. "
+        "Run as the user who wrote it, or have its files made readable (e.g. chmod -R g+rX)"
+    )
+
+
 def _check_file_name(name: Any, suffix: str | None) -> str:
     if not isinstance(name, str):
         raise TypeError(f"checkpoint file name must be a str, got {type(name).__name__} ({name!r})")
@@ -349,6 +356,10 @@ class CheckpointStore:
 
         Returns:
             None when the checkpoint is whole, else the reason it is not.
+
+        Raises:
+            CheckpointError: a file this process has no permission to read. That is not damage (it may belong to
+                another user), so callers must not move the checkpoint aside for it.
         """
         path = Path(path)
         step = parse_step_dir_name(path.name)
@@ -361,6 +372,8 @@ class CheckpointStore:
             return f"no {MARKER} marker (the save did not finish)"
         try:
             marker = json.loads(marker_path.read_bytes())
+        except PermissionError as err:
+            raise _unreadable(path, MARKER, err) from err
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             return f"{MARKER} marker is not valid JSON ({err})"
         if not isinstance(marker, dict):
@@ -381,6 +394,8 @@ class CheckpointStore:
                 return f"listed file {name} is missing"
             try:
                 actual = sha256_file(file)
+            except PermissionError as err:
+                raise _unreadable(path, name, err) from err
             except OSError as err:
                 return f"listed file {name} cannot be read ({err})"
             if actual != digest:
@@ -392,6 +407,9 @@ class CheckpointStore:
 
         Returns:
             The new path, or None when `path` no longer exists (another process moved it first).
+
+        Raises:
+            CheckpointError: the rename is refused (read-only mount, no write permission); nothing is changed.
         """
         path = Path(path)
         stamp = _utc_stamp()
@@ -404,6 +422,11 @@ class CheckpointStore:
             os.rename(path, target)
         except FileNotFoundError:
             return None
+        except OSError as err:  # a read-only mount, a directory of another user
+            raise CheckpointError(
+                f"checkpoint {path} is unusable: {reason}; it cannot be moved aside ({err.strerror}): "
+                "move or remove it by hand"
+            ) from err
         fsync_dir(target.parent)
         warnings.warn(f"checkpoint {path} moved aside to {target.name}: {reason}", CheckpointWarning, stacklevel=2)
         return target
@@ -435,6 +458,9 @@ class CheckpointStore:
 
         Returns:
             The checkpoint directory, or None when no checkpoint verifies (a fresh run).
+
+        Raises:
+            CheckpointError: a candidate cannot be read (permissions) or cannot be moved aside; nothing is moved.
         """
         if not self.root.is_dir():
             return None
