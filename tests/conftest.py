@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,8 +88,11 @@ def train_env(**extra: str) -> dict:
     return env
 
 
-def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`accelerate launch --multi_gpu --num_processes N -m mixmo_dist.train ARGS` as a real process group."""
+def launch(
+    args: list[str], nproc: int = 2, env: dict | None = None, mixed_precision: str = "no", **popen
+) -> subprocess.Popen:
+    """`accelerate launch --multi_gpu --num_processes N --mixed_precision P -m mixmo_dist.train ARGS` as a real
+    process group (N = 1: plain `python -m mixmo_dist.train ARGS`, which has no launcher precision)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "mixmo_dist.train", *args]
     else:
@@ -101,7 +105,7 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
             "--num_machines",
             "1",
             "--mixed_precision",
-            "no",
+            mixed_precision,
             "--dynamo_backend",
             "no",
             "--main_process_port",
@@ -122,9 +126,17 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
     )
 
 
-def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
-    proc = launch(args, nproc, env)
-    out, _ = proc.communicate(timeout=timeout)
+def run_train(
+    args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600, mixed_precision: str = "no"
+) -> tuple[int, str]:
+    proc = launch(args, nproc, env, mixed_precision)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # The whole group (launcher, and with it the ranks: they die with their parent), not a stray run.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     return proc.returncode, out
 
 
