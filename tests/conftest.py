@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -114,16 +115,47 @@ def launch(
             "mixmo_dist.train",
             *args,
         ]
-    return subprocess.Popen(
+    # A tag in the environment of every process of this run (launcher, ranks, their DataLoader forkservers and
+    # workers), so that `kill_run` finds them all: torchrun puts each rank in its own session.
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=env or train_env(),
+        env={**(env or train_env()), RUN_TAG: tag},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
         **popen,
     )
+    proc.run_tag = tag
+    return proc
+
+
+RUN_TAG = "MIXMO_TEST_RUN_TAG"
+
+
+def kill_run(proc: subprocess.Popen) -> str:
+    """SIGKILL every process of a `launch`ed run and return its output.
+
+    Killing the launcher's group is not enough: a rank killed (or crashed) without its DataLoader forkserver leaves
+    that forkserver alive and holding the output pipe, and reading the output would then block for good.
+    """
+    needle = f"{RUN_TAG}={proc.run_tag}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out, _ = proc.communicate(timeout=60)
+    return out
 
 
 def run_train(
@@ -133,9 +165,7 @@ def run_train(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # The whole group (launcher, and with it the ranks: they die with their parent), not a stray run.
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_run(proc)
         raise
     return proc.returncode, out
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import launch, read_metrics, run_train, tiny_args
+from conftest import kill_run, launch, read_metrics, run_train, tiny_args
 from safetensors.torch import load_file
 
 FINAL = "step_00000018"
@@ -65,10 +65,9 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.monotonic()
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"run ended early (rc {proc.returncode}): {kill_run(proc)[-3000:]}")
         if time.monotonic() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("timed out waiting")
+            raise AssertionError(f"timed out waiting:\n{kill_run(proc)[-3000:]}")
         time.sleep(0.2)
 
 
@@ -93,9 +92,12 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, reference_run
     try:
         log, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise AssertionError(f"the ranks did not stop within 180 s of the signal (a hang?):\n{log[-3000:]}") from None
+        launcher = proc.poll()
+        log = kill_run(proc)
+        raise AssertionError(
+            f"the run did not end within 180 s of the signal (launcher exit status then: {launcher}; a rank hung, or "
+            f"a dead rank's DataLoader forkserver held the output open):\n{log[-3000:]}"
+        ) from None
     assert (out / "PREEMPTED").exists(), f"the run was not preempted:\n{log[-3000:]}"
     step = json.loads((out / "PREEMPTED").read_text())["step"]
     assert at <= step <= at + 3, (at, step)
