@@ -75,17 +75,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_turns(steps: dict[str, Callable[[], object]], rows: int, cfg: Settings, device: torch.device) -> dict:
-    """Rows per second of each step function, the functions taking turns (A/B/B/A...) after warm-up.
+def _timed_turns(
+    steps: dict[str, Callable[[], object]], rows: int, cfg: Settings, device: torch.device
+) -> tuple[dict[str, float], list[str]]:
+    """Rows per second of each step function, the functions taking turns (A B, B A, A B, ...) after warm-up.
 
     Each turn times `cfg.steps` calls between two device syncs; the order of the functions is reversed every round
-    so drift (clocks, other tenants) hits both sides alike. Returns {name: rows/s from the median turn}.
+    so drift (clocks, other tenants) hits both sides alike. Returns ({name: rows/s from its median turn}, the names
+    in the order their turns ran).
     """
     for step in steps.values():
         for _ in range(cfg.warmup):
             step()
     _sync(device)
     turns: dict[str, list[float]] = {name: [] for name in steps}
+    order = []
     names = list(steps)
     for round_ in range(cfg.rounds):
         for name in names if round_ % 2 == 0 else reversed(names):
@@ -95,7 +99,8 @@ def _timed_turns(steps: dict[str, Callable[[], object]], rows: int, cfg: Setting
                 steps[name]()
             _sync(device)
             turns[name].append(time.perf_counter() - start)
-    return {name: rows * cfg.steps / statistics.median(t) for name, t in turns.items()}
+            order.append(name)
+    return {name: rows * cfg.steps / statistics.median(t) for name, t in turns.items()}, order
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -179,7 +184,7 @@ def _train_setting(cfg: Settings, dtype_name: str, compiled: bool, device: torch
         if not torch.isfinite(loss).item():
             raise FloatingPointError(f"{name} {dtype_name} compile={compiled}: non-finite loss {loss.item()}")
         result[name] = {"setup_s": time.monotonic() - start}
-    rates = _timed_turns(steps, cfg.batch, cfg, device)
+    rates, result["turn_order"] = _timed_turns(steps, cfg.batch, cfg, device)
     for name, rate in rates.items():
         result[name]["img_per_s"] = rate
     if device.type == "cuda":
@@ -212,11 +217,12 @@ def _inference(cfg: Settings, device: torch.device) -> dict:
             return call
 
         models = (("vanilla", vanilla), ("folded", folded), ("mixmo_unfolded", mixmo))
-        rates = _timed_turns({name: forward(model) for name, model in models}, cfg.batch, cfg, device)
+        rates, order = _timed_turns({name: forward(model) for name, model in models}, cfg.batch, cfg, device)
     return {
         "img_per_s": rates,
         "folded_vs_vanilla": rates["folded"] / rates["vanilla"],
         "unfolded_vs_vanilla": rates["mixmo_unfolded"] / rates["vanilla"],
+        "turn_order": order,
         "fold_max_abs_gap_fp32": gap,
     }
 
