@@ -68,7 +68,8 @@ if torch.cuda.is_available():
     info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_mem_GiB=round(p.total_memory / 2**30, 1),
                 device_count=torch.cuda.device_count())
 print(json.dumps(info, indent=2))
-sys.argv[2:] and open(sys.argv[2], "w").write(json.dumps(info, indent=2))
+with open(sys.argv[2], "w") as f:
+    json.dump(info, f, indent=2)
 if not dry and not torch.cuda.is_available():
     sys.exit("gpu_check: torch sees no CUDA device")
 if not dry and info["triton"] is None:
