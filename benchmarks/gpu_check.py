@@ -20,10 +20,11 @@ Logs: `<stage>.log`.
 
 Dry run (`MIXMO_GPU_CHECK_DRY_RUN=1`): the same stages on CPU at toy sizes, to test the plumbing where there is no
 GPU: pytest only collects (`--collect-only`), the trainer checks run on a 32 px test ResNet (bf16 for both), bench_gpu
-runs its CPU smoke configuration, and the CUDA-only bench_ops stage is marked skipped; stage budgets are 4 times
-the GPU ones. `MIXMO_GPU_CHECK_BUDGETS="stage=seconds,..."` overrides budgets (tests use it to cut a stage off).
+runs its CPU smoke configuration, and the CUDA-only bench_ops stage is marked skipped; stage budgets and the
+deadline are 4 times the GPU ones. `MIXMO_GPU_CHECK_BUDGETS="stage=seconds,..."` overrides budgets (tests use it
+to cut a stage off).
 
-Needs only the Python standard library itself: the stages need torch (CUDA), Triton, timm, accelerate, pytest,
+This module needs only the standard library; the stages need torch (CUDA), Triton, timm, accelerate, pytest,
 safetensors; no DALI, no submitit, no network.
 
     python -m benchmarks.gpu_check [OUT_DIR]      (default: $OUT if set, else runs/gpu_check)
@@ -47,7 +48,7 @@ DRY_RUN_ENV = "MIXMO_GPU_CHECK_DRY_RUN"
 BUDGETS_ENV = "MIXMO_GPU_CHECK_BUDGETS"
 # Default deadline of the whole run: ends by itself within 6 minutes, kill graces included.
 DEFAULT_TOTAL_S = 345.0
-# Budgets (not the total deadline) are multiplied by this in a dry run.
+# Stage budgets and the total deadline are multiplied by this in a dry run.
 DRY_RUN_BUDGET_SCALE = 4.0
 _MIN_STAGE_S = 5.0
 _KILL_GRACE_S = 3.0
@@ -235,6 +236,7 @@ def run(out: Path, dry_run: bool, total_budget_s: float, budgets: str = "") -> d
     out.mkdir(parents=True, exist_ok=True)
     stages = build_stages(out, dry_run)
     if dry_run:  # a shared 2-core CPU machine is far slower than the GPU machine's 16 cores for the same plumbing
+        total_budget_s *= DRY_RUN_BUDGET_SCALE
         for stage in stages:
             stage.budget_s *= DRY_RUN_BUDGET_SCALE
     _budgets_override(stages, budgets)

@@ -45,7 +45,6 @@ def test_dry_run_writes_json_per_stage_and_cuts_off_a_stage_over_budget(tmp_path
         OMP_NUM_THREADS="1",
         MIXMO_GPU_CHECK_DRY_RUN="1",
         MIXMO_GPU_CHECK_BUDGETS="trainer_bf16=2",  # far below what a trainer run needs: it must be cut off
-        TOTAL_BUDGET_S="400",
     )
     proc = subprocess.Popen(
         ["bash", "scripts/gpu_check.sh", str(out)],
@@ -59,7 +58,7 @@ def test_dry_run_writes_json_per_stage_and_cuts_off_a_stage_over_budget(tmp_path
     # Watch the report while the run goes on: once the stage after the cut-off one runs, the earlier ones are final.
     seen_while_running = None
     t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < 420:
+    while proc.poll() is None and time.monotonic() - t0 < 850:  # pytest's own timeout is 900 s
         try:
             report = json.loads((out / "gpu_check.json").read_text())  # replaced atomically: never half-written
         except FileNotFoundError:
