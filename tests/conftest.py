@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -88,8 +90,11 @@ def train_env(**extra: str) -> dict:
     return env
 
 
-def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`accelerate launch --multi_gpu --num_processes N -m mixmo_dist.train ARGS` as a real process group."""
+def launch(
+    args: list[str], nproc: int = 2, env: dict | None = None, mixed_precision: str = "no", **popen
+) -> subprocess.Popen:
+    """`accelerate launch --multi_gpu --num_processes N --mixed_precision P -m mixmo_dist.train ARGS` as a real
+    process group (N = 1: plain `python -m mixmo_dist.train ARGS`, which has no launcher precision)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "mixmo_dist.train", *args]
     else:
@@ -102,7 +107,7 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
             "--num_machines",
             "1",
             "--mixed_precision",
-            "no",
+            mixed_precision,
             "--dynamo_backend",
             "no",
             "--main_process_port",
@@ -111,21 +116,58 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
             "mixmo_dist.train",
             *args,
         ]
-    return subprocess.Popen(
+    # A tag in the environment of every process of this run (launcher, ranks, their DataLoader forkservers and
+    # workers), so that `kill_run` finds them all: torchrun puts each rank in its own session.
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=env or train_env(),
+        env={**(env or train_env()), RUN_TAG: tag},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
         **popen,
     )
+    proc.run_tag = tag
+    return proc
 
 
-def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
-    proc = launch(args, nproc, env)
-    out, _ = proc.communicate(timeout=timeout)
+RUN_TAG = "MIXMO_TEST_RUN_TAG"
+
+
+def kill_run(proc: subprocess.Popen) -> str:
+    """SIGKILL every process of a `launch`ed run and return its output.
+
+    Killing the launcher's group is not enough: a rank killed (or crashed) without its DataLoader forkserver leaves
+    that forkserver alive and holding the output pipe, and reading the output would then block for good.
+    """
+    needle = f"{RUN_TAG}={proc.run_tag}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def run_train(
+    args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600, mixed_precision: str = "no"
+) -> tuple[int, str]:
+    proc = launch(args, nproc, env, mixed_precision)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_run(proc)
+        raise
     return proc.returncode, out
 
 
