@@ -41,7 +41,12 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
     precision = None if mixed_precision == "auto" else mixed_precision
     requested = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if requested == "fp16" and not cuda:
-        raise ValueError("run.mixed_precision=fp16 needs CUDA (Accelerate ignores it on CPU); use bf16 or no")
+        who = (
+            "run.mixed_precision=fp16"
+            if precision
+            else "accelerate launch --mixed_precision fp16 (run.mixed_precision=auto)"
+        )
+        raise ValueError(f"{who} needs CUDA (Accelerate ignores fp16 on CPU); use bf16 or no")
     if tensorboard:
         check_tensorboard()
     accelerator = Accelerator(

@@ -398,8 +398,9 @@ class Trainer:
     # -- ending -----------------------------------------------------------------------------------------------
     def _stopped(self, how: float) -> str:
         status = "interrupted" if how == INTERRUPT else "preempted"
+        received = [name for name in self.comm.gather_objects(self.stop_signal.received) if name]
         if self.acc.is_main_process:
-            signal_name = self.stop_signal.received
+            signal_name = received[0] if received else None  # the signal may have reached another rank only
             write_json_atomic(self.out / "PREEMPTED", {"step": self.step, "signal": signal_name, "time": time.time()})
             job = os.environ.get("SLURM_JOB_ID")
             if status == "preempted" and os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
