@@ -9,38 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from mixmo_dist.config import ConfigError, load_config
+from mixmo_dist.config import ConfigError
 from mixmo_dist.config.cli import answer_without_training
 
 log = logging.getLogger("mixmo_dist")
 
 PROG = "python -m mixmo_dist.train"
-
-
-def run(argv: list[str]) -> str:
-    """Train with the config that `argv` describes. Returns "completed", "preempted" or "interrupted".
-
-    Raises:
-        ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
-    """
-    # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
-    from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
-    from mixmo_dist.runtime.logs import setup_logging
-    from mixmo_dist.training.trainer import Trainer
-
-    cfg = load_config(argv)
-    die_with_parent()
-    accelerator = build_accelerator(
-        cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
-    )
-    setup_logging(accelerator.is_main_process)
-    if cfg.log.tensorboard:
-        accelerator.init_trackers(cfg.run.name)
-    trainer = Trainer(cfg, accelerator)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
 
 
 # Exit status of a run stopped by Ctrl-C after saving (the shell's convention for SIGINT: 128 + 2).
@@ -54,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     info_status = answer_without_training(argv, prog=PROG)
     if info_status is not None:
         return info_status
-    from mixmo_dist.checkpoint import CheckpointError  # after the flags: see run()
+    # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
+    from mixmo_dist.checkpoint import CheckpointError
+    from mixmo_dist.training.run import run
 
     try:
         status = run(argv)

@@ -22,8 +22,10 @@ import pytest
 from slurm_support import job_env, tiny, train_records, wait_for
 
 from mixmo_dist import slurm_launch, submit
+from mixmo_dist.cluster import slurm as slurm_plan
+from mixmo_dist.cluster import submitit_job
+from mixmo_dist.cluster.slurm import build_argv, job_hosts, launch_env, plan_from_env, procs_per_node_from_env
 from mixmo_dist.config import load_config
-from mixmo_dist.slurm_launch import build_argv, job_hosts, launch_env, plan_from_env, procs_per_node_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_HOSTS = ["gpu07", "gpu08"]
@@ -131,13 +133,13 @@ def test_build_argv_two_nodes(config_file):
 
 
 def test_build_argv_single_process_and_explicit_mode(config_file, tmp_path):
-    (tmp_path / slurm_launch.DEFAULT_CONFIG).parent.mkdir(parents=True)
-    (tmp_path / slurm_launch.DEFAULT_CONFIG).write_text("run:\n  name: r50\n")
+    (tmp_path / slurm_plan.DEFAULT_CONFIG).parent.mkdir(parents=True)
+    (tmp_path / slurm_plan.DEFAULT_CONFIG).write_text("run:\n  name: r50\n")
     one = plan_from_env(_slurm_env(SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="vm"), [], hosts=["vm"])
     argv = build_argv(one, python="/py")
     assert argv[argv.index("--num_processes") + 1] == "1"
     assert "--multi_gpu" not in argv  # accelerate refuses --multi_gpu with one process
-    assert argv[argv.index("-m", 3) :] == ["-m", "mixmo_dist.train", "--config", slurm_launch.DEFAULT_CONFIG]
+    assert argv[argv.index("-m", 3) :] == ["-m", "mixmo_dist.train", "--config", slurm_plan.DEFAULT_CONFIG]
 
     fsdp = plan_from_env(
         _slurm_env(MIXMO_CONFIG=config_file, MIXMO_PROCS_PER_NODE="2", MIXMO_ACCELERATE_ARGS="--use_fsdp"),
@@ -275,7 +277,7 @@ def test_launcher_forwards_sigusr2_to_every_rank(tmp_path):
 
 def test_executor_parameters_cpu_job_requests_no_gpu():
     cfg = load_config(["--run.name=cpujob", "--slurm.gpus_per_node=0", "--slurm.cpus_per_task=2"])
-    params = submit.executor_parameters(cfg)
+    params = submitit_job.executor_parameters(cfg)
     assert "gpus_per_node" not in params
     assert params["tasks_per_node"] == 1
     assert params["name"] == "cpujob"
@@ -291,19 +293,19 @@ def test_executor_parameters_one_task_per_gpu():
          "--slurm.qos=high", "--slurm.constraint=h100", "--slurm.mem_gb=500", "--slurm.job_name=r50",
          "--slurm.timeout_min=1440", "--slurm.signal_delay_s=300"]
     )  # fmt: skip
-    params = submit.executor_parameters(cfg)
+    params = submitit_job.executor_parameters(cfg)
     assert params["gpus_per_node"] == 8 and params["tasks_per_node"] == 8 and params["nodes"] == 2
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "lab"
     assert params["slurm_qos"] == "high" and params["slurm_constraint"] == "h100"
     assert params["mem_gb"] == 500 and params["name"] == "r50"
     assert params["timeout_min"] == 1440 and params["slurm_signal_delay_s"] == 300
     explicit = load_config(["--slurm.gpus_per_node=8", "--slurm.tasks_per_node=1"])
-    assert submit.executor_parameters(explicit)["tasks_per_node"] == 1
+    assert submitit_job.executor_parameters(explicit)["tasks_per_node"] == 1
 
 
 def test_local_executor_folder_and_parameters(tmp_path):
     cfg = load_config([f"--run.output_dir={tmp_path / 'run'}", "--slurm.tasks_per_node=2", "--slurm.timeout_min=7"])
-    executor = submit.build_executor(cfg, "local")
+    executor = submitit_job.build_executor(cfg, "local")
     assert Path(executor.folder) == (tmp_path / "run" / "submitit").resolve()
     assert executor.parameters["tasks_per_node"] == 2
     assert executor.parameters["timeout_min"] == 7
