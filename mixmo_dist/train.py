@@ -7,6 +7,7 @@ Parses the config, builds the runtime and the Trainer, runs it. No training logi
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from mixmo_dist.config import ConfigError, load_config
@@ -43,18 +44,35 @@ def run(argv: list[str]) -> str:
         trainer.close()
 
 
+def _is_global_rank_zero() -> bool:
+    # torchrun (under accelerate launch) exports RANK to every rank; a plain `python -m` run has none.
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
+    """Command-line wrapper: a user error prints one `error: ...` line, once per run, and exits 2 on every rank;
+    a preempted run exits 0.
+
+    Errors that one rank finds alone (its shard's corrupt image) reach every rank as `StopAllRanks`, printed by the
+    rank that found it; the other user errors arise on every rank alike (same config, same files) and global rank 0
+    prints them.
+    """
     argv = sys.argv[1:] if argv is None else argv
     info_status = answer_without_training(argv, prog=PROG)
     if info_status is not None:
         return info_status
     from mixmo_dist.checkpoint import CheckpointError  # after the flags: see run()
+    from mixmo_dist.runtime.collectives import StopAllRanks
 
     try:
         status = run(argv)
+    except StopAllRanks as err:
+        if err.report:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if _is_global_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
         return 2
     log.info("run %s", status)
     return 0
