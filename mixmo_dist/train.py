@@ -22,7 +22,10 @@ def run(argv: list[str]) -> str:
     """Train with the config that `argv` describes. Returns "completed" or "preempted".
 
     Raises:
-        ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
+        ConfigError, CheckpointError, ValueError: user errors that every rank meets alike (bad config, checkpoint
+            mismatch, unwritable output directory).
+        StopAllRanks: a user error one rank may meet alone (missing data, a corrupt image), agreed by every rank;
+            its `report` is set on the one rank that should print it.
     """
     # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
     from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -395,6 +396,7 @@ def test_evaluate_export_plot_read_a_read_only_run_and_skip_its_corrupt_checkpoi
         plot_in_place = _run([PY, "-m", "mixmo_dist.plot", str(ro)])
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert skipped in evaluation.stderr and "Traceback" not in evaluation.stderr
+    assert re.search(r"^\S+ WARNING checkpoint \S+step_00000003 is not usable", evaluation.stderr, re.M)  # a log line
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["steps"] == [2] and result["checkpoints"] == [str(ro / "checkpoints" / "step_00000002")]
     assert json.loads((outs / "e.json").read_text()) == result

@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO, VENV_BIN, free_port, launch, read_metrics, read_only_mount, tiny_args, train_env
 
 from mixmo_dist.checkpoint.store import CheckpointStore
-from mixmo_dist.data import scan_split
+from mixmo_dist.config import DataConfig
+from mixmo_dist.data import check_root, scan_split
 from mixmo_dist.data.plan import EpochPlan
 from mixmo_dist.model import build_model
 
@@ -257,3 +258,22 @@ def test_running_a_finished_run_again_adds_no_rows(tiny_data, reference_run, tmp
     assert "resumed from step 18" in outputs[0]
     assert (out / "metrics.jsonl").read_text() == jsonl
     assert (out / "metrics.csv").read_text() == csv
+
+
+def test_a_missing_data_root_names_the_key_and_what_belongs_there(tmp_path, monkeypatch):
+    """The data check that runs before anything is created, for each kind of root (no process needed)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"data\.root=data/demo does not exist: .*`make demo`.*--out data/demo`"):
+        check_root(DataConfig())
+    with pytest.raises(ValueError, match=r"data\.root=\./data/\.\./data/demo does not exist: .*`make demo`"):
+        check_root(DataConfig(root="./data/../data/demo"))  # the same place, spelt another way
+    nope = tmp_path / "nope"
+    with pytest.raises(ValueError, match=rf"data\.root={nope} does not exist: set --data\.root=DIR .*/train/<class>"):
+        check_root(DataConfig(root=str(nope)))
+    with pytest.raises(ValueError, match=r"the cifar100 files \(the layouts are in README\.md, Data\)"):
+        check_root(DataConfig(root=str(nope), dataset="cifar100", backend="torch"))
+    check_root(DataConfig(root=str(nope), backend="synthetic"))  # synthetic data reads no folder
+    assert (
+        "\n## Training" in (REPO / "README.md").read_text()
+        and "**Data.** `data.dataset`" in (REPO / "README.md").read_text()
+    )

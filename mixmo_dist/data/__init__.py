@@ -138,7 +138,7 @@ def check_root(cfg: DataConfig) -> None:
         )
     layout = "DIR/train/<class>/<image> and DIR/val/<class>/<image>"
     if cfg.dataset != "imagefolder":
-        layout = f"the {cfg.dataset} files (see docs/CONFIG.md, data.dataset)"
+        layout = f"the {cfg.dataset} files (the layouts are in README.md, Data)"
     raise ValueError(f"data.root={cfg.root} does not exist: set --data.root=DIR to a folder holding {layout}")
 
 
