@@ -64,7 +64,7 @@ def _one_error(outputs: list[str], *needles: str) -> str:
     return lines[0]
 
 
-def _two_machines(args: list[str], **popen) -> list[subprocess.Popen]:
+def _two_machines(args: list[str], cwds: tuple[Path, Path] = (REPO, REPO)) -> list[subprocess.Popen]:
     """Two `accelerate launch` of one process each (machine ranks 0 and 1) forming one world of 2.
 
     Unlike one launcher with 2 processes, neither launcher stops the other's rank when its own fails: a rank left
@@ -99,13 +99,12 @@ def _two_machines(args: list[str], **popen) -> list[subprocess.Popen]:
         procs.append(
             subprocess.Popen(
                 cmd,
-                cwd=REPO,
+                cwd=cwds[machine],
                 env=train_env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
                 start_new_session=True,
-                **popen,
             )
         )
     return procs
@@ -198,7 +197,27 @@ def test_corrupt_train_image_on_one_rank_stops_every_rank_with_one_line(data_cop
     outputs = _finish(_two_machines(args))
     _one_error(outputs, f"cannot decode image {bad}", "Replace the file with an intact copy")
     assert _rank_exit_codes(outputs) == {2}, outputs  # each launcher's one rank exited 2 on its own
+    # Every rank stopped in the step whose batch held the file: that step and the later ones were never logged.
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 9, steps
+    if backend == "torch":
+        assert steps == []  # rank 1 reads the file in the first step
     assert not (out / "checkpoints" / "step_00000009").exists()
+
+
+def test_data_missing_on_one_machine_stops_both_with_one_line(tiny_data, tmp_path):
+    """A relative data.root that only machine 0's working directory holds: machine 1's rank fails to build its
+    data alone, and machine 0's rank must not go on to wait for it in the next collective."""
+    with_data, without = tmp_path / "node0", tmp_path / "node1"
+    (with_data / "data").mkdir(parents=True)
+    (with_data / "data" / "demo").symlink_to(tiny_data)
+    without.mkdir()
+    out = tmp_path / "run"
+    args = [a for a in tiny_args(tiny_data, out) if not a.startswith("--data.root=")] + ["--data.root=data/demo"]
+    outputs = _finish(_two_machines(args, cwds=(with_data, without)))
+    _one_error(outputs, "data.root=data/demo does not exist", "make demo")
+    assert _rank_exit_codes(outputs) == {2}, outputs
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
