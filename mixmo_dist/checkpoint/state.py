@@ -202,7 +202,9 @@ class CheckpointManager:
         except (RuntimeError, ValueError, KeyError) as err:
             if isinstance(err, CheckpointError):
                 raise
-            detail = " ".join(str(err).split())[:400]
+            detail = " ".join(str(err).split())
+            if len(detail) > 400:  # one line: the first mismatches are enough to recognise the cause
+                detail = detail[:400].rsplit(" ", 1)[0] + " ..."
             raise CheckpointError(
                 f"cannot resume from {path}: its tensors do not fit the network its state.json describes "
                 f"({', '.join(f'{k}={self.shape[k]!r}' for k in SHAPE_KEYS if k != 'classes')}): {detail}. It was "
