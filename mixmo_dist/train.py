@@ -10,7 +10,7 @@ import logging
 import sys
 
 from mixmo_dist.config import ConfigError
-from mixmo_dist.config.cli import answer_without_training
+from mixmo_dist.config.cli import answer_without_training, is_global_rank_zero
 
 log = logging.getLogger("mixmo_dist")
 
@@ -22,23 +22,36 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0 (it is
-    requeued); a run stopped by Ctrl-C saves and exits 130, and a second Ctrl-C exits 130 at once."""
+    """Command-line wrapper: a user error prints one `error: ...` line, once per run, and exits 2 on every rank;
+    a preempted run exits 0 (it is requeued); a run stopped by Ctrl-C saves and exits 130, and a second Ctrl-C exits
+    130 at once.
+
+    Errors that one rank finds alone (its shard's corrupt image) reach every rank as `StopAllRanks`, printed by the
+    rank that found it; the other user errors arise on every rank alike (same config, same files) and global rank 0
+    prints them.
+    """
     argv = sys.argv[1:] if argv is None else argv
     info_status = answer_without_training(argv, prog=PROG)
     if info_status is not None:
         return info_status
     # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
     from mixmo_dist.checkpoint import CheckpointError
+    from mixmo_dist.runtime.collectives import StopAllRanks
     from mixmo_dist.training.run import run
 
     try:
         status = run(argv)
+    except StopAllRanks as err:
+        if err.report:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if is_global_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: stopped without saving; the run resumes from its last complete checkpoint", file=sys.stderr)
+        if is_global_rank_zero():
+            print("interrupted: stopped without saving; the run resumes from its last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
     log.info("run %s", status)
     return EXIT_INTERRUPTED if status == "interrupted" else 0

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,32 @@ def tiny_data(tmp_path_factory) -> Path:
     victim = sorted((root / "val").rglob("*.JPEG"))[0]
     victim.unlink()
     return root
+
+
+@contextmanager
+def read_only_mount(path: Path, source: Path | None = None):
+    """`path` as a read-only mount for the block: an empty tmpfs, or a read-only bind of `source` (a copy of a run).
+
+    Root ignores file modes, so only a read-only mount refuses root's writes; mounting needs root (CI runs as root).
+    Unmounted afterwards, whatever happens inside the block.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a read-only mount (root ignores file modes, so nothing else is read-only)")
+    path.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        steps = [["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]]
+    else:
+        steps = [["mount", "--bind", str(source), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]]
+    for i, cmd in enumerate(steps):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            if i:
+                subprocess.run(["umount", str(path)], check=True)
+            pytest.skip(f"cannot make a read-only mount here ({' '.join(cmd)}): {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def free_port() -> int:
@@ -116,12 +143,12 @@ def launch(
             "mixmo_dist.train",
             *args,
         ]
+    popen.setdefault("cwd", REPO)
     # A tag in the environment of every process of this run (launcher, ranks, their DataLoader forkservers and
     # workers), so that `kill_run` finds them all: torchrun puts each rank in its own session.
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(
         cmd,
-        cwd=REPO,
         env={**(env or train_env()), RUN_TAG: tag},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

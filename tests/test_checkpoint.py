@@ -239,6 +239,35 @@ def test_corrupt_newest_is_moved_aside_and_previous_returned(tmp_path, case):
     assert no_checkpoint_warnings(store.find_latest) == good  # nothing left to move
 
 
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_reader_skips_corrupt_checkpoints_without_writing(tmp_path, case):
+    """find_latest(repair=False), what evaluate/export/init_from use: the previous complete checkpoint, a warning
+    naming each skipped one, and not a byte changed (the run may be a read-only copy)."""
+    corrupt, reason = CORRUPTIONS[case]
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root, keep_last=3)
+    good = save(store, 1)
+    bad = save(store, 2)
+    newer_bad = save(store, 3)
+    corrupt(bad)
+    corrupt(newer_bad)
+    (root / "latest").write_text("step_00000003\n")
+    before = _snapshot(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert store.find_latest(repair=False) == good
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(messages) == 2, messages  # each corrupt one named once
+    for path, message in zip((newer_bad, bad), messages):
+        assert f"checkpoint {path} is not usable (" in message and reason in message and "skipped" in message
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
+
+
 def test_latest_pointing_at_corrupt_dir_falls_back_to_scan(tmp_path):
     root = tmp_path / "checkpoints"
     store = CheckpointStore(root, keep_last=3)

@@ -184,11 +184,7 @@ class CheckpointManager:
             return None
         state = self.store.read_json(path, "state.json")
         old_world = self.check_compatible(state, path)
-        self.model.load_state_dict(self.store.read_tensors(path, "model.safetensors"), strict=True)
-        tensors = self.store.read_tensors(path, "trainer.safetensors")
-        self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
-        if self.ema is not None:
-            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        self._load_tensors(path, state)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.counters.load_state_dict(state)
@@ -204,6 +200,28 @@ class CheckpointManager:
             for key in keys:
                 self.rank_states[key].load_resharded([old[key] for old in olds], state["step"])
         return Path(path)
+
+    def _load_tensors(self, path: str, state: dict) -> None:
+        """Model, optimizer and EMA tensors; files that do not fit the settings stored beside them are refused."""
+        try:
+            self.model.load_state_dict(self.store.read_tensors(path, "model.safetensors"), strict=True)
+            tensors = self.store.read_tensors(path, "trainer.safetensors")
+            self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
+            if self.ema is not None:
+                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        except (RuntimeError, ValueError, KeyError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            detail = " ".join(str(err).split())
+            if len(detail) > 400:  # one line: the first mismatches are enough to recognise the cause
+                detail = detail[:400].rsplit(" ", 1)[0] + " ..."
+            raise CheckpointError(
+                f"cannot resume from {path}: its tensors do not fit the network its state.json describes "
+                f"({', '.join(f'{k}={self.shape[k]!r}' for k in SHAPE_KEYS if k != 'classes')}): {detail}. It was "
+                "written by another version of mixmo_dist or timm, or changed by hand; resume from another "
+                "checkpoint (--checkpoint.resume=<run>/checkpoints/step_<N>) or start a new run in another "
+                "run.output_dir"
+            ) from None
 
     def check_compatible(self, state: dict, path: str | Path) -> int | None:
         """Refuse a checkpoint whose shape-defining settings differ from this run's, naming each difference.

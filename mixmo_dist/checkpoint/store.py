@@ -137,7 +137,8 @@ class CheckpointStore:
 
     Only one process (global rank 0) may call `begin`, `commit`, `find_latest`, `resolve`, `move_aside` and
     `cleanup_tmp`, since they rename directories; it shares the resulting path with the other ranks. All ranks may
-    call `tmp_dir`, `write_tensors`, `write_json`, `read_tensors`, `read_json` and `verify`. The root must be on a
+    call `tmp_dir`, `write_tensors`, `write_json`, `read_tensors`, `read_json`, `verify` and
+    `find_latest(repair=False)`, which writes nothing. The root must be on a
     file system that every rank sees when several hosts write into one checkpoint.
 
     Args:
@@ -449,12 +450,17 @@ class CheckpointStore:
             return None
         return self.root / text
 
-    def find_latest(self) -> Path | None:
+    def find_latest(self, *, repair: bool = True) -> Path | None:
         """The checkpoint to resume from: `latest` if it verifies, else the newest step directory that verifies.
 
         `latest` is trusted first because it is written last by `commit`. Every candidate that fails `verify` is
-        moved aside with a warning and the next older one is tried; `.tmp_*` directories are never candidates.
-        When the scan had to be used, `latest` is rewritten to the answer.
+        passed over with a warning naming it and the next older one is tried; `.tmp_*` directories are never
+        candidates.
+
+        Args:
+            repair: the run's owner (the trainer, holding the run lock) moves failing candidates aside and rewrites
+                `latest` to the answer when the scan had to be used. Readers (evaluate, export, init_from) pass
+                False: they write nothing into the run they read, which may be a read-only copy.
 
         Returns:
             The checkpoint directory, or None when no checkpoint verifies (a fresh run).
@@ -470,7 +476,7 @@ class CheckpointStore:
                 reason = self.verify(hint)
                 if reason is None:
                     return hint
-                self.move_aside(hint, reason)
+                self._pass_over(hint, reason, repair)
             else:
                 warnings.warn(
                     f"{self.root / LATEST} names {hint.name}, which does not exist; scanning {self.root}",
@@ -478,12 +484,25 @@ class CheckpointStore:
                     stacklevel=2,
                 )
         for _, candidate in reversed(self.step_dirs()):
+            if candidate == hint:
+                continue  # verified and passed over above
             reason = self.verify(candidate)
             if reason is None:
-                self._write_latest(candidate.name)
+                if repair:
+                    self._write_latest(candidate.name)
                 return candidate
-            self.move_aside(candidate, reason)
+            self._pass_over(candidate, reason, repair)
         return None
+
+    def _pass_over(self, path: Path, reason: str, repair: bool) -> None:
+        if repair:
+            self.move_aside(path, reason)
+        else:
+            warnings.warn(
+                f"checkpoint {path} is not usable ({reason}): skipped, trying the previous one",
+                CheckpointWarning,
+                stacklevel=3,
+            )
 
     def resolve(self, resume: str) -> Path | None:
         """Apply the config value `checkpoint.resume`.
@@ -557,7 +576,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
     Args:
         path: a step directory (`.../checkpoints/step_<N>`) or a run output directory (then its newest complete
-            checkpoint, found by `CheckpointStore.find_latest`, which moves corrupt ones aside).
+            checkpoint: `CheckpointStore.find_latest(repair=False)` skips corrupt ones with a warning and writes
+            nothing, so a read-only run directory works).
 
     Raises:
         CheckpointError: `path` does not exist, is neither kind of directory, holds no complete checkpoint, or the
@@ -573,7 +593,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return p
     root = p / "checkpoints"
     if p.is_dir() and root.is_dir():
-        found = CheckpointStore(root, keep_last=1).find_latest()
+        found = CheckpointStore(root, keep_last=1).find_latest(repair=False)
         if found is None:
             raise CheckpointError(f"run directory {p} holds no complete checkpoint under {root}")
         return found

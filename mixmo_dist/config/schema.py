@@ -326,8 +326,7 @@ class DataConfig(_Section, section="data"):
     """Dataset root holding train/ and val/ class folders (ignored by the synthetic backend); the default is the
     demo set that `make demo` generates."""
     dataset: Literal["imagefolder", "cifar10", "cifar100", "tinyimagenet"] = "imagefolder"
-    """Dataset layout and normalisation statistics to use (the limits of each are listed in README.md, Known
-    limitations)."""
+    """Dataset layout and normalisation statistics to use (each layout is described in README.md, Data)."""
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch", "synthetic"] = "auto"
     """Loader. auto: dali-gpu with CUDA and DALI, dali-cpu with DALI but no CUDA, torch without DALI. synthetic:
     random tensors (benchmarks and smoke tests)."""
@@ -393,8 +392,8 @@ class ModelConfig(_Section, section="model"):
     compile: bool = False
     """Wrap the training forward (MixMoNet.forward_train) in torch.compile."""
     init_from: str | None = None
-    """Vanilla weights to start the backbone from (an exported file or a 1-member run, see init_from in README.md);
-    null = timm's random initialisation."""
+    """Vanilla weights to start the backbone from (an exported file or a 1-member run, see init_from in
+    docs/OUTPUTS.md); null = timm's random initialisation."""
 
     def _validate(self) -> None:
         self._check("arch", bool(self.arch.strip()), "a non-empty timm model name")

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.seeds import derive_seed
 
-from .folder import load_rgb, scan_split
+from .folder import CorruptImageError, load_rgb, scan_split
 from .placement import Placement
 from .plan import EpochPlan
 from .transforms import train_transform, val_transform
@@ -72,6 +72,23 @@ class PathTable:
         """Sample `index` decoded to RGB (a `Source`); a corrupt file raises CorruptImageError naming it."""
         path, label = self[index]
         return load_rgb(path), label
+
+
+def _worker_message(err: CorruptImageError) -> str:
+    """The worker's own message: the DataLoader re-raises a worker's error with the worker's whole traceback as its
+    text, whose last line is `<module>.CorruptImageError: <message>`."""
+    text = str(err)
+    marker = f"{CorruptImageError.__name__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else text
+
+
+def _one_line_errors(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """`batches`, with a corrupt image's error re-raised as the one line naming the file."""
+    try:
+        yield from batches
+    except CorruptImageError as err:
+        raise CorruptImageError(_worker_message(err)) from None
 
 
 class TrainSet(Dataset):
@@ -144,7 +161,7 @@ class TorchTrainLoader(EpochPlan):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, start = self.begin_pass()
         # Skipping happens here, on keys: batches before `start` are never decoded.
-        for batch in self._decoder.run(self.epoch_keys(epoch)[start:], first=start):
+        for batch in _one_line_errors(self._decoder.run(self.epoch_keys(epoch)[start:], first=start)):
             self.advance()
             yield batch
 
@@ -174,7 +191,7 @@ class TorchValLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx, size = self._indices, self._batch_size
-        yield from self._decoder.run([list(idx[i : i + size]) for i in range(0, len(idx), size)])
+        yield from _one_line_errors(self._decoder.run([list(idx[i : i + size]) for i in range(0, len(idx), size)]))
 
 
 def torch_data(

@@ -13,7 +13,10 @@ def run(argv: list[str]) -> str:
     """Train with the config that `argv` describes. Returns "completed", "preempted" or "interrupted".
 
     Raises:
-        ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
+        ConfigError, CheckpointError, ValueError: user errors that every rank meets alike (bad config, checkpoint
+            mismatch, unwritable output directory).
+        StopAllRanks: a user error one rank may meet alone (missing data, a corrupt image), agreed by every rank;
+            its `report` is set on the one rank that should print it.
     """
     cfg = load_config(argv)
     die_with_parent()
