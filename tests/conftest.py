@@ -163,25 +163,34 @@ def launch(
 RUN_TAG = "MIXMO_TEST_RUN_TAG"
 
 
+def run_processes(tag: str) -> dict[int, dict[str, str]]:
+    """{pid: environment} of the live (non-zombie) processes of the `launch`ed run tagged `tag` (`proc.run_tag`)."""
+    needle = f"{RUN_TAG}={tag}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state not in ("Z", "X"):
+            found[int(entry)] = dict(w.decode(errors="replace").partition("=")[::2] for w in environ if b"=" in w)
+    return found
+
+
 def kill_run(proc: subprocess.Popen) -> str:
     """SIGKILL every process of a `launch`ed run and return its output.
 
     Killing the launcher's group is not enough: a rank killed (or crashed) without its DataLoader forkserver leaves
     that forkserver alive and holding the output pipe, and reading the output would then block for good.
     """
-    needle = f"{RUN_TAG}={proc.run_tag}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in run_processes(proc.run_tag):
         try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in environ:
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     out, _ = proc.communicate(timeout=60)
     return out
 

@@ -1,8 +1,8 @@
 """Nothing a run started outlives it: after SIGKILL of a rank, of the launcher or of the launcher's process group,
 every process of the run (ranks, DataLoader workers, their forkserver) is gone within 10 s.
 
-Each run gets a unique tag in its environment; every process it starts inherits that environment (the forkserver is
-exec'd with it, workers are forked from the forkserver), so the process table is searched for the tag.
+`launch` gives each run a unique tag in its environment; every process it starts inherits that environment (the
+forkserver is exec'd with it, workers are forked from the forkserver), so the process table is searched for the tag.
 """
 
 from __future__ import annotations
@@ -11,30 +11,12 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from conftest import launch, tiny_args, train_env
+from conftest import kill_run, launch, run_processes, tiny_args
 
 GONE_WITHIN_S = 10.0
-
-
-def tagged(tag: str) -> dict[int, dict[str, str]]:
-    """{pid: environment} of the live (non-zombie) processes whose environment holds MIXMO_TEST_TAG=tag."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env_words = (proc / "environ").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if f"MIXMO_TEST_TAG={tag}".encode() in env_words and state not in ("Z", "X"):
-            env = dict(w.decode(errors="replace").partition("=")[::2] for w in env_words if b"=" in w)
-            found[int(proc.name)] = env
-    return found
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -63,15 +45,7 @@ def _is_trainer(pid: int) -> bool:
         return False
 
 
-def _kill_all(pids) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _start(tiny_data: Path, out: Path, nproc: int, tag: str):
+def _start(tiny_data: Path, out: Path, nproc: int):
     args = tiny_args(
         tiny_data,
         out,
@@ -80,14 +54,13 @@ def _start(tiny_data: Path, out: Path, nproc: int, tag: str):
         "--checkpoint.every_n_steps=1000",
         "--eval.every_n_epochs=1000",
     )
-    proc = launch(args, nproc=nproc, env=train_env(MIXMO_TEST_TAG=tag))
+    proc = launch(args, nproc=nproc)
     try:
         _wait_for(lambda: _train_rows(out) >= 2, 300, "two training steps")
         # Ranks, each with a forkserver and 2 train workers, are running now.
-        procs = _wait_for(lambda: (p := tagged(tag)) and len(p) >= nproc * 4 and p, 60, "the workers")
+        procs = _wait_for(lambda: (p := run_processes(proc.run_tag)) and len(p) >= nproc * 4 and p, 60, "the workers")
     except BaseException:
-        proc.kill()
-        _kill_all(tagged(tag))
+        kill_run(proc)
         raise
     return proc, procs
 
@@ -97,8 +70,7 @@ def _start(tiny_data: Path, out: Path, nproc: int, tag: str):
     [(1, "rank"), (2, "rank 1"), (2, "launcher"), (2, "process group")],
 )
 def test_nothing_outlives_a_sigkill(tiny_data, tmp_path, nproc, victim):
-    tag = uuid.uuid4().hex
-    proc, procs = _start(tiny_data, tmp_path / "run", nproc, tag)
+    proc, procs = _start(tiny_data, tmp_path / "run", nproc)
     try:
         if victim == "rank":
             os.kill(proc.pid, signal.SIGKILL)  # one process: the launched process is the rank
@@ -113,7 +85,7 @@ def test_nothing_outlives_a_sigkill(tiny_data, tmp_path, nproc, victim):
         t0 = time.monotonic()
         left = {}
         while time.monotonic() - t0 < GONE_WITHIN_S:
-            left = tagged(tag)
+            left = run_processes(proc.run_tag)
             if not left:
                 break
             time.sleep(0.2)
@@ -123,9 +95,7 @@ def test_nothing_outlives_a_sigkill(tiny_data, tmp_path, nproc, victim):
             if Path(f"/proc/{pid}").exists()
         )
     finally:
-        _kill_all(tagged(tag))
-        proc.kill()
-        proc.communicate(timeout=60)
+        kill_run(proc)
 
 
 if __name__ == "__main__":
