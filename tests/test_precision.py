@@ -103,7 +103,7 @@ def test_launcher_fp16_under_auto_on_cpu_is_refused(tiny_data, tmp_path):
     # Each rank prints the line, but the ranks share the output pipe (two lines can interleave) and the launcher may
     # stop the slower rank before it prints: at least one refusal, and no other error line.
     assert "error: accelerate launch --mixed_precision fp16 (run.mixed_precision=auto) needs CUDA" in log, log[-3000:]
-    assert all("fp16 needs CUDA" in e for e in _refusal(log)), log[-3000:]
+    assert all("needs CUDA" in e for e in _refusal(log)), log[-3000:]
     assert not (out / "checkpoints").exists() and not (out / "run.json").exists()
 
 

@@ -24,6 +24,18 @@ def run(argv: list[str]) -> str:
         cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
     )
     setup_logging(accelerator.is_main_process)
+    try:
+        status = _fit(cfg, accelerator)
+    except KeyboardInterrupt:
+        raise  # a second Ctrl-C leaves at once: a teardown could wait on a collective that another rank never joins
+    except BaseException:
+        _end(accelerator)
+        raise
+    _end(accelerator)
+    return status
+
+
+def _fit(cfg, accelerator) -> str:
     if cfg.log.tensorboard:
         accelerator.init_trackers(cfg.run.name)
     trainer = Trainer(cfg, accelerator)
@@ -31,3 +43,10 @@ def run(argv: list[str]) -> str:
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def _end(accelerator) -> None:
+    """Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
+    shutdown after an error every rank agreed on, gloo's threads can outlive it and abort the rank ("terminate called
+    without an active exception", exit -6) after its one-line error was printed."""
+    accelerator.end_training()

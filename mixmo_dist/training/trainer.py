@@ -452,4 +452,3 @@ class Trainer:
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
-        self.acc.end_training()
