@@ -5,9 +5,10 @@ reader ends in `torch_data`, which builds the same `TrainSet`/`ValSet` and loade
 
 Shape legend: B batch rows, U unique images per rank per step, W world size, S image side.
 
-Train batches follow the shared `EpochPlan`. Each sample's augmentation is drawn from a generator seeded by
-(seed, epoch, position in the epoch), so a batch does not depend on the number of workers, on which worker decoded
-it, or on whether the run was interrupted.
+Train batches follow the shared `EpochPlan`. Each sample is decoded once and gives `place.views_per_image` views
+(V: 1, or one per copy under `data.copy_augmentation=per_copy`), all drawn from one generator seeded by (seed, epoch,
+position in the epoch), so a batch does not depend on the number of workers, on which worker decoded it, on the
+world size or on whether the run was interrupted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mixmo_dist.runtime.seeds import derive_seed
 from .folder import load_rgb, scan_split
 from .placement import Placement
 from .plan import EpochPlan
-from .transforms import train_transform, val_transform
+from .transforms import train_views, val_transform
 from .workers import Decoder
 
 if TYPE_CHECKING:
@@ -75,13 +76,18 @@ class PathTable:
 
 
 class TrainSet(Dataset):
-    """Decodes and augments train samples of a `Source`; a key is (epoch, position in the epoch, source index)."""
+    """Decodes train samples of a `Source` once and augments `views` views of each (uint8 [V,3,S,S], label); a key
+    is (epoch, position in the epoch, source index)."""
 
-    def __init__(self, source: Source, cfg: DataConfig, seed: int) -> None:
+    def __init__(self, source: Source, cfg: DataConfig, seed: int, views: int = 1) -> None:
         self.source = source
         self.seed = seed
         self.transform = dict(
-            image_size=cfg.image_size, train_crop=cfg.train_crop, min_crop_scale=cfg.min_crop_scale, hflip=cfg.hflip
+            views=views,
+            image_size=cfg.image_size,
+            train_crop=cfg.train_crop,
+            min_crop_scale=cfg.min_crop_scale,
+            hflip=cfg.hflip,
         )
 
     def __len__(self) -> int:
@@ -93,7 +99,7 @@ class TrainSet(Dataset):
         # The position, not the dataset index, seeds the draw: wrapped-around duplicates get their own crops, and a
         # batch is the same whatever the number of workers, the worker that decodes it or a resume.
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position))
-        return train_transform(image, gen=gen, **self.transform), label
+        return train_views(image, gen=gen, **self.transform), label
 
 
 class ValSet(Dataset):
@@ -113,7 +119,8 @@ class ValSet(Dataset):
 
 
 class TorchTrainLoader(EpochPlan):
-    """Train batches (images float32 [U,3,S,S] normalised on the device, labels int64 [U]) of one rank.
+    """Train batches (images float32 [U*V,3,S,S] normalised on the device, the V views of image u in rows
+    u*V .. u*V+V-1; labels int64 [U]) of one rank.
 
     Args:
         dataset: a `TrainSet` (or any dataset taking (epoch, position, index) keys).
@@ -179,9 +186,16 @@ class TorchValLoader:
 
 
 def torch_data(
-    cfg: DataConfig, train_source: Source, val_source: Source, classes: list[str], place: Placement
+    cfg: DataConfig,
+    train_source: Source,
+    val_source: Source,
+    classes: list[str],
+    place: Placement,
+    *,
+    val_split: str = "val",
 ) -> Data:
-    """The torch backend's `Data` over two sources, with the settings of the `data` section `cfg`.
+    """The torch backend's `Data` over two sources, with the settings of the `data` section `cfg`; `val_split`
+    names what `val_source` is ("test" for CIFAR).
 
     Every reader served by this backend (image folders, Tiny ImageNet, CIFAR) ends here, so plans, augmentation
     seeding, resume, sharding and worker handling are the same for all of them.
@@ -189,7 +203,7 @@ def torch_data(
     from . import Data
 
     return Data(
-        train=TorchTrainLoader(TrainSet(train_source, cfg, place.seed), cfg, place),
+        train=TorchTrainLoader(TrainSet(train_source, cfg, place.seed, place.views_per_image), cfg, place),
         val=TorchValLoader(ValSet(val_source, cfg), cfg, place),
         classes=classes,
         mean=place.mean,
@@ -197,6 +211,7 @@ def torch_data(
         num_train=len(train_source),
         num_val=len(val_source),
         backend="torch",
+        val_split=val_split,
     )
 
 

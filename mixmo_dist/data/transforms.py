@@ -58,34 +58,53 @@ def _to_uint8_chw(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def train_transform(
-    img: Image.Image, *, image_size: int, train_crop: str, min_crop_scale: float, hflip: bool, gen: torch.Generator
+def train_views(
+    img: Image.Image,
+    *,
+    views: int,
+    image_size: int,
+    train_crop: str,
+    min_crop_scale: float,
+    hflip: bool,
+    gen: torch.Generator,
 ) -> Tensor:
-    """Train augmentation of one RGB image; every random draw comes from `gen`.
+    """`views` independently augmented views of one decoded RGB image; every random draw comes from `gen`.
 
-    random_resized: RandomResizedCrop(scale=(min_crop_scale, 1)) resized to S x S (bilinear, antialiased).
-    pad_random: resize to S x S, zero-pad 4 px, random S x S crop (CIFAR style).
-    Then a horizontal flip with probability 1/2 when `hflip`.
+    random_resized: per view, RandomResizedCrop(scale=(min_crop_scale, 1)) resized to S x S (bilinear,
+    antialiased), then a horizontal flip with probability 1/2 when `hflip` (drawn in that order, view by view).
+    pad_random: the image is resized to S x S and zero-padded by 4 px once; then all views' (top, left) offsets in
+    0..8 are drawn at once, then all their flips, and the V crops are cut in one gather (CIFAR style).
+    One view is exactly the single augmentation of one image (the draws of view 0 do not depend on `views`'s value
+    for random_resized; for pad_random they are the same draws when views == 1).
 
     Returns:
-        uint8 [3,S,S].
+        uint8 [V,3,S,S].
     """
     size = (image_size, image_size)
     if train_crop == "random_resized":
-        top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
-        # Pillow's bilinear filter widens its support when downscaling, i.e. it antialiases.
-        img = img.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h))
-        image_3SS = _to_uint8_chw(img)
-    else:
-        if img.size != size:
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        padded_3PP = torch.zeros(3, image_size + 2 * _PAD, image_size + 2 * _PAD, dtype=torch.uint8)
-        padded_3PP[:, _PAD : _PAD + image_size, _PAD : _PAD + image_size] = _to_uint8_chw(img)
-        top, left = torch.randint(0, 2 * _PAD + 1, (2,), generator=gen).tolist()
-        image_3SS = padded_3PP[:, top : top + image_size, left : left + image_size].contiguous()
-    if hflip and bool(torch.rand((), generator=gen) < 0.5):
-        image_3SS = image_3SS.flip(2)
-    return image_3SS
+        out = []
+        for _ in range(views):
+            top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
+            # Pillow's bilinear filter widens its support when downscaling, i.e. it antialiases.
+            view = img.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h))
+            image_3SS = _to_uint8_chw(view)
+            if hflip and bool(torch.rand((), generator=gen) < 0.5):
+                image_3SS = image_3SS.flip(2)
+            out.append(image_3SS)
+        return torch.stack(out)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    padded_3PP = torch.zeros(3, image_size + 2 * _PAD, image_size + 2 * _PAD, dtype=torch.uint8)
+    padded_3PP[:, _PAD : _PAD + image_size, _PAD : _PAD + image_size] = _to_uint8_chw(img)
+    offsets_V2 = torch.randint(0, 2 * _PAD + 1, (views, 2), generator=gen)
+    span_S = torch.arange(image_size)
+    rows_VS = offsets_V2[:, :1] + span_S
+    cols_VS = offsets_V2[:, 1:] + span_S
+    if hflip:
+        flip_V1 = torch.rand((views,), generator=gen).unsqueeze(1) < 0.5
+        cols_VS = torch.where(flip_V1, cols_VS.flip(1), cols_VS)
+    # One advanced-indexing gather cuts every view: [3, V, S, S] -> [V, 3, S, S].
+    return padded_3PP[:, rows_VS[:, :, None], cols_VS[:, None, :]].permute(1, 0, 2, 3).contiguous()
 
 
 def val_transform(img: Image.Image, *, image_size: int, resize_ratio: float) -> Tensor:

@@ -38,6 +38,14 @@ def rows_per_rank(data_cfg: DataConfig, world_size: int) -> int:
     return data_cfg.global_batch_size // world_size
 
 
+def views_per_image(cfg: Config) -> int:
+    """V, the augmented views the loader makes of each unique image: one per copy (b x M, each copy of the image in
+    each member) under `data.copy_augmentation=per_copy`, else 1."""
+    if cfg.data.copy_augmentation == "per_copy":
+        return cfg.mixmo.batch_repetitions * cfg.mixmo.num_members
+    return 1
+
+
 def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Plan:
     """The plan of a run of `cfg` on `world_size` ranks whose loader yields `micro_batches_per_epoch` per epoch."""
     rows = rows_per_rank(cfg.data, world_size)

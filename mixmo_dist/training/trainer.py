@@ -28,6 +28,7 @@ from mixmo_dist.config import Config, ConfigError, config_to_dict, dump_config
 from mixmo_dist.data import Placement, build_data, timm_mean_std
 from mixmo_dist.evaluation.metrics import EvalAccumulator
 from mixmo_dist.model import build_model
+from mixmo_dist.model.sync_bn import use_sync_batchnorm
 from mixmo_dist.model.weights import init_from_vanilla
 from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
@@ -38,8 +39,8 @@ from mixmo_dist.runtime.signals import StopSignal
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
-from mixmo_dist.training.plan import build_plan, rows_per_rank
-from mixmo_dist.training.reporting import MetricsLog, Progress, metric_columns
+from mixmo_dist.training.plan import build_plan, rows_per_rank, views_per_image
+from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, git_commit, metric_columns
 
 log = logging.getLogger("mixmo_dist")
 
@@ -85,6 +86,7 @@ class Trainer:
         self.generator.manual_seed(rank_seed(cfg.run.seed, self.rank, STREAM_MIXING))
         self.data = build_data(cfg.data, self._placement())
         self.plan = build_plan(cfg, self.world, len(self.data.train))
+        self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
         self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
         self.raw = accelerator.unwrap_model(self.model)
@@ -109,6 +111,7 @@ class Trainer:
             seed=cfg.run.seed,
             device=self.device,
             unique_per_rank=max(1, rows // cfg.mixmo.batch_repetitions),
+            views_per_image=views_per_image(cfg),
             val_batch_size=cfg.data.val_batch_size or rows,
             channels_last=cfg.model.channels_last,
             mean=mean,
@@ -123,14 +126,18 @@ class Trainer:
         return found
 
     def _build_model_and_optimizer(self):
-        cfg = self.cfg
-        model = build_model(cfg.model.arch, cfg.mixmo.num_members, self.num_classes)
-        if cfg.model.init_from:
-            init_from_vanilla(model, cfg.model.init_from)
-        if cfg.model.channels_last:
+        m = self.cfg.model
+        model = build_model(
+            m.arch, self.cfg.mixmo.num_members, self.num_classes, init=m.init, head_init_std=m.head_init_std
+        )
+        if m.init_from:
+            init_from_vanilla(model, m.init_from)
+        if m.sync_bn:
+            model = use_sync_batchnorm(model, self.device)
+        if m.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(self.device)
-        return model, build_optimizer(model, cfg.optim, self.plan.lr)
+        return model, build_optimizer(model, self.cfg.optim, self.plan.lr)
 
     def _build_checkpoints(self) -> CheckpointManager:
         return CheckpointManager(
@@ -162,11 +169,13 @@ class Trainer:
 
     # -- the trainer's own state (registered as the checkpoint's counters) ------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
+        counters = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
+        return {**counters, **self.best.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+        self.best.load_state_dict(state)
 
     @property
     def epoch(self) -> float:
@@ -370,15 +379,18 @@ class Trainer:
         return result
 
     def _log_val(self, result: dict) -> None:
+        self.best.update(self.step, result["top1"])  # on every rank: it is part of the checkpointed counters
         if not self.acc.is_main_process:
             return
         rec = {"split": "val", "step": self.step, "epoch": round(self.epoch, 4)}
         rec.update({k: v for k, v in result.items() if k != "reliability"})
+        rec.update(self.best.record())
         self.metrics.append(rec)
         members = " ".join(f"{v:.3f}" for v in result["member_top1"])
         log.info(
-            "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s",
+            "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s (best %.4f at step %d, %s split)",
             *(self.step, result["top1"], result["top5"], result["nll"], result["ece"], members),
+            *(self.best.top1, self.best.step, self.best.split),
         )
         self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
 
@@ -412,7 +424,7 @@ class Trainer:
             "mixed_precision": str(self.acc.mixed_precision),
             "num_params": sum(p.numel() for p in self.raw.parameters()),
             "version": __version__,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "backend": self.data.backend,
             "classes": list(self.data.classes),
             "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
@@ -432,18 +444,3 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
         self.acc.end_training()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
