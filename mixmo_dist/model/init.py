@@ -37,8 +37,21 @@ def reference_std(weight: torch.Tensor) -> float:
 
 
 def _he_truncated_(weight: torch.Tensor) -> None:
-    std = reference_std(weight) / TRUNCATED_STD
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-_BOUND * std, b=_BOUND * std)
+    """N(0, 1) cut to [-2, 2] by redrawing the values outside (exact rejection sampling), scaled by
+    sqrt(2 / fan_in) / 0.8796. One pass finds the ~4.6% of values outside, then only those are redrawn until none
+    is left; torch's inverse-erf `trunc_normal_` is several times slower on a CPU (tens of seconds for WRN-28-10's
+    36M weights on a loaded 2-core machine)."""
+    # In place when possible: a fresh 100 MB buffer costs more in page faults than the sampling itself.
+    flat = weight.view(-1) if weight.is_contiguous() else torch.empty_like(weight).view(-1)
+    flat.normal_(0.0, 1.0)
+    redraw = (flat.abs() > _BOUND).nonzero().squeeze(1)
+    while redraw.numel():
+        draws = torch.randn(redraw.numel(), dtype=flat.dtype, device=flat.device)
+        flat[redraw] = draws
+        redraw = redraw[draws.abs() > _BOUND]
+    flat.mul_(reference_std(weight) / TRUNCATED_STD)
+    if flat.data_ptr() != weight.data_ptr():
+        weight.copy_(flat.view_as(weight))
 
 
 @torch.no_grad()
