@@ -146,3 +146,5 @@ def test_member_inputs_gathers_images_and_labels(views):
     x2, y2 = member_inputs(cl, labels, num_members=2, repetitions=2, input_repetition=0.0, generator=g)
     torch.testing.assert_close(x2, x)
     assert x2[0].is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"not \d views each"):  # the run planned other views than the loader gave
+        member_inputs(images, labels, num_members=2, repetitions=2, input_repetition=0.0, generator=g, views=4 // views)

@@ -165,6 +165,7 @@ def test_dali_cpu_two_ranks_resume_with_a_raised_stop_cap(tiny_data, tmp_path):
     assert rc == 0, log[-3000:]
     rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=4"), nproc=1)
     assert rc == 0, log[-3000:]
+    assert json.loads((split / "run.json").read_text())["plan"]["views_per_image"] == 2 * 2  # b x M
     rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=7"), nproc=1)
     assert rc == 0 and "resumed from step 4" in log, log[-3000:]
     run = json.loads((split / "run.json").read_text())
@@ -192,6 +193,7 @@ def test_views_per_copy_resume_bit_identical_and_the_best_validation_survives(ti
     assert rc == 0, log[-3000:]
     rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=4"), nproc=1)
     assert rc == 0, log[-3000:]
+    assert json.loads((split / "run.json").read_text())["plan"]["views_per_image"] == 2 * 2  # b x M
     stopped = json.loads((split / "checkpoints" / "step_00000004" / "state.json").read_text())
     val = [r for r in read_metrics(split) if r["split"] == "val"]
     best = max(val, key=lambda r: (r["top1"], -r["step"]))

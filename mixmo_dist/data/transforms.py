@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -71,27 +72,30 @@ def train_views(
     """`views` independently augmented views of one decoded RGB image; every random draw comes from `gen`.
 
     random_resized: per view, RandomResizedCrop(scale=(min_crop_scale, 1)) resized to S x S (bilinear,
-    antialiased), then a horizontal flip with probability 1/2 when `hflip` (drawn in that order, view by view).
+    antialiased, torch's uint8 kernel), then a horizontal flip with probability 1/2 when `hflip` (drawn in that
+    order, view by view).
     pad_random: the image is resized to S x S and zero-padded by 4 px once; then all views' (top, left) offsets in
     0..8 are drawn at once, then all their flips, and the V crops are cut in one gather (CIFAR style).
-    One view is exactly the single augmentation of one image (the draws of view 0 do not depend on `views`'s value
-    for random_resized; for pad_random they are the same draws when views == 1).
+    With views == 1 this is the single (shared) augmentation of the image.
 
     Returns:
         uint8 [V,3,S,S].
     """
     size = (image_size, image_size)
     if train_crop == "random_resized":
-        out = []
-        for _ in range(views):
+        # The decoded image once as uint8 [1,3,H,W] in channels_last memory (a view of the HWC array): torch's
+        # antialiased bilinear resize has a fast uint8 path for that layout, ~2x Pillow's resize and ~4x
+        # Pillow's resize plus the conversion to a tensor (docs/BENCHMARKS.md, "Views per copy").
+        image_13HW = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+        out_V3SS = torch.empty(views, 3, image_size, image_size, dtype=torch.uint8)
+        for v in range(views):
             top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
-            # Pillow's bilinear filter widens its support when downscaling, i.e. it antialiases.
-            view = img.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h))
-            image_3SS = _to_uint8_chw(view)
+            crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
+            view_13SS = F.interpolate(crop_13hw, size=size, mode="bilinear", antialias=True, align_corners=False)
             if hflip and bool(torch.rand((), generator=gen) < 0.5):
-                image_3SS = image_3SS.flip(2)
-            out.append(image_3SS)
-        return torch.stack(out)
+                view_13SS = view_13SS.flip(3)
+            out_V3SS[v] = view_13SS[0]
+        return out_V3SS
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
     padded_3PP = torch.zeros(3, image_size + 2 * _PAD, image_size + 2 * _PAD, dtype=torch.uint8)

@@ -74,19 +74,23 @@ def member_inputs(
     repetitions: int,
     input_repetition: float,
     generator: torch.Generator | None,
+    views: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Build the M member batches from one loader batch.
 
     Args:
         images_VCHW: [U*V,C,H,W], the V views of image u in rows u*V .. u*V+V-1 (V = 1 or b*M, see the module).
         labels_U: [U].
+        views: V as the run planned it (checked against the batch); None reads it from the shapes.
 
     Returns:
         (inputs_MRCHW, labels_MR). The images keep their memory format per member (channels_last stays).
     """
     unique = labels_U.shape[0]
-    views, rest = divmod(images_VCHW.shape[0], unique)
-    assert rest == 0, f"{images_VCHW.shape[0]} images for {unique} labels"
+    if views is None:
+        views = images_VCHW.shape[0] // unique
+    if images_VCHW.shape[0] != unique * views:
+        raise ValueError(f"the loader gave {images_VCHW.shape[0]} images for {unique} labels, not {views} views each")
     rows_MR = member_rows(unique, num_members, repetitions, input_repetition, generator, images_VCHW.device)
     flat = member_views(rows_MR, repetitions, views).reshape(-1)
     channels_last = (

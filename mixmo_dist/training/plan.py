@@ -16,6 +16,7 @@ class Plan:
     world_size: int
     rows_per_rank: int
     unique_per_rank: int
+    views_per_image: int
     grad_accum_steps: int
     micro_batches_per_epoch: int
     steps_per_epoch: float
@@ -61,6 +62,7 @@ def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Pl
         world_size=world_size,
         rows_per_rank=rows,
         unique_per_rank=rows // reps,
+        views_per_image=views_per_image(cfg),
         grad_accum_steps=accum,
         micro_batches_per_epoch=micro_batches_per_epoch,
         steps_per_epoch=steps_per_epoch,

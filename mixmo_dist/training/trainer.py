@@ -302,6 +302,7 @@ class Trainer:
             repetitions=cfg.batch_repetitions,
             input_repetition=cfg.input_repetition,
             generator=self.generator,
+            views=self.plan.views_per_image,
         )
         h, w = self.raw.encoder_output_hw(*x_MRCHW.shape[-2:])
         mix = sample_mixing(
