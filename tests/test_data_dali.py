@@ -243,8 +243,9 @@ def test_state_from_another_layout_is_refused(noise_root):
         other.load_state_dict({"epoch": 0, "batch": 0})
 
 
-def test_pad_random_pads_four_black_pixels_at_most(solid_root):
-    data = _build(solid_root, batch=4, train_crop="pad_random", hflip=False)
+@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
+def test_pad_random_pads_four_black_pixels_at_most(solid_root, views):
+    data = _build(solid_root, batch=4, train_crop="pad_random", hflip=False, views=views)
     widths = set()
     for _ in range(3):
         for images, _, index_B in data.train.iter_with_indices():
@@ -261,7 +262,7 @@ def test_pad_random_pads_four_black_pixels_at_most(solid_root):
                 assert bool(cols[:left].all()) and not bool(cols[left : SIZE - right].any())
                 widths.add((left - right, top - bottom))
                 inner = pixels[row][:, top : SIZE - bottom, left : SIZE - right]
-                color = _file_color(data.train.paths[index_B[row].item()])
+                color = _file_color(data.train.paths[index_B[row // views].item()])
                 torch.testing.assert_close(inner.mean((1, 2)), color, atol=2.0, rtol=0)
     assert len(widths) >= 5  # the offsets really vary (9 x 9 possibilities)
 

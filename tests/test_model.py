@@ -162,3 +162,15 @@ def test_reference_init_differs_from_timms_on_the_wrn_stem():
 def test_unknown_init_is_refused():
     with pytest.raises(ValueError, match="model.init"):
         build_model("resnet18", 2, 5, init="xavier")
+
+
+def test_reference_init_resets_batchnorm():
+    net = build_model("resnet18", 2, 5)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.uniform_(-1.0, 1.0)
+    reference_init_(net)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all((m.weight == 1).all() and not m.bias.any() for m in norms)

@@ -38,6 +38,7 @@ from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Data
 from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split
 from mixmo_dist.data.placement import Placement
+from mixmo_dist.data.transforms import pad_random_views
 from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["DaliTrainLoader", "DaliValLoader", "build_dali_data"]
@@ -81,7 +82,8 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
     Returns:
         images: float32, [B,H,W,C] when aug.channels_last else [B,C,H,W] (V > 1 in training: [B,V,H,W,C] /
             [B,V,C,H,W]); on the GPU when aug.gpu.
-        index: int32 [B,1] sample indices (CPU).
+        index: int32 [B,1] sample indices (CPU); [B,1+3V] for pad_random with V > 1: then (top, left, flip) of
+            every view follow the index.
     """
     decoder_device = "mixed" if aug.gpu else "cpu"
     # The order is ours (see the module docstring): no shuffling and no shard rotation inside DALI. Shards are
@@ -100,6 +102,17 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
         images = fn.resize(images, resize_shorter=aug.val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
         return _normalise(images, aug, crop_pos=(0.5, 0.5), mirror=0), index
+    if aug.train_crop == "pad_random" and aug.views > 1:
+        # One view per copy of CIFAR-style crops: the resized image once, and the views' (top, left, flip) draws
+        # appended to the sample's index ([1 + 3V]); the loader cuts the V views on the device in one gather
+        # (`transforms.pad_random_views`). V crop_mirror_normalize ops per sample made the loader ~3x slower.
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        size = aug.image_size
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        offsets = fn.random.uniform(values=list(range(2 * _PAD + 1)), shape=(aug.views, 2), dtype=types.INT32)
+        flips = fn.random.coin_flip(probability=0.5 if aug.hflip else 0.0, shape=(aug.views, 1), dtype=types.INT32)
+        draws = fn.reshape(fn.cat(offsets, flips, axis=1), shape=(3 * aug.views,))
+        return _normalise(images, aug, crop_pos=(0.5, 0.5), mirror=0), fn.cat(index, draws, axis=0)
     views = _train_views(jpegs, aug, decoder_device)
     images = views[0] if len(views) == 1 else fn.stack(*views)
     return images, index
@@ -246,8 +259,14 @@ class _Batches:
         if self._aug.channels_last:
             images = images.permute(0, 3, 1, 2)  # [B,H,W,C] -> a [B,C,H,W] view in channels_last memory format
         images_BCHW = images.to(self._device, non_blocking=True)
-        index_B = out["index"].reshape(-1).long()
+        index = out["index"].long()
+        index_B = index[:, 0]
         labels_B = self._class_of_N[index_B.to(self._device, non_blocking=True)]
+        if index.shape[1] > 1:  # pad_random views to cut here: (top, left, flip) per view after the index
+            draws_BV3 = index[:, 1:].reshape(index.shape[0], -1, 3).to(self._device)
+            fill_3 = -(torch.tensor(self._aug.mean_255) / torch.tensor(self._aug.std_255)).to(self._device)
+            images_BCHW = pad_random_views(images_BCHW, draws_BV3[..., :2], draws_BV3[..., 2].bool(), fill_3)
+            images_BCHW = images_BCHW if self._aug.channels_last else images_BCHW.contiguous()
         return images_BCHW, labels_B, index_B.cpu()
 
     def _corrupt_error(self, err: RuntimeError, candidates: Sequence[int]) -> CorruptImageError | None:

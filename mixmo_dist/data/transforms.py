@@ -59,56 +59,80 @@ def _to_uint8_chw(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def train_views(
-    img: Image.Image,
-    *,
-    views: int,
-    image_size: int,
-    train_crop: str,
-    min_crop_scale: float,
-    hflip: bool,
-    gen: torch.Generator,
+def random_resized_views(
+    img: Image.Image, *, views: int, image_size: int, min_crop_scale: float, hflip: bool, gen: torch.Generator
 ) -> Tensor:
-    """`views` independently augmented views of one decoded RGB image; every random draw comes from `gen`.
+    """`views` independent RandomResizedCrop views of one decoded RGB image; every random draw comes from `gen`.
 
-    random_resized: per view, RandomResizedCrop(scale=(min_crop_scale, 1)) resized to S x S (bilinear,
-    antialiased, torch's uint8 kernel), then a horizontal flip with probability 1/2 when `hflip` (drawn in that
-    order, view by view).
-    pad_random: the image is resized to S x S and zero-padded by 4 px once; then all views' (top, left) offsets in
-    0..8 are drawn at once, then all their flips, and the V crops are cut in one gather (CIFAR style).
-    With views == 1 this is the single (shared) augmentation of the image.
+    Per view: RandomResizedCrop(scale=(min_crop_scale, 1)) resized to S x S (bilinear, antialiased), then a
+    horizontal flip with probability 1/2 when `hflip`, drawn in that order view by view. The decoded image is
+    wrapped once as uint8 [1,3,H,W] in channels_last memory (a view of the HWC array): torch's antialiased bilinear
+    uint8 kernel has a fast path for that layout, about 2x Pillow's resize and 4x Pillow's resize plus the conversion
+    to a tensor, for the same filter (0.01 grey levels apart on average).
 
     Returns:
         uint8 [V,3,S,S].
     """
     size = (image_size, image_size)
-    if train_crop == "random_resized":
-        # The decoded image once as uint8 [1,3,H,W] in channels_last memory (a view of the HWC array): torch's
-        # antialiased bilinear resize has a fast uint8 path for that layout, ~2x Pillow's resize and ~4x
-        # Pillow's resize plus the conversion to a tensor (docs/BENCHMARKS.md, "Views per copy").
-        image_13HW = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
-        out_V3SS = torch.empty(views, 3, image_size, image_size, dtype=torch.uint8)
-        for v in range(views):
-            top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
-            crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
-            view_13SS = F.interpolate(crop_13hw, size=size, mode="bilinear", antialias=True, align_corners=False)
-            if hflip and bool(torch.rand((), generator=gen) < 0.5):
-                view_13SS = view_13SS.flip(3)
-            out_V3SS[v] = view_13SS[0]
-        return out_V3SS
+    image_13HW = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    out_V3SS = torch.empty(views, 3, image_size, image_size, dtype=torch.uint8)
+    for v in range(views):
+        top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
+        crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
+        view_13SS = F.interpolate(crop_13hw, size=size, mode="bilinear", antialias=True, align_corners=False)
+        if hflip and bool(torch.rand((), generator=gen) < 0.5):
+            view_13SS = view_13SS.flip(3)
+        out_V3SS[v] = view_13SS[0]
+    return out_V3SS
+
+
+def resized(img: Image.Image, image_size: int) -> Tensor:
+    """The image resized to S x S (bilinear, antialiased; untouched when it already is): uint8 [3,S,S]. The
+    pad_random views are cut from it on the device (`pad_random_draws`, `pad_random_views`)."""
+    size = (image_size, image_size)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    padded_3PP = torch.zeros(3, image_size + 2 * _PAD, image_size + 2 * _PAD, dtype=torch.uint8)
-    padded_3PP[:, _PAD : _PAD + image_size, _PAD : _PAD + image_size] = _to_uint8_chw(img)
+    return _to_uint8_chw(img)
+
+
+def pad_random_draws(views: int, hflip: bool, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The random part of `views` pad_random views of one image, drawn from `gen`: all (top, left) offsets first,
+    then all flips.
+
+    Returns:
+        (offsets int64 [V,2] in 0..8, flips bool [V]; all False without `hflip`).
+    """
     offsets_V2 = torch.randint(0, 2 * _PAD + 1, (views, 2), generator=gen)
-    span_S = torch.arange(image_size)
-    rows_VS = offsets_V2[:, :1] + span_S
-    cols_VS = offsets_V2[:, 1:] + span_S
-    if hflip:
-        flip_V1 = torch.rand((views,), generator=gen).unsqueeze(1) < 0.5
-        cols_VS = torch.where(flip_V1, cols_VS.flip(1), cols_VS)
-    # One advanced-indexing gather cuts every view: [3, V, S, S] -> [V, 3, S, S].
-    return padded_3PP[:, rows_VS[:, :, None], cols_VS[:, None, :]].permute(1, 0, 2, 3).contiguous()
+    if not hflip:
+        return offsets_V2, torch.zeros(views, dtype=torch.bool)
+    return offsets_V2, torch.rand((views,), generator=gen) < 0.5
+
+
+def pad_random_views(images_U3SS: Tensor, offsets_UV2: Tensor, flips_UV: Tensor, fill_3: Tensor) -> Tensor:
+    """CIFAR's RandomCrop(S, padding=4) + flip, V views per image, cut in one gather (on any device).
+
+    Args:
+        images_U3SS: [U,3,S,S] images (normalised or not).
+        offsets_UV2: int64 [U,V,2] (top, left) of each view in the padded image, 0..8.
+        flips_UV: bool [U,V] horizontal flips.
+        fill_3: [3] the value of the zero padding in the images' units (-mean/std once normalised).
+
+    Returns:
+        [U*V,3,S,S], the V views of image u in rows u*V .. u*V+V-1, in channels_last memory (the gather writes
+        pixel-major rows; `.contiguous()` gives NCHW).
+    """
+    unique, _, side, _ = images_U3SS.shape
+    views = offsets_UV2.shape[1]
+    device = images_U3SS.device
+    padded_UPP3 = fill_3.to(images_U3SS.dtype).expand(unique, side + 2 * _PAD, side + 2 * _PAD, 3).clone()
+    padded_UPP3[:, _PAD : _PAD + side, _PAD : _PAD + side] = images_U3SS.permute(0, 2, 3, 1)
+    span_S = torch.arange(side, device=device)
+    offsets = offsets_UV2.to(device).reshape(-1, 2)
+    rows_XS = offsets[:, :1] + span_S
+    cols_XS = offsets[:, 1:] + torch.where(flips_UV.to(device).reshape(-1, 1), span_S.flip(0), span_S)
+    owner_X = torch.arange(unique, device=device).repeat_interleave(views)
+    views_XSS3 = padded_UPP3[owner_X[:, None, None], rows_XS[:, :, None], cols_XS[:, None, :]]
+    return views_XSS3.permute(0, 3, 1, 2)
 
 
 def val_transform(img: Image.Image, *, image_size: int, resize_ratio: float) -> Tensor:
