@@ -29,7 +29,7 @@ from mixmo_dist.data import (
     timm_mean_std,
 )
 from mixmo_dist.data.plan import EpochPlan
-from mixmo_dist.data.transforms import random_resized_crop_box
+from mixmo_dist.data.transforms import pad_random_views, random_resized_crop_box
 from mixmo_dist.data.workers import WorkerTimeoutError
 from mixmo_dist.training.members import member_inputs
 
@@ -467,6 +467,27 @@ def test_pad_random_crop_pads_with_zeros(tmp_path):
     assert pixels[:, :, 4:-4, 4:-4].min() > 240
     padded = (pixels.amin(dim=(1, 2, 3)) < 15).sum().item()
     assert padded >= 5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pad_random_views_are_padded_crops_and_flips(channels_last):
+    """The batched cut equals, view by view, torchvision's RandomCrop(S, padding=4) at that offset, then the flip."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 8, 8, generator=gen)
+    offsets = torch.randint(0, 9, (3, 5, 2), generator=gen)
+    flips = torch.rand(3, 5, generator=gen) < 0.5
+    fill = torch.tensor([-1.5, 0.25, 2.0])
+    views = pad_random_views(images, offsets, flips, fill, channels_last=channels_last)
+    assert views.shape == (15, 3, 8, 8)
+    assert views.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for u in range(3):
+        padded = fill.view(3, 1, 1).expand(3, 16, 16).clone()
+        padded[:, 4:12, 4:12] = images[u]
+        for v in range(5):
+            top, left = offsets[u, v].tolist()
+            expected = padded[:, top : top + 8, left : left + 8]
+            expected = expected.flip(2) if flips[u, v] else expected
+            assert torch.equal(views[u * 5 + v], expected), (u, v)
 
 
 def test_random_resized_crop_box_stays_in_range():

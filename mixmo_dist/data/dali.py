@@ -265,8 +265,9 @@ class _Batches:
         if index.shape[1] > 1:  # pad_random views to cut here: (top, left, flip) per view after the index
             draws_BV3 = index[:, 1:].reshape(index.shape[0], -1, 3).to(self._device)
             fill_3 = -(torch.tensor(self._aug.mean_255) / torch.tensor(self._aug.std_255)).to(self._device)
-            images_BCHW = pad_random_views(images_BCHW, draws_BV3[..., :2], draws_BV3[..., 2].bool(), fill_3)
-            images_BCHW = images_BCHW if self._aug.channels_last else images_BCHW.contiguous()
+            flips_BV = draws_BV3[..., 2].bool()
+            cl = self._aug.channels_last
+            images_BCHW = pad_random_views(images_BCHW, draws_BV3[..., :2], flips_BV, fill_3, channels_last=cl)
         return images_BCHW, labels_B, index_B.cpu()
 
     def _corrupt_error(self, err: RuntimeError, candidates: Sequence[int]) -> CorruptImageError | None:

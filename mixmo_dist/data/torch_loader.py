@@ -167,8 +167,7 @@ class TorchTrainLoader(EpochPlan):
         ]
         offsets_UV2 = torch.stack([offsets for offsets, _ in draws])
         flips_UV = torch.stack([flips for _, flips in draws])
-        views = pad_random_views(images_U3SS, offsets_UV2, flips_UV, self._fill_3)
-        return views if self._channels_last else views.contiguous()
+        return pad_random_views(images_U3SS, offsets_UV2, flips_UV, self._fill_3, channels_last=self._channels_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, start = self._begin_pass()
