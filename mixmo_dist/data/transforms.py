@@ -108,31 +108,41 @@ def pad_random_draws(views: int, hflip: bool, gen: torch.Generator) -> tuple[Ten
     return offsets_V2, torch.rand((views,), generator=gen) < 0.5
 
 
-def pad_random_views(images_U3SS: Tensor, offsets_UV2: Tensor, flips_UV: Tensor, fill_3: Tensor) -> Tensor:
-    """CIFAR's RandomCrop(S, padding=4) + flip, V views per image, cut in one gather (on any device).
+def pad_random_views(
+    images_U3SS: Tensor, offsets_UV2: Tensor, flips_UV: Tensor, fill_3: Tensor, *, channels_last: bool
+) -> Tensor:
+    """CIFAR's RandomCrop(S, padding=4) + flip, V views per image, cut in one indexing op (on any device).
 
     Args:
         images_U3SS: [U,3,S,S] images (normalised or not).
         offsets_UV2: int64 [U,V,2] (top, left) of each view in the padded image, 0..8.
         flips_UV: bool [U,V] horizontal flips.
         fill_3: [3] the value of the zero padding in the images' units (-mean/std once normalised).
+        channels_last: deliver the views in channels_last memory (else NCHW-contiguous).
 
     Returns:
-        [U*V,3,S,S], the V views of image u in rows u*V .. u*V+V-1, in channels_last memory (the gather writes
-        pixel-major rows; `.contiguous()` gives NCHW).
+        [U*V,3,S,S], the V views of image u in rows u*V .. u*V+V-1.
     """
     unique, _, side, _ = images_U3SS.shape
     views = offsets_UV2.shape[1]
     device = images_U3SS.device
-    padded_UPP3 = fill_3.to(images_U3SS.dtype).expand(unique, side + 2 * _PAD, side + 2 * _PAD, 3).clone()
+    padded = side + 2 * _PAD
+    padded_UPP3 = fill_3.to(images_U3SS.dtype).expand(unique, padded, padded, 3).clone()
     padded_UPP3[:, _PAD : _PAD + side, _PAD : _PAD + side] = images_U3SS.permute(0, 2, 3, 1)
-    span_S = torch.arange(side, device=device)
-    offsets = offsets_UV2.to(device).reshape(-1, 2)
-    rows_XS = offsets[:, :1] + span_S
-    cols_XS = offsets[:, 1:] + torch.where(flips_UV.to(device).reshape(-1, 1), span_S.flip(0), span_S)
-    owner_X = torch.arange(unique, device=device).repeat_interleave(views)
-    views_XSS3 = padded_UPP3[owner_X[:, None, None], rows_XS[:, :, None], cols_XS[:, None, :]]
-    return views_XSS3.permute(0, 3, 1, 2)
+    # Every S x S window of every padded image and of its mirror image, as a view: [2U, 9, 9, 3, S, S]. A flipped
+    # view at left offset l is the window of the mirror image at offset 8 - l. One index picks all U*V views: 3-7x
+    # faster than indexing every pixel (an [X,S,S] broadcast of row and column indices).
+    both_2UPP3 = torch.cat([padded_UPP3, padded_UPP3.flip(2)])
+    windows = both_2UPP3.unfold(1, side, 1).unfold(2, side, 1)
+    windows = windows.permute(0, 1, 2, 4, 5, 3) if channels_last else windows
+    offsets_X2 = offsets_UV2.to(device).reshape(-1, 2)
+    flips_X = flips_UV.to(device).reshape(-1)
+    source_X = torch.arange(unique, device=device).repeat_interleave(views) + unique * flips_X
+    left_X = torch.where(flips_X, 2 * _PAD - offsets_X2[:, 1], offsets_X2[:, 1])
+    picked = windows[source_X, offsets_X2[:, 0], left_X]  # [X,S,S,3] or [X,3,S,S]
+    if channels_last:
+        return picked.contiguous().permute(0, 3, 1, 2)
+    return picked.contiguous()  # indexing may keep the source's strides
 
 
 def val_transform(img: Image.Image, *, image_size: int, resize_ratio: float) -> Tensor:
