@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 NPROC_DEMO ?= 2
 
-.PHONY: venv demo test test-gpu-stack lint bench gpu-check slurm-up slurm-down clean
+.PHONY: venv demo test test-gpu-stack lint bench gpu-check docker-check slurm-up slurm-status slurm-down clean
 
 # The venv is rebuilt only when its inputs change (pyproject.toml or this Makefile's pins).
 $(STAMP): pyproject.toml Makefile
@@ -53,8 +53,16 @@ bench: venv
 gpu-check:
 	bash scripts/gpu_check.sh
 
+# Builds docker/Dockerfile with podman/buildah on a local Debian base and runs the image (demo, evaluate, 2 ranks);
+# needs root and ~14 GB of disk; not part of `make test`. MIXMO_DOCKER_KEEP=1 keeps the image. See docs/DOCKER.md.
+docker-check:
+	bash scripts/docker_check.sh
+
 slurm-up:
 	bash scripts/slurm_cluster.sh start
+
+slurm-status:
+	bash scripts/slurm_cluster.sh status
 
 slurm-down:
 	bash scripts/slurm_cluster.sh stop

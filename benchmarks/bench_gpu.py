@@ -3,12 +3,16 @@
 For every (AMP dtype, compile) setting it times whole train steps of a MixMo network (M members, batch repetition
 2, the mixing sampler, the reweighted loss) and of the same timm architecture trained plainly, in the same process
 on the same synthetic batch (224 px, channels_last, SGD with Nesterov momentum; fp16 through a GradScaler), and
-reports images (rows) per second and the MixMo / vanilla ratio. Inference compares the folded MixMo model
-(`MixMoNet.fold()`: one plain timm network) and the unfolded ensemble forward against vanilla timm.
+reports images (rows) per second and the MixMo / vanilla ratio (and its inverse, the step-time ratio of the CPU
+benchmark `train_step_ratio`). Both networks are built and warmed up first, then timed in turns (`--rounds` turns
+of `--steps` steps each, the order reversed every round; the median turn counts), as the CPU benchmarks do.
+Inference compares the folded MixMo model (`MixMoNet.fold()`: one plain timm network) and the unfolded ensemble
+forward against vanilla timm, in turns too.
 
 Runs without DALI or submitit (the GPU machines have neither): data are random tensors on the device. Errors in
 one setting are recorded and the others still run; the exit status is 1 if any setting failed. A time budget
-keeps the whole run bounded: compiled settings that would not fit are skipped and listed as skipped.
+keeps the whole run bounded: settings that would not fit (compiled ones first) are skipped and listed as skipped,
+and `bench_gpu.json` is rewritten after every setting, so a run killed from outside keeps what it measured.
 
     python -m benchmarks.bench_gpu --out DIR [--arch resnet50] [--batch 256] [--budget-s 330] [--quick]
     python -m benchmarks.bench_gpu --device cpu --arch resnet18 --batch 4 --image-size 64 --steps 2 --compile off
@@ -18,6 +22,7 @@ keeps the whole run bounded: compiled settings that would not fit are skipped an
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -39,6 +44,8 @@ __all__ = ["run"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Guess for a cold compile of one ResNet-50 train step (forward + backward) with 16 CPU cores, until one is measured.
 _COMPILE_ESTIMATE_S = 60.0
+# One eager setting: two models built, warmed up, timed in turns (ResNet-50, batch 256, on an H100-class card).
+_EAGER_ESTIMATE_S = 20.0
 
 
 @dataclass
@@ -51,8 +58,9 @@ class Settings:
     batch: int = 256
     image_size: int = 224
     num_classes: int = 1000
-    steps: int = 20
+    steps: int = 10
     warmup: int = 5
+    rounds: int = 4
     dtypes: tuple[str, ...] = ("bf16", "fp16")
     compile_modes: tuple[bool, ...] = (False, True)
     budget_s: float = 330.0
@@ -67,16 +75,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_rate(step: Callable[[], object], rows: int, steps: int, warmup: int, device: torch.device) -> float:
-    """Rows per second over `steps` calls after `warmup` (compilation happens in the warm-up)."""
-    for _ in range(warmup):
-        step()
+def _timed_turns(
+    steps: dict[str, Callable[[], object]], rows: int, cfg: Settings, device: torch.device
+) -> tuple[dict[str, float], list[str]]:
+    """Rows per second of each step function, the functions taking turns (A B, B A, A B, ...) after warm-up.
+
+    Each turn times `cfg.steps` calls between two device syncs; the order of the functions is reversed every round
+    so drift (clocks, other tenants) hits both sides alike. Returns ({name: rows/s from its median turn}, the names
+    in the order their turns ran).
+    """
+    for step in steps.values():
+        for _ in range(cfg.warmup):
+            step()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return rows * steps / (time.perf_counter() - start)
+    turns: dict[str, list[float]] = {name: [] for name in steps}
+    order = []
+    names = list(steps)
+    for round_ in range(cfg.rounds):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(cfg.steps):
+                steps[name]()
+            _sync(device)
+            turns[name].append(time.perf_counter() - start)
+            order.append(name)
+    return {name: rows * cfg.steps / statistics.median(t) for name, t in turns.items()}, order
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -149,22 +173,26 @@ def _release(device: torch.device) -> None:
 
 
 def _train_setting(cfg: Settings, dtype_name: str, compiled: bool, device: torch.device) -> dict:
-    """MixMo then vanilla under one setting, each built fresh (and compiled, if asked) and released after."""
+    """MixMo and vanilla under one setting, both built (and compiled, if asked) first, then timed in turns."""
     dtype = _DTYPES[dtype_name]
-    result = {}
+    result: dict = {}
+    steps = {}
     for name, build in (("mixmo", _mixmo_step), ("vanilla", _vanilla_step)):
         start = time.monotonic()
-        step = build(cfg, dtype, compiled, device)
-        loss = step()  # the first call compiles when asked; its loss must be finite
+        steps[name] = build(cfg, dtype, compiled, device)
+        loss = steps[name]()  # the first call compiles when asked; its loss must be finite
         if not torch.isfinite(loss).item():
             raise FloatingPointError(f"{name} {dtype_name} compile={compiled}: non-finite loss {loss.item()}")
-        rate = _timed_rate(step, cfg.batch, cfg.steps, cfg.warmup, device)
-        result[name] = {"img_per_s": rate, "setup_s": time.monotonic() - start}
-        if device.type == "cuda":
-            result[name]["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        del step
-        _release(device)
+        result[name] = {"setup_s": time.monotonic() - start}
+    rates, result["turn_order"] = _timed_turns(steps, cfg.batch, cfg, device)
+    for name, rate in rates.items():
+        result[name]["img_per_s"] = rate
+    if device.type == "cuda":
+        result["peak_mem_GiB_both"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del steps
+    _release(device)
     result["ratio"] = result["mixmo"]["img_per_s"] / result["vanilla"]["img_per_s"]
+    result["step_time_ratio"] = 1.0 / result["ratio"]  # MixMo step / vanilla step, as the CPU train_step_ratio
     return result
 
 
@@ -188,14 +216,13 @@ def _inference(cfg: Settings, device: torch.device) -> dict:
 
             return call
 
-        rates = {
-            name: _timed_rate(forward(model), cfg.batch, cfg.steps, cfg.warmup, device)
-            for name, model in (("vanilla", vanilla), ("folded", folded), ("mixmo_unfolded", mixmo))
-        }
+        models = (("vanilla", vanilla), ("folded", folded), ("mixmo_unfolded", mixmo))
+        rates, order = _timed_turns({name: forward(model) for name, model in models}, cfg.batch, cfg, device)
     return {
         "img_per_s": rates,
         "folded_vs_vanilla": rates["folded"] / rates["vanilla"],
         "unfolded_vs_vanilla": rates["mixmo_unfolded"] / rates["vanilla"],
+        "turn_order": order,
         "fold_max_abs_gap_fp32": gap,
     }
 
@@ -245,45 +272,55 @@ def run(cfg: Settings, out_dir: Path | str | None = None) -> dict:
     result = {"environment": _environment(device), "settings": asdict(cfg), "train": {}, "errors": {}, "skipped": []}
     print(f"bench_gpu on {result['environment'].get('gpu', device)}: {cfg.arch}, M={cfg.members}, batch {cfg.batch}, "
           f"{cfg.image_size} px, channels_last, budget {cfg.budget_s:.0f} s", flush=True)  # fmt: skip
-    # Eager settings and inference first: they are cheap; compiled settings are skipped when time runs short.
+    # The first eager setting, inference, the other eager settings, then compiled ones (skipped when time runs
+    # short). The JSON is rewritten after each, so a run killed at its hard cap keeps what it measured.
+    eager = [d for d in cfg.dtypes if False in cfg.compile_modes]
+    plan = [("train", d, False) for d in eager[:1]] + [("inference", None, False)]
+    plan += [("train", d, False) for d in eager[1:]]
+    plan += [("train", d, True) for d in cfg.dtypes if True in cfg.compile_modes]
     compile_estimate_s = _COMPILE_ESTIMATE_S
-    for dtype_name in cfg.dtypes:
-        if False in cfg.compile_modes:
-            _run_setting(cfg, result, dtype_name, False, device)
-    try:
-        result["inference"] = _inference(cfg, device)
-    except Exception as err:
-        result["errors"]["inference"] = "".join(traceback.format_exception(err))[-4000:]
-        print(f"  inference: ERROR {type(err).__name__}: {err}", flush=True)
-        _release(device)
-    for dtype_name in cfg.dtypes:
-        if True not in cfg.compile_modes:
-            continue
-        key = f"{dtype_name}_compile=True"
-        # Each compiled setting compiles two models; the first one measured sets the estimate for the next.
-        needed_s = 2 * (compile_estimate_s + 10.0)  # + warm-up and timed steps
+    for kind, dtype_name, compiled in plan:
+        key = f"{dtype_name}_compile={compiled}" if kind == "train" else "inference"
+        # A compiled setting compiles two models; the first one measured sets the estimate for the next.
+        needed_s = 2 * (compile_estimate_s + 10.0) if compiled else _EAGER_ESTIMATE_S
         if cfg.left_s() < needed_s:
             result["skipped"].append(key)
             print(f"  {key}: SKIPPED, {cfg.left_s():.0f} s left of the budget, ~{needed_s:.0f} s needed", flush=True)
-            continue
-        res = _run_setting(cfg, result, dtype_name, True, device)
-        if res:
-            compile_estimate_s = max(res["mixmo"]["setup_s"], res["vanilla"]["setup_s"])
-    result["elapsed_s"] = time.monotonic() - cfg.started
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_gpu.json").write_text(json.dumps(result, indent=2))
+        elif kind == "inference":
+            try:
+                result["inference"] = _inference(cfg, device)
+            except Exception as err:  # as in _run_setting: recorded, the others still run
+                result["errors"]["inference"] = "".join(traceback.format_exception(err))[-4000:]
+                print(f"  inference: ERROR {type(err).__name__}: {err}", flush=True)
+                _release(device)
+        else:
+            res = _run_setting(cfg, result, dtype_name, compiled, device)
+            if res and compiled:
+                compile_estimate_s = max(res["mixmo"]["setup_s"], res["vanilla"]["setup_s"])
+        result["elapsed_s"] = time.monotonic() - cfg.started
+        _write(result, out_dir)
     _print_table(result)
     return result
+
+
+def _write(result: dict, out_dir: Path | str | None) -> None:
+    """bench_gpu.json under out_dir (if given), replaced atomically."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "bench_gpu.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / "bench_gpu.json")
 
 
 def _print_table(result: dict) -> None:
     env = result["environment"]
     print(f"\n{env.get('gpu', env['device'])} | torch {env['torch']} | triton {env['triton']} | timm {env['timm']}")
-    print(f"  {'train setting':<22}{'mixmo img/s':>13}{'vanilla img/s':>15}{'ratio':>8}")
+    print(f"  {'train setting':<22}{'mixmo img/s':>13}{'vanilla img/s':>15}{'ratio':>8}{'step time ratio':>17}")
     for key, res in result["train"].items():
-        print(f"  {key:<22}{res['mixmo']['img_per_s']:13.0f}{res['vanilla']['img_per_s']:15.0f}{res['ratio']:8.3f}")
+        print(f"  {key:<22}{res['mixmo']['img_per_s']:13.0f}{res['vanilla']['img_per_s']:15.0f}{res['ratio']:8.3f}"
+              f"{res['step_time_ratio']:17.3f}")  # fmt: skip
     for key in result["skipped"]:
         print(f"  {key:<22}{'skipped (time budget)':>36}")
     inf = result.get("inference")
@@ -306,12 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per setting")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per turn")
+    parser.add_argument("--rounds", type=int, default=4, help="timed turns of each side (MixMo, vanilla) per setting")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated AMP dtypes: bf16, fp16")
     parser.add_argument("--compile", default="both", choices=["both", "on", "off"])
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip compiled settings past this many seconds")
-    parser.add_argument("--quick", action="store_true", help="batch 64, 5 steps: a smoke run, not a measurement")
+    parser.add_argument("--quick", action="store_true", help="batch 64, 2 turns of 5 steps: a smoke run only")
     args = parser.parse_args(argv)
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
     if args.batch % 2 or args.batch < 2:
@@ -328,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.num_classes,
         steps=5 if args.quick else args.steps,
         warmup=2 if args.quick else args.warmup,
+        rounds=2 if args.quick else args.rounds,
         dtypes=dtypes,
         compile_modes={"both": (False, True), "on": (True,), "off": (False,)}[args.compile],
         budget_s=args.budget_s,

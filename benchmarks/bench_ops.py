@@ -192,7 +192,13 @@ def _run_device(quick: bool, device: torch.device) -> dict:
 
 
 def _print_table(result: dict) -> None:
-    cpu = result["cpu"]
+    if "cpu" in result:
+        _print_cpu(result["cpu"])
+    if "cuda" in result:
+        _print_gpu(result["cuda"])
+
+
+def _print_cpu(cpu: dict) -> None:
     rows = [
         ("mask_speedup (ref / batched), B=256 112x112", cpu["mask_speedup"], ">= 10"),
         ("mask_speedup_reused_out (ref / batched into a kept buffer)", cpu["mask_speedup_reused_out"], ">= 10"),
@@ -207,39 +213,44 @@ def _print_table(result: dict) -> None:
     print(f"  {'ratio':<52}{'value':>8}  goal")
     for name, value, goal in rows:
         print(f"  {name:<52}{value:8.2f}  {goal}")
-    gpu = result.get("cuda")
-    if gpu:
-        print(f"ops on {gpu['device']}, 2 x {gpu['mix_shape']}, medians (CUDA events); batched masks "
-              f"{gpu['mask_batched_ms']:.3f} ms")  # fmt: skip
-        print(f"  {'path':<18}{'fwd/add':>9}{'bwd/write':>11}{'fwd ms':>9}{'add ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}")
-        for key, res in gpu.items():
-            if isinstance(res, dict) and "ms" in res:
-                ms = res["ms"]
-                print(f"  {key:<18}{res['mixing_vs_add']:9.3f}{res['mixing_backward_vs_write']:11.3f}"
-                      f"{ms['mix_fwd']:9.3f}{ms['add']:9.3f}{ms['mix_bwd']:9.3f}{res['fwd_GBps']:10.0f}")  # fmt: skip
-        print("  goal on the GPU: fwd/add <= 1.1 for the dispatch (Triton) path")
 
 
-def run(quick: bool = False) -> dict:
+def _print_gpu(gpu: dict) -> None:
+    print(f"ops on {gpu['device']}, 2 x {gpu['mix_shape']}, medians (CUDA events); batched masks "
+          f"{gpu['mask_batched_ms']:.3f} ms")  # fmt: skip
+    print(f"  {'path':<18}{'fwd/add':>9}{'bwd/write':>11}{'fwd ms':>9}{'add ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}")
+    for key, res in gpu.items():
+        if isinstance(res, dict) and "ms" in res:
+            ms = res["ms"]
+            print(f"  {key:<18}{res['mixing_vs_add']:9.3f}{res['mixing_backward_vs_write']:11.3f}"
+                  f"{ms['mix_fwd']:9.3f}{ms['add']:9.3f}{ms['mix_bwd']:9.3f}{res['fwd_GBps']:10.0f}")  # fmt: skip
+    print("  goal on the GPU: fwd/add <= 1.1 for the dispatch (Triton) path")
+
+
+def run(quick: bool = False, gpu_only: bool = False) -> dict:
     """Measure the ratios on CPU (2 threads, float32) and, when CUDA is there, on the GPU.
 
     Args:
         quick: smaller maps and fewer repeats (a smoke run of the benchmark, not a measurement to quote).
+        gpu_only: skip the CPU section (the GPU runbook: the CPU figures come from `make bench` on the CPU machines).
     Returns:
         {"mask_speedup", "mask_speedup_reused_out", "mixing_vs_add", "mixing_backward_vs_write": CPU ratios;
         "cpu": all CPU numbers; with CUDA also "cuda": GPU numbers per dtype and path, and "gpu_mixing_vs_add[_bf16]",
         "gpu_mixing_backward_vs_write[_bf16]": the dispatcher's (Triton) ratios on the GPU}.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        cpu = _run_cpu(quick)
-    finally:
-        torch.set_num_threads(threads)
-    result = {
-        k: cpu[k] for k in ("mask_speedup", "mask_speedup_reused_out", "mixing_vs_add", "mixing_backward_vs_write")
-    }
-    result["cpu"] = cpu
+    if gpu_only and not torch.cuda.is_available():
+        raise RuntimeError("bench_ops --gpu-only: torch sees no CUDA device")
+    result: dict = {}
+    if not gpu_only:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            cpu = _run_cpu(quick)
+        finally:
+            torch.set_num_threads(threads)
+        keys = ("mask_speedup", "mask_speedup_reused_out", "mixing_vs_add", "mixing_backward_vs_write")
+        result.update({k: cpu[k] for k in keys})
+        result["cpu"] = cpu
     if torch.cuda.is_available():
         result["cuda"] = gpu = _run_device(quick, torch.device("cuda"))
         # Flat copies for benchmarks/run_all.py, which keeps scalars only (goal on the GPU: fwd/add <= 1.1).
@@ -255,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ops", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run, not a measurement")
     parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU section (needs CUDA)")
     args = parser.parse_args(argv)
-    result = run(quick=args.quick)
+    result = run(quick=args.quick, gpu_only=args.gpu_only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

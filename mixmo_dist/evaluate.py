@@ -19,8 +19,10 @@ ImageNet-C style folders `DIR/<corruption>/<severity>/<class>/` with the torch v
 `corruptions: {name: {severity: {top1, nll, ece}}}` and `corruption_mean_top1/nll/ece` (means over every
 corruption and severity).
 
-The JSON goes to stdout (rank 0 only; logs go to stderr) and to `--out`. User errors (missing or corrupt checkpoint,
-class mismatch, bad override) print `error: ...` naming the culprit and exit with status 2.
+The JSON goes to stdout (rank 0 only; logs go to stderr) and to `--out`; nothing is written anywhere else, so the
+run directories read may be read-only. A corrupt checkpoint of a run directory is skipped with a warning naming
+it, and the previous complete one is used. User errors (missing or corrupt checkpoint, class mismatch, bad override,
+an unwritable `--out`) print `error: ...` naming the culprit and exit with status 2.
 
 Shape legend: M members (all networks), B batch rows, N samples, K classes.
 """
@@ -89,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
+    print(json.dumps(result), flush=True)  # first: an unwritable --out then loses nothing
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out, result)
-    print(json.dumps(result))
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(args.out, result)
+        except OSError as err:
+            reason = err.strerror or err
+            print(f"error: cannot write --out {args.out} ({reason}); the result is on stdout above", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Folds the MixMo network of a checkpoint (a step directory, or a run directory: its newest complete checkpoint) into
 the plain timm model of the same arch, whose logits are the ensemble's mean logits, and writes it as safetensors
-(`mixmo_dist.model.weights.export_folded`); prints the file's metadata as JSON.
+(`mixmo_dist.model.weights.export_folded`); prints the file's metadata as JSON. Nothing is written but `--out`: the
+run directory may be read-only, and a corrupt checkpoint in it is skipped with a warning naming it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         metadata = export_folded(loaded, args.out)
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write --out {args.out} ({err.strerror or err}); choose a writable place", file=sys.stderr)
         return 2
     log.info("exported %s (step %d) to %s", loaded.path, loaded.step, args.out)
     print(json.dumps({"out": str(args.out), **metadata}))

@@ -21,19 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: RUN_DIR)")
     parser.add_argument("--eval", type=Path, default=None, help="evaluation JSON for the reliability diagram")
     args = parser.parse_args(argv)
+    out = args.run_dir if args.out is None else args.out
     try:
         if not args.run_dir.is_dir():
             raise ValueError(f"run directory {args.run_dir} does not exist")
         # Validate both inputs before drawing anything, so a bad --eval does not leave half the PNGs.
         records = read_metrics(args.run_dir / "metrics.jsonl")
         reliability = read_reliability(args.eval) if args.eval is not None else None
-        out = args.run_dir if args.out is None else args.out
         out.mkdir(parents=True, exist_ok=True)
         written = plot_curves(records, out)
         if reliability is not None:
             written.append(plot_reliability(reliability, out / "reliability.png"))
     except (ValueError, ImportError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = "--out" if args.out is not None else "the run directory"
+        print(
+            f"{parser.prog}: error: cannot write the plots into {where} {out} ({exc.strerror or exc}); "
+            "pass --out DIR for a read-only run directory",
+            file=sys.stderr,
+        )
         return 2
     for path in written:
         print(path)

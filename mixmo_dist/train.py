@@ -9,55 +9,52 @@ from __future__ import annotations
 import logging
 import sys
 
-from mixmo_dist.config import ConfigError, load_config
-from mixmo_dist.config.cli import answer_without_training
+from mixmo_dist.config import ConfigError
+from mixmo_dist.config.cli import answer_without_training, is_global_rank_zero
 
 log = logging.getLogger("mixmo_dist")
 
 PROG = "python -m mixmo_dist.train"
 
 
-def run(argv: list[str]) -> str:
-    """Train with the config that `argv` describes. Returns "completed" or "preempted".
-
-    Raises:
-        ConfigError, CheckpointError, ValueError: user errors (bad config, checkpoint mismatch, bad data).
-    """
-    # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
-    from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
-    from mixmo_dist.runtime.logs import setup_logging
-    from mixmo_dist.training.trainer import Trainer
-
-    cfg = load_config(argv)
-    die_with_parent()
-    accelerator = build_accelerator(
-        cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
-    )
-    setup_logging(accelerator.is_main_process)
-    if cfg.log.tensorboard:
-        accelerator.init_trackers(cfg.run.name)
-    trainer = Trainer(cfg, accelerator)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+# Exit status of a run stopped by Ctrl-C after saving (the shell's convention for SIGINT: 128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line wrapper: user errors print one `error: ...` line and exit 2; a preempted run exits 0."""
+    """Command-line wrapper: a user error prints one `error: ...` line, once per run, and exits 2 on every rank;
+    a preempted run exits 0 (it is requeued); a run stopped by Ctrl-C saves and exits 130, and a second Ctrl-C exits
+    130 at once.
+
+    Errors that one rank finds alone (its shard's corrupt image) reach every rank as `StopAllRanks`, printed by the
+    rank that found it; the other user errors arise on every rank alike (same config, same files) and global rank 0
+    prints them.
+    """
     argv = sys.argv[1:] if argv is None else argv
     info_status = answer_without_training(argv, prog=PROG)
     if info_status is not None:
         return info_status
-    from mixmo_dist.checkpoint import CheckpointError  # after the flags: see run()
+    # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
+    from mixmo_dist.checkpoint import CheckpointError
+    from mixmo_dist.runtime.collectives import StopAllRanks
+    from mixmo_dist.training.run import run
 
     try:
         status = run(argv)
-    except (ConfigError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except StopAllRanks as err:
+        if err.report:
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    except (ConfigError, CheckpointError, ValueError) as err:
+        if is_global_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if is_global_rank_zero():
+            print("interrupted: stopped without saving; the run resumes from its last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     log.info("run %s", status)
-    return 0
+    return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
 if __name__ == "__main__":

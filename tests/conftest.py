@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from slurm_support import slurm_cluster  # noqa: F401  (the session's one SLURM cluster, shared by every module)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -50,6 +54,32 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+@contextmanager
+def read_only_mount(path: Path, source: Path | None = None):
+    """`path` as a read-only mount for the block: an empty tmpfs, or a read-only bind of `source` (a copy of a run).
+
+    Root ignores file modes, so only a read-only mount refuses root's writes; mounting needs root (CI runs as root).
+    Unmounted afterwards, whatever happens inside the block.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a read-only mount (root ignores file modes, so nothing else is read-only)")
+    path.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        steps = [["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]]
+    else:
+        steps = [["mount", "--bind", str(source), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]]
+    for i, cmd in enumerate(steps):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            if i:
+                subprocess.run(["umount", str(path)], check=True)
+            pytest.skip(f"cannot make a read-only mount here ({' '.join(cmd)}): {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,8 +117,11 @@ def train_env(**extra: str) -> dict:
     return env
 
 
-def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`accelerate launch --multi_gpu --num_processes N -m mixmo_dist.train ARGS` as a real process group."""
+def launch(
+    args: list[str], nproc: int = 2, env: dict | None = None, mixed_precision: str = "no", **popen
+) -> subprocess.Popen:
+    """`accelerate launch --multi_gpu --num_processes N --mixed_precision P -m mixmo_dist.train ARGS` as a real
+    process group (N = 1: plain `python -m mixmo_dist.train ARGS`, which has no launcher precision)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "mixmo_dist.train", *args]
     else:
@@ -101,7 +134,7 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
             "--num_machines",
             "1",
             "--mixed_precision",
-            "no",
+            mixed_precision,
             "--dynamo_backend",
             "no",
             "--main_process_port",
@@ -110,21 +143,67 @@ def launch(args: list[str], nproc: int = 2, env: dict | None = None, **popen) ->
             "mixmo_dist.train",
             *args,
         ]
-    return subprocess.Popen(
+    popen.setdefault("cwd", REPO)
+    # A tag in the environment of every process of this run (launcher, ranks, their DataLoader forkservers and
+    # workers), so that `kill_run` finds them all: torchrun puts each rank in its own session.
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
         cmd,
-        cwd=REPO,
-        env=env or train_env(),
+        env={**(env or train_env()), RUN_TAG: tag},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
         **popen,
     )
+    proc.run_tag = tag
+    return proc
 
 
-def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
-    proc = launch(args, nproc, env)
-    out, _ = proc.communicate(timeout=timeout)
+RUN_TAG = "MIXMO_TEST_RUN_TAG"
+
+
+def run_processes(tag: str) -> dict[int, dict[str, str]]:
+    """{pid: environment} of the live (non-zombie) processes of the `launch`ed run tagged `tag` (`proc.run_tag`)."""
+    needle = f"{RUN_TAG}={tag}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state not in ("Z", "X"):
+            found[int(entry)] = dict(w.decode(errors="replace").partition("=")[::2] for w in environ if b"=" in w)
+    return found
+
+
+def kill_run(proc: subprocess.Popen) -> str:
+    """SIGKILL every process of a `launch`ed run and return its output.
+
+    Killing the launcher's group is not enough: a rank killed (or crashed) without its DataLoader forkserver leaves
+    that forkserver alive and holding the output pipe, and reading the output would then block for good.
+    """
+    for pid in run_processes(proc.run_tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def run_train(
+    args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600, mixed_precision: str = "no"
+) -> tuple[int, str]:
+    proc = launch(args, nproc, env, mixed_precision)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_run(proc)
+        raise
     return proc.returncode, out
 
 

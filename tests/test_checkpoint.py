@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,6 +239,35 @@ def test_corrupt_newest_is_moved_aside_and_previous_returned(tmp_path, case):
     assert no_checkpoint_warnings(store.find_latest) == good  # nothing left to move
 
 
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_reader_skips_corrupt_checkpoints_without_writing(tmp_path, case):
+    """find_latest(repair=False), what evaluate/export/init_from use: the previous complete checkpoint, a warning
+    naming each skipped one, and not a byte changed (the run may be a read-only copy)."""
+    corrupt, reason = CORRUPTIONS[case]
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root, keep_last=3)
+    good = save(store, 1)
+    bad = save(store, 2)
+    newer_bad = save(store, 3)
+    corrupt(bad)
+    corrupt(newer_bad)
+    (root / "latest").write_text("step_00000003\n")
+    before = _snapshot(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert store.find_latest(repair=False) == good
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(messages) == 2, messages  # each corrupt one named once
+    for path, message in zip((newer_bad, bad), messages):
+        assert f"checkpoint {path} is not usable (" in message and reason in message and "skipped" in message
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]
+
+
 def test_latest_pointing_at_corrupt_dir_falls_back_to_scan(tmp_path):
     root = tmp_path / "checkpoints"
     store = CheckpointStore(root, keep_last=3)
@@ -271,6 +301,88 @@ def test_all_corrupt_or_empty_gives_none(tmp_path):
     with pytest.warns(CheckpointWarning):
         assert store.find_latest() is None
     assert store.step_dirs() == []
+
+
+# ---------------------------------------------------------------------------------------------------- permissions
+
+
+def test_checkpoint_and_config_files_follow_the_umask(tmp_path):
+    # safetensors alone writes 0o600 and mkstemp too: the group, or a container running under another uid, could
+    # not read the weights of a run they can otherwise read (found by `make docker-check`).
+    from mixmo_dist.config import Config, dump_config
+
+    old = os.umask(0o022)
+    try:
+        shared = save(CheckpointStore(tmp_path / "shared", keep_last=1), 1)
+        dump_config(Config(), tmp_path / "shared" / "config.yaml")
+        os.umask(0o077)
+        private = save(CheckpointStore(tmp_path / "private", keep_last=1), 1)
+        dump_config(Config(), tmp_path / "private" / "config.yaml")
+    finally:
+        os.umask(old)
+    for final, mode in ((shared, 0o644), (private, 0o600)):
+        files = [*final.iterdir(), final.parent / "latest", final.parent / "config.yaml"]
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+
+
+_FIND_LATEST = textwrap.dedent(
+    """
+    import sys, warnings
+    from mixmo_dist.checkpoint import CheckpointError
+    from mixmo_dist.checkpoint.store import CheckpointStore
+    warnings.simplefilter("error")
+    try:
+        print("found", CheckpointStore(sys.argv[1], keep_last=3).find_latest())
+    except CheckpointError as err:
+        print("CheckpointError:", err)
+    """
+)
+
+
+def _find_latest_as_another_user(root: Path) -> str:
+    """find_latest() in a child process for which file permissions apply (root reads and renames anything)."""
+    prefix = []
+    if os.geteuid() == 0:
+        # Still root (the interpreter may live under /root), but without the capabilities that bypass file modes.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv (util-linux) to drop root's permission override")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    res = subprocess.run(
+        [*prefix, sys.executable, "-c", _FIND_LATEST, str(root)],
+        env=CHILD_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_unreadable_checkpoint_is_an_error_and_is_not_moved_aside(tmp_path):
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root, keep_last=3)
+    save(store, 1)
+    newest = save(store, 2)
+    (newest / "model.safetensors").chmod(0o000)  # as another user's private file: not damage
+    out = _find_latest_as_another_user(root)
+    assert out.startswith("CheckpointError:") and "no permission to read model.safetensors" in out, out
+    assert str(newest) in out
+    assert dir_names(root) == ["latest", "step_00000001", "step_00000002"]  # nothing moved aside
+    (newest / "model.safetensors").chmod(0o644)
+    assert _find_latest_as_another_user(root) == f"found {newest}"
+
+
+def test_corrupt_checkpoint_that_cannot_be_moved_aside_is_an_error(tmp_path):
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root, keep_last=3)
+    save(store, 1)
+    _drop_marker(save(store, 2))
+    root.chmod(0o555)  # as a read-only mount (a container that mounts runs/ with :ro)
+    try:
+        out = _find_latest_as_another_user(root)
+    finally:
+        root.chmod(0o755)
+    assert out.startswith("CheckpointError:") and "step_00000002 is unusable: no COMPLETE marker" in out, out
+    assert "cannot be moved aside" in out
+    assert dir_names(root) == ["latest", "step_00000001", "step_00000002"]
 
 
 def test_tmp_dirs_are_never_candidates_and_cleanup_removes_them(tmp_path):

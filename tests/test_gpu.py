@@ -355,4 +355,8 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     assert result["errors"] == {} and result["skipped"] == []
     train = result["train"]["bf16_compile=False"]
     assert train["mixmo"]["img_per_s"] > 0 and train["vanilla"]["img_per_s"] > 0 and train["ratio"] > 0
+    # Timed in turns, the order reversed every round (4 rounds by default), not one side's steps after the other's.
+    assert train["turn_order"] == ["mixmo", "vanilla", "vanilla", "mixmo"] * 2, train["turn_order"]
+    inference_round = ["vanilla", "folded", "mixmo_unfolded"]
+    assert result["inference"]["turn_order"] == (inference_round + inference_round[::-1]) * 2
     assert result["inference"]["fold_max_abs_gap_fp32"] < 1e-4

@@ -39,6 +39,7 @@ ALLOWED = {
         "evaluation.metrics",
         "version",
     },
+    "cluster": {"config", "training"},
 }
 
 
@@ -126,7 +127,7 @@ def _modules() -> list[Path]:
 def test_top_level_holds_only_entry_points_config_and_init():
     assert {p.stem for p in PKG.glob("*.py")} <= TOP_LEVEL
     stages = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert stages == {"checkpoint", "config", "data", "evaluation", "model", "ops", "runtime", "training"}
+    assert stages == {"checkpoint", "cluster", "config", "data", "evaluation", "model", "ops", "runtime", "training"}
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))

@@ -81,15 +81,21 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, reference_run
     _train_steps_once(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_saves_within_a_step_and_resumes(sig, tiny_data, reference_run, tmp_path):
+    """SIGUSR2/SIGTERM (preemption) and SIGINT (Ctrl-C in the terminal: the whole foreground group gets it)."""
     out = tmp_path / sig.name
     args = tiny_args(tiny_data, out)
     proc = launch(args)
     _wait_for(lambda: _last_train_step(out) >= 3, proc)
     at = _last_train_step(out)
-    proc.send_signal(sig)  # the launcher forwards it (TORCHELASTIC_SIGNALS_TO_HANDLE includes SIGUSR2)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # what a terminal does; the ranks sit in sessions of their own, torchrun forwards
+    else:
+        proc.send_signal(sig)  # the launcher forwards it (TORCHELASTIC_SIGNALS_TO_HANDLE includes SIGUSR2)
     log, _ = proc.communicate(timeout=300)
+    stopped = {line.split("stopped at step ")[1].split()[0] for line in log.splitlines() if "stopped at step" in line}
+    assert len(stopped) == 1 and log.count("stopped at step") == 2, log[-3000:]  # both ranks, at the same step
     marker = json.loads((out / "PREEMPTED").read_text())
     assert marker["signal"] == sig.name
     assert at <= marker["step"] <= at + 2, (at, marker)
@@ -141,7 +147,7 @@ def test_resume_with_changed_shape_is_refused(tiny_data, reference_run, tmp_path
     shutil.copytree(reference_run, out)
     rc, log = run_train(tiny_args(tiny_data, out, "--mixmo.num_members=3"), nproc=1)
     assert rc == 2, log[-3000:]
-    assert "num_members: checkpoint 2 vs now 3" in log and "world_size: checkpoint 2 vs now 1" in log
+    assert "num_members: checkpoint 2 vs now 3" in log and "global batch: checkpoint 16 rows vs now 8" in log
     assert (out / "checkpoints" / FINAL / "COMPLETE").exists()  # nothing lost
 
 

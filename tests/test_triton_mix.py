@@ -49,10 +49,23 @@ EXTRA = [
     (3, "float16", False, "cut", False),
 ]
 CASES = SWEEP + SMALL_TILES + EXTRA
+# (M, dtype, channels_last) with B = 16 boxes whose four edges all lie strictly inside the 7x9 map (plus the three
+# edge-case boxes): an off-by-one in any comparison of the in-box test changes a row or column of every such box. The
+# cases above cannot see one: B=3 and all three boxes are edge cases (full map, empty, touching two borders).
+INTERIOR = [
+    (2, "float32", False),
+    (2, "float32", True),
+    (3, "bfloat16", True),
+]
+_INTERIOR_BOXES = 16
 
 
 def _case_name(m: int, dtype: str, cl: bool, mixing: str, small: bool) -> str:
     return f"M{m}-{dtype}-{'nhwc' if cl else 'nchw'}-{mixing}-{'small' if small else 'default'}"
+
+
+def _interior_name(m: int, dtype: str, cl: bool) -> str:
+    return f"M{m}-{dtype}-{'nhwc' if cl else 'nchw'}-interior"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +144,62 @@ def _run_case(tm, mixing_mod, m, dtype_name, cl, mixing, small, generator):
     }
 
 
+def _interior_boxes(count: int, height: int, width: int, generator) -> torch.Tensor:
+    """int64 [count,4] random boxes (y0, y1, x0, x1) with 0 < y0 < y1 < H and 0 < x0 < x1 < W."""
+    rows = []
+    for _ in range(count):
+        y0 = int(torch.randint(1, height - 1, (), generator=generator))
+        y1 = int(torch.randint(y0 + 1, height, (), generator=generator))
+        x0 = int(torch.randint(1, width - 1, (), generator=generator))
+        x1 = int(torch.randint(x0 + 1, width, (), generator=generator))
+        rows.append([y0, y1, x0, x1])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _run_interior_case(tm, m, dtype_name, cl, generator):
+    """Edge-case boxes plus 16 interior ones, random coefficients (inside != outside), default tiles.
+
+    Besides the kernel's error it reports, per box edge and direction, the error that a reference with that edge
+    moved by one would have: each must exceed the tolerance, so the case can see every off-by-one in the box test.
+    """
+    dtype = getattr(torch, dtype_name)
+    height, width, channels = 7, 9, 2
+    tm._TILE_ELEMS, tm._MAX_COLS = 2048, 256
+    edge = torch.tensor([[0, height, 0, width], [height - 1, 2, 3, width], [0, 3, width - 4, width]])
+    boxes_B4 = torch.cat([edge, _interior_boxes(_INTERIOR_BOXES, height, width, generator)])
+    batch = boxes_B4.shape[0]
+    coef_in_MB = torch.rand(m, batch, generator=generator) + 0.5
+    coef_out_MB = torch.rand(m, batch, generator=generator) - 1.5  # never equal to coef_in: every edge shows
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    feats = [
+        torch.randn(batch, channels, height, width, generator=generator).to(dtype).contiguous(memory_format=fmt)
+        for _ in range(m)
+    ]
+    leaves = [x.clone().requires_grad_(True) for x in feats]
+    grad_z = torch.randn(batch, channels, height, width, generator=generator).to(dtype).contiguous(memory_format=fmt)
+    z = tm.mix_features_triton(leaves, boxes_B4, coef_in_MB, coef_out_MB)
+    grads = torch.autograd.grad(z, leaves, grad_z)
+    z_ref, grads_ref = _reference(feats, boxes_B4, coef_in_MB, coef_out_MB, grad_z)
+    moved = {}
+    for col, edge_name in enumerate(("y0", "y1", "x0", "x1")):
+        for shift in (-1, 1):
+            shifted = boxes_B4.clone()
+            shifted[3:, col] += shift  # interior boxes only: the edge cases stay put
+            z_moved, _ = _reference(feats, shifted, coef_in_MB, coef_out_MB, grad_z)
+            moved[f"{edge_name}{shift:+d}"] = _err_ratio(z_moved, z_ref, dtype)
+    interior = boxes_B4[3:]
+    return {
+        "fwd": _err_ratio(z, z_ref, dtype),
+        "bwd": max(_err_ratio(g, r, dtype) for g, r in zip(grads, grads_ref)),
+        "batch": batch,
+        "strictly_inside": bool(
+            ((interior[:, 0] > 0) & (interior[:, 1] < height) & (interior[:, 2] > 0) & (interior[:, 3] < width)).all()
+        ),
+        "moved_edge_err": moved,
+        "out_layout_ok": z.is_contiguous(memory_format=fmt) and all(g.is_contiguous(memory_format=fmt) for g in grads),
+    }
+
+
 def _compile_checks(tm, mixing_mod, generator):
     """torch.compile(fullgraph) of a function around the op, forward and backward, against eager."""
     batch, channels, height, width = 2, 3, 6, 5
@@ -198,6 +267,7 @@ def _worker() -> None:
     report = {"interpreted": tm.INTERPRETED, "triton": triton.__version__, "cases": {}}
     for case in CASES:
         report["cases"][_case_name(*case)] = _run_case(tm, mixing_mod, *case, generator)
+    report["interior"] = {_interior_name(*case): _run_interior_case(tm, *case, generator) for case in INTERIOR}
     report["misc"] = _misc_checks(tm, mixing_mod, generator)
     report["compile"] = _compile_checks(tm, mixing_mod, generator)
     print("REPORT " + json.dumps(report))
@@ -235,6 +305,7 @@ def report(request) -> dict:
 def test_worker_ran_the_interpreter(report):
     assert report["interpreted"] is True
     assert set(report["cases"]) == {_case_name(*case) for case in CASES}
+    assert set(report["interior"]) == {_interior_name(*case) for case in INTERIOR}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_name(*case) for case in CASES])
@@ -245,6 +316,18 @@ def test_kernel_matches_reference(report, case):
     assert res["bwd"] <= 1.0, f"backward error {res['bwd']:.3g} x tolerance"
     assert res["vs_torch"] <= 1.0, f"differs from mix_features_torch by {res['vs_torch']:.3g} x tolerance"
     assert res["out_dtype_ok"], "z or a gradient came back in another dtype"
+    assert res["out_layout_ok"], "z or a gradient came back in another memory format"
+
+
+@pytest.mark.parametrize("case", INTERIOR, ids=[_interior_name(*case) for case in INTERIOR])
+def test_kernel_matches_reference_on_boxes_inside_the_map(report, case):
+    """16 random boxes with every edge strictly inside the map (plus the edge cases), NCHW and channels_last."""
+    res = report["interior"][_interior_name(*case)]
+    assert res["batch"] >= 16 and res["strictly_inside"], res
+    # The data can see an off-by-one on each edge, either way: a reference with that edge moved fails the tolerance.
+    assert min(res["moved_edge_err"].values()) > 10.0, res["moved_edge_err"]
+    assert res["fwd"] <= 1.0, f"forward error {res['fwd']:.3g} x tolerance"
+    assert res["bwd"] <= 1.0, f"backward error {res['bwd']:.3g} x tolerance"
     assert res["out_layout_ok"], "z or a gradient came back in another memory format"
 
 

@@ -48,13 +48,21 @@ class RunLock:
         """Take the lock; a no-op when this object already holds it.
 
         Raises:
-            CheckpointError: another process holds it (the message names it), or the file system refuses locks.
+            CheckpointError: another process holds it (the message names it), the directory cannot be written
+                (read-only, no permission), or the file system refuses locks.
         """
         if self.held:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        # O_CLOEXEC: a program this process execs must not inherit (and so keep) the lock.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            # O_CLOEXEC: a program this process execs must not inherit (and so keep) the lock.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            where = f": {err.filename}" if err.filename else ""
+            raise CheckpointError(
+                f"run.output_dir={self.output_dir} cannot be written ({err.strerror or err}{where}); choose a "
+                "writable directory with --run.output_dir=DIR"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -89,6 +89,9 @@ class CheckpointManager:
         rank_states: per-rank state objects saved into `rank_<r>.json` under their key (e.g. "rng", "data").
         shape: the shape-defining settings of this run (`SHAPE_KEYS`); a checkpoint that differs is refused.
         describe: returns informational entries for state.json (config, plan, epoch, ...); never restored.
+        elastic: the run may resume a checkpoint of another world size with the same global batch (set when
+            `data.global_batch_size` is): every per-rank object is then restored with `load_resharded(states of
+            the old ranks, step)` instead of `load_state_dict`.
     """
 
     def __init__(
@@ -105,11 +108,12 @@ class CheckpointManager:
         rank_states: Mapping[str, Stateful],
         shape: Mapping[str, Any],
         describe: Callable[[], dict],
+        elastic: bool = False,
     ) -> None:
         self.store, self.comm, self.rank = store, comm, rank
         self.model, self.optimizer, self.ema, self.scaler = model, optimizer, ema, scaler
         self.counters, self.rank_states = counters, dict(rank_states)
-        self.shape, self.describe = dict(shape), describe
+        self.shape, self.describe, self.elastic = dict(shape), describe, elastic
 
     # ------------------------------------------------------------------------------------------------- saving
 
@@ -179,34 +183,93 @@ class CheckpointManager:
         if path is None:
             return None
         state = self.store.read_json(path, "state.json")
-        self.check_compatible(state, path)
-        self.model.load_state_dict(self.store.read_tensors(path, "model.safetensors"), strict=True)
-        tensors = self.store.read_tensors(path, "trainer.safetensors")
-        self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
-        if self.ema is not None:
-            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        old_world = self.check_compatible(state, path)
+        self._load_tensors(path, state)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.counters.load_state_dict(state)
-        rank_state = self.store.read_json(path, f"rank_{self.rank}.json")
         # Data before RNG, as the state was captured: restoring a loader must not consume a restored stream.
-        for key in ("data", *sorted(k for k in self.rank_states if k not in ("data", "rng")), "rng"):
-            if key in self.rank_states:
+        keys = ("data", *sorted(k for k in self.rank_states if k not in ("data", "rng")), "rng")
+        keys = [k for k in keys if k in self.rank_states]
+        if old_world is None:
+            rank_state = self.store.read_json(path, f"rank_{self.rank}.json")
+            for key in keys:
                 self.rank_states[key].load_state_dict(rank_state[key])
+        else:
+            olds = [self.store.read_json(path, f"rank_{r}.json") for r in range(old_world)]
+            for key in keys:
+                self.rank_states[key].load_resharded([old[key] for old in olds], state["step"])
         return Path(path)
 
-    def check_compatible(self, state: dict, path: str | Path) -> None:
-        """Refuse a checkpoint whose shape-defining settings differ from this run's, naming each difference."""
+    def _load_tensors(self, path: str, state: dict) -> None:
+        """Model, optimizer and EMA tensors; files that do not fit the settings stored beside them are refused."""
+        try:
+            self.model.load_state_dict(self.store.read_tensors(path, "model.safetensors"), strict=True)
+            tensors = self.store.read_tensors(path, "trainer.safetensors")
+            self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
+            if self.ema is not None:
+                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        except (RuntimeError, ValueError, KeyError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            detail = " ".join(str(err).split())
+            if len(detail) > 400:  # one line: the first mismatches are enough to recognise the cause
+                detail = detail[:400].rsplit(" ", 1)[0] + " ..."
+            raise CheckpointError(
+                f"cannot resume from {path}: its tensors do not fit the network its state.json describes "
+                f"({', '.join(f'{k}={self.shape[k]!r}' for k in SHAPE_KEYS if k != 'classes')}): {detail}. It was "
+                "written by another version of mixmo_dist or timm, or changed by hand; resume from another "
+                "checkpoint (--checkpoint.resume=<run>/checkpoints/step_<N>) or start a new run in another "
+                "run.output_dir"
+            ) from None
+
+    def check_compatible(self, state: dict, path: str | Path) -> int | None:
+        """Refuse a checkpoint whose shape-defining settings differ from this run's, naming each difference.
+
+        Returns:
+            None for a checkpoint of this world size; the checkpoint's world size when this run may reshard it
+            (`elastic` and the same global batch).
+        """
         saved = state.get("shape", {})
+        world_keys = ("rows_per_rank", "world_size")
         diffs = []
         for key in SHAPE_KEYS:
-            if saved.get(key) != self.shape[key]:
+            if key not in world_keys and saved.get(key) != self.shape[key]:
                 shown = (saved.get(key), self.shape[key]) if key != "classes" else ("<list>", "<list>")
                 diffs.append(f"{key}: checkpoint {shown[0]!r} vs now {shown[1]!r}")
+        same_world = all(saved.get(key) == self.shape[key] for key in world_keys)
+        old_global = _global_rows(saved)
+        new_global = _global_rows(self.shape)
+        if not same_world and old_global != new_global:
+            diffs.append(f"global batch: checkpoint {old_global} rows vs now {new_global}")
+        elif not same_world and not self.elastic:
+            diffs.append(
+                f"world_size: checkpoint {saved.get('world_size')!r} vs now {self.shape['world_size']!r} (to resume on "
+                f"another number of processes, set data.global_batch_size={old_global}, the checkpoint's global batch, "
+                "so every rank's share is recomputed)"
+            )
         if diffs:
             raise CheckpointError(
                 f"cannot resume from {path}: " + "; ".join(diffs) + ". Resuming needs the same shape-defining "
-                "settings and world size (per-rank data positions and RNG streams cannot be remapped); start a new "
-                "run in another run.output_dir (model.init_from can start it from these weights) or set "
-                "checkpoint.resume=never"
+                "settings; start a new run in another run.output_dir (model.init_from can start it from these "
+                "weights) or set checkpoint.resume=never"
             )
+        if same_world:
+            return None
+        missing = [key for key, obj in self.rank_states.items() if not hasattr(obj, "load_resharded")]
+        if missing:
+            raise CheckpointError(f"cannot resume from {path} on another world size: {missing} cannot be resharded")
+        log.warning(
+            "resuming %s, saved by %d ranks, on %d ranks with the same global batch of %d rows: the remaining samples "
+            "of the epoch are the same, but per-rank batches, member pairings and RNG streams differ from an "
+            "uninterrupted run (the streams are re-derived from run.seed, each rank and the step)",
+            *(path, saved["world_size"], self.shape["world_size"], new_global),
+        )
+        return int(saved["world_size"])
+
+
+def _global_rows(shape: Mapping[str, Any]) -> int | None:
+    try:
+        return int(shape["rows_per_rank"]) * int(shape["world_size"])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -74,6 +74,13 @@ def _utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+def _unreadable(path: Path, name: str, err: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path}: no permission to read {name} ({err.strerror}); it was left where it is. "
+        "Run as the user who wrote it, or have its files made readable (e.g. chmod -R g+rX)"
+    )
+
+
 def _check_file_name(name: Any, suffix: str | None) -> str:
     if not isinstance(name, str):
         raise TypeError(f"checkpoint file name must be a str, got {type(name).__name__} ({name!r})")
@@ -130,7 +137,8 @@ class CheckpointStore:
 
     Only one process (global rank 0) may call `begin`, `commit`, `find_latest`, `resolve`, `move_aside` and
     `cleanup_tmp`, since they rename directories; it shares the resulting path with the other ranks. All ranks may
-    call `tmp_dir`, `write_tensors`, `write_json`, `read_tensors`, `read_json` and `verify`. The root must be on a
+    call `tmp_dir`, `write_tensors`, `write_json`, `read_tensors`, `read_json`, `verify` and
+    `find_latest(repair=False)`, which writes nothing. The root must be on a
     file system that every rank sees when several hosts write into one checkpoint.
 
     Args:
@@ -349,6 +357,10 @@ class CheckpointStore:
 
         Returns:
             None when the checkpoint is whole, else the reason it is not.
+
+        Raises:
+            CheckpointError: a file this process has no permission to read. That is not damage (it may belong to
+                another user), so callers must not move the checkpoint aside for it.
         """
         path = Path(path)
         step = parse_step_dir_name(path.name)
@@ -361,6 +373,8 @@ class CheckpointStore:
             return f"no {MARKER} marker (the save did not finish)"
         try:
             marker = json.loads(marker_path.read_bytes())
+        except PermissionError as err:
+            raise _unreadable(path, MARKER, err) from err
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             return f"{MARKER} marker is not valid JSON ({err})"
         if not isinstance(marker, dict):
@@ -381,6 +395,8 @@ class CheckpointStore:
                 return f"listed file {name} is missing"
             try:
                 actual = sha256_file(file)
+            except PermissionError as err:
+                raise _unreadable(path, name, err) from err
             except OSError as err:
                 return f"listed file {name} cannot be read ({err})"
             if actual != digest:
@@ -392,6 +408,9 @@ class CheckpointStore:
 
         Returns:
             The new path, or None when `path` no longer exists (another process moved it first).
+
+        Raises:
+            CheckpointError: the rename is refused (read-only mount, no write permission); nothing is changed.
         """
         path = Path(path)
         stamp = _utc_stamp()
@@ -404,6 +423,11 @@ class CheckpointStore:
             os.rename(path, target)
         except FileNotFoundError:
             return None
+        except OSError as err:  # a read-only mount, a directory of another user
+            raise CheckpointError(
+                f"checkpoint {path} is unusable: {reason}; it cannot be moved aside ({err.strerror}): "
+                "move or remove it by hand"
+            ) from err
         fsync_dir(target.parent)
         warnings.warn(f"checkpoint {path} moved aside to {target.name}: {reason}", CheckpointWarning, stacklevel=2)
         return target
@@ -426,15 +450,23 @@ class CheckpointStore:
             return None
         return self.root / text
 
-    def find_latest(self) -> Path | None:
+    def find_latest(self, *, repair: bool = True) -> Path | None:
         """The checkpoint to resume from: `latest` if it verifies, else the newest step directory that verifies.
 
         `latest` is trusted first because it is written last by `commit`. Every candidate that fails `verify` is
-        moved aside with a warning and the next older one is tried; `.tmp_*` directories are never candidates.
-        When the scan had to be used, `latest` is rewritten to the answer.
+        passed over with a warning naming it and the next older one is tried; `.tmp_*` directories are never
+        candidates.
+
+        Args:
+            repair: the run's owner (the trainer, holding the run lock) moves failing candidates aside and rewrites
+                `latest` to the answer when the scan had to be used. Readers (evaluate, export, init_from) pass
+                False: they write nothing into the run they read, which may be a read-only copy.
 
         Returns:
             The checkpoint directory, or None when no checkpoint verifies (a fresh run).
+
+        Raises:
+            CheckpointError: a candidate cannot be read (permissions) or cannot be moved aside; nothing is moved.
         """
         if not self.root.is_dir():
             return None
@@ -444,7 +476,7 @@ class CheckpointStore:
                 reason = self.verify(hint)
                 if reason is None:
                     return hint
-                self.move_aside(hint, reason)
+                self._pass_over(hint, reason, repair)
             else:
                 warnings.warn(
                     f"{self.root / LATEST} names {hint.name}, which does not exist; scanning {self.root}",
@@ -452,12 +484,25 @@ class CheckpointStore:
                     stacklevel=2,
                 )
         for _, candidate in reversed(self.step_dirs()):
+            if candidate == hint:
+                continue  # verified and passed over above
             reason = self.verify(candidate)
             if reason is None:
-                self._write_latest(candidate.name)
+                if repair:
+                    self._write_latest(candidate.name)
                 return candidate
-            self.move_aside(candidate, reason)
+            self._pass_over(candidate, reason, repair)
         return None
+
+    def _pass_over(self, path: Path, reason: str, repair: bool) -> None:
+        if repair:
+            self.move_aside(path, reason)
+        else:
+            warnings.warn(
+                f"checkpoint {path} is not usable ({reason}): skipped, trying the previous one",
+                CheckpointWarning,
+                stacklevel=3,
+            )
 
     def resolve(self, resume: str) -> Path | None:
         """Apply the config value `checkpoint.resume`.
@@ -531,7 +576,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
     Args:
         path: a step directory (`.../checkpoints/step_<N>`) or a run output directory (then its newest complete
-            checkpoint, found by `CheckpointStore.find_latest`, which moves corrupt ones aside).
+            checkpoint: `CheckpointStore.find_latest(repair=False)` skips corrupt ones with a warning and writes
+            nothing, so a read-only run directory works).
 
     Raises:
         CheckpointError: `path` does not exist, is neither kind of directory, holds no complete checkpoint, or the
@@ -547,7 +593,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return p
     root = p / "checkpoints"
     if p.is_dir() and root.is_dir():
-        found = CheckpointStore(root, keep_last=1).find_latest()
+        found = CheckpointStore(root, keep_last=1).find_latest(repair=False)
         if found is None:
             raise CheckpointError(f"run directory {p} holds no complete checkpoint under {root}")
         return found

@@ -8,7 +8,7 @@ from mixmo_dist.config.loader import config_yaml, load_config
 from mixmo_dist.config.reference import help_text
 from mixmo_dist.config.schema import ConfigError
 
-__all__ = ["answer_without_training", "info_text"]
+__all__ = ["answer_without_training", "info_text", "is_global_rank_zero"]
 
 HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG = "--print-config"
@@ -56,7 +56,8 @@ def info_text(argv: Sequence[str], *, prog: str) -> str | None:
     return config_yaml(cfg, f"Resolved mixmo_dist config ({prog} --print-config); reload with --config FILE")
 
 
-def _is_global_rank_zero() -> bool:
+def is_global_rank_zero() -> bool:
+    """Whether this process is global rank 0 (or not part of a launched world at all)."""
     # torchrun (under accelerate launch) exports RANK to every rank; a plain `python -m` run has none.
     return os.environ.get("RANK", "0") == "0"
 
@@ -75,10 +76,10 @@ def answer_without_training(argv: Sequence[str], *, prog: str) -> int | None:
             load_config(argv)  # the run loads it again; this only refuses bad words early, on every rank alike
             return None
     except ConfigError as err:
-        if _is_global_rank_zero():
+        if is_global_rank_zero():
             print(f"error: {err}", file=sys.stderr)
         return 2
-    if _is_global_rank_zero():
+    if is_global_rank_zero():
         try:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
             sys.stdout.flush()

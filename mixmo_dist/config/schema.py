@@ -326,8 +326,7 @@ class DataConfig(_Section, section="data"):
     """Dataset root holding train/ and val/ class folders (ignored by the synthetic backend); the default is the
     demo set that `make demo` generates."""
     dataset: Literal["imagefolder", "cifar10", "cifar100", "tinyimagenet"] = "imagefolder"
-    """Dataset layout and normalisation statistics to use (the limits of each are listed in README.md, Known
-    limitations)."""
+    """Dataset layout and normalisation statistics to use (each layout is described in README.md, Data)."""
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch", "synthetic"] = "auto"
     """Loader. auto: dali-gpu with CUDA and DALI, dali-cpu with DALI but no CUDA, torch without DALI. synthetic:
     random tensors (benchmarks and smoke tests)."""
@@ -398,8 +397,8 @@ class ModelConfig(_Section, section="model"):
     compile: bool = False
     """Wrap the training forward (MixMoNet.forward_train) in torch.compile."""
     init_from: str | None = None
-    """Vanilla weights to start the backbone from (an exported file or a 1-member run, see init_from in README.md);
-    null = the random initialisation of model.init."""
+    """Vanilla weights to start the backbone from (an exported file or a 1-member run, see init_from in
+    docs/OUTPUTS.md); null = the random initialisation of model.init."""
     init: Literal["timm", "reference"] = "timm"
     """Random initialisation. timm: the backbone's own (He normal fan_out convs, torch's default Linear heads).
     reference: the MixMo authors' (every conv, encoders included, truncated normal at +-2 std of std

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, load_rgb, scan_split, timm_mean_std
@@ -25,6 +26,7 @@ __all__ = [
     "Data",
     "Placement",
     "build_data",
+    "check_root",
     "load_rgb",
     "resolve_backend",
     "scan_split",
@@ -121,6 +123,30 @@ def resolve_backend(name: str, cuda: bool, *, dali_installed: bool | None = None
     return name
 
 
+# The demo dataset's place (data.root's default), made by `make demo` or by the generator's own command line.
+DEMO_ROOT = "data/demo"
+
+
+def check_root(cfg: DataConfig) -> None:
+    """Refuse a `data.root` that does not exist, saying how to make the demo data when it is the demo's place.
+
+    Raises:
+        ValueError: naming data.root, and for the demo's place the commands that create it.
+    """
+    if cfg.backend == "synthetic" or Path(cfg.root).exists():
+        return
+    if Path(cfg.root).resolve() == Path(DEMO_ROOT).resolve():
+        raise ValueError(
+            f"data.root={cfg.root} does not exist: it is where the demo dataset goes; make it with `make demo` "
+            f"(generates it, then trains the demo) or `python -m mixmo_dist.data.demo --out {DEMO_ROOT}`, or set "
+            "--data.root=DIR to your own data"
+        )
+    layout = "DIR/train/<class>/<image> and DIR/val/<class>/<image>"
+    if cfg.dataset != "imagefolder":
+        layout = f"the {cfg.dataset} files (the layouts are in README.md, Data)"
+    raise ValueError(f"data.root={cfg.root} does not exist: set --data.root=DIR to a folder holding {layout}")
+
+
 def build_data(cfg: DataConfig, place: Placement) -> Data:
     """Builds the train and val loaders of one rank with the backend `cfg.backend` resolves to.
 
@@ -136,6 +162,7 @@ def build_data(cfg: DataConfig, place: Placement) -> Data:
             f"data.dataset={cfg.dataset!r} is read with the torch backend's loaders; set data.backend=torch "
             f"(or auto), not {cfg.backend!r}"
         )
+    check_root(cfg)
     backend = resolve_backend(cfg.backend, place.device.type == "cuda")
     if backend == "synthetic":
         from .synthetic import build_synthetic_data

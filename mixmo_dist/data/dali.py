@@ -4,16 +4,15 @@ One pipeline definition serves training and validation on both devices; `build_d
 `Data` contract of `mixmo_dist.data` (exact batches per epoch, exact validation, resumable position).
 
 How the training order is made (and why it is not DALI's own shuffle):
-    Every epoch has its own global permutation of the sample list, drawn from `numpy.random.default_rng((seed,
-    epoch))`, identical on every rank, and padded (cyclically, with the permutation's first samples) to exactly
-    `world_size * steps * batch` entries. A fresh pipeline reads that list with `shard_id=rank,
-    num_shards=world_size`, so every shard holds exactly `steps` full batches and the ranks together see every
-    sample at least once per epoch, like `DistributedSampler`. DALI's own options were checked and rejected:
-    `random_shuffle` only shuffles a 1024-sample window, and `shuffle_after_epoch` does give a global reshuffle
-    with one seed on all ranks, but its order is hidden inside DALI. Owning the order makes `set_epoch(e)` mean what
-    it means for the torch backend, spreads the padding over different samples every epoch (DALI's
-    `pad_last_batch` repeats one sample up to batch-1 times, which skews BatchNorm), and tells us exactly which
-    files a failing batch held. The price is one pipeline build per epoch (milliseconds on CPU).
+    The order is the torch backend's: `data/plan.py`'s `EpochPlan` (one global permutation per epoch from (seed,
+    epoch), the same on every rank, wrapped to whole global steps; rank r reads the r-th run of U positions of
+    every global step). Each epoch, a fresh pipeline reads this rank's list of the epoch's samples in that order
+    (`num_shards=1`: the plan already chose the rank's share). DALI's own options were checked and rejected:
+    `random_shuffle` only shuffles a 1024-sample window, and `shuffle_after_epoch`'s order is hidden inside DALI.
+    Owning the order makes both backends read the same samples at the same global step, whatever the world size
+    (for a fixed global batch), so a run can resume on another number of ranks; it spreads the padding over
+    different samples every epoch, and tells us exactly which files a failing batch held. The price is one
+    pipeline build per epoch (milliseconds on CPU).
 
 Corrupt files: a file DALI cannot decode raises `CorruptImageError` naming it. DALI, like libjpeg-turbo, decodes
 some damaged JPEGs without complaint (a file cut near its end comes out with grey rows), where the torch backend's
@@ -25,6 +24,7 @@ Shape legend: B batch, C=3 channels, H=W=image_size.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,10 +38,13 @@ from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Data
 from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split
 from mixmo_dist.data.placement import Placement
+from mixmo_dist.data.plan import EpochPlan
 from mixmo_dist.data.transforms import pad_random_views
 from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["DaliTrainLoader", "DaliValLoader", "build_dali_data"]
+
+log = logging.getLogger("mixmo_dist")
 
 _READER = "Reader"
 _OUTPUTS = ["images", "index"]
@@ -49,7 +52,8 @@ _OUTPUTS = ["images", "index"]
 _CROP_ATTEMPTS = 10
 # pad_random pads this many pixels on every side before the random crop (the CIFAR recipe).
 _PAD = 4
-_STATE_FORMAT = "mixmo_dist.dali/1"
+_STATE_FORMAT = "mixmo_dist.dali/2"
+_STATE_FORMAT_1 = "mixmo_dist.dali/1"  # before the shared epoch plan: resumable at its batch, not bit-exactly
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,14 +227,25 @@ class _Batches:
         return self._paths
 
     def _make_iterator(
-        self, files_idx: Sequence[int], *, training: bool, seed: int, policy, checkpoint: bytes | None = None
+        self,
+        files_idx: Sequence[int],
+        *,
+        training: bool,
+        seed: int,
+        policy,
+        checkpoint: bytes | None = None,
+        sharded: bool = True,
     ) -> DALIGenericIterator:
-        """Builds a pipeline over `files_idx` (indices into the sample list) and its PyTorch iterator."""
+        """Builds a pipeline over `files_idx` (indices into the sample list) and its PyTorch iterator.
+
+        `sharded`: DALI splits the list into world_size contiguous shards and reads this rank's (validation);
+        otherwise the list is this rank's already (training: the epoch plan chose it).
+        """
         pipe = _image_pipeline(
             files=[self._paths[i] for i in files_idx],
             indices=[int(i) for i in files_idx],
-            shard_id=self._rank,
-            num_shards=self._world_size,
+            shard_id=self._rank if sharded else 0,
+            num_shards=self._world_size if sharded else 1,
             training=training,
             aug=self._aug,
             batch_size=self._batch_size,
@@ -301,52 +316,44 @@ class DaliTrainLoader(_Batches):
     """Training batches from DALI: exactly `len(self)` full batches per epoch on every rank, resumable mid-epoch.
 
     Iterating yields `(images_BCHW, labels_B)`: float32 normalised images on the device (channels_last memory
-    format when asked) and int64 class labels on the device. An epoch that is iterated to its end is followed by
-    the next one on the next `iter()`; `set_epoch(e)` jumps to the start of epoch e (a no-op when e is the
-    current epoch, e.g. right after `load_state_dict`).
+    format when asked) and int64 class labels on the device. The order is the shared `EpochPlan` (the torch
+    backend's): each epoch, this rank's pipeline reads its own list of the epoch's samples, in plan order, from the
+    batch it starts at. An epoch that is iterated to its end is followed by the next one on the next `iter()`;
+    `set_epoch(e)` jumps to the start of epoch e (a no-op when e is the current epoch).
     """
 
     def __init__(self, *, num_samples: int, seed: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._num_samples = num_samples
+        self._plan = EpochPlan(
+            num_samples,
+            unique_per_rank=self._batch_size,
+            rank=self._rank,
+            world_size=self._world_size,
+            seed=seed,
+        )
         self._seed = seed
-        self._steps = math.ceil(num_samples / (self._world_size * self._batch_size))
-        self._epoch = 0
-        self._batch = 0  # batches of the current epoch already delivered
         self._iterator: DALIGenericIterator | None = None
+        self._iterator_epoch = -1
+        self._start = 0  # the batch of the epoch that the current (or next) pipeline's file list starts at
         self._restore: bytes | None = None  # a DALI checkpoint to build the next pipeline from
         self._broken = False
 
     def __len__(self) -> int:
-        return self._steps
+        return self._plan.steps
 
     @property
     def epoch(self) -> int:
         """The epoch the loader stands in."""
-        return self._epoch
+        return self._plan.epoch
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Sample indices this rank reads in `epoch`, in order: int64 [steps * batch]."""
-        per_rank = self._steps * self._batch_size
-        return self._global_order(epoch)[self._rank * per_rank : (self._rank + 1) * per_rank]
-
-    def _global_order(self, epoch: int) -> np.ndarray:
-        """The padded order of `epoch` over all ranks, int64 [world_size * steps * batch]; DALI's shard r of it
-        is rank r's part."""
-        perm = np.random.default_rng((self._seed, epoch)).permutation(self._num_samples)
-        # np.resize repeats the permutation cyclically: the padding is the epoch's first samples, never one
-        # sample over and over (it also covers world_size * batch > num_samples on toy data).
-        return np.resize(perm, self._world_size * self._steps * self._batch_size)
+        return self._plan.rank_indices(epoch).reshape(-1).numpy()
 
     def set_epoch(self, epoch: int) -> None:
-        """Moves to the start of `epoch`; a no-op when `epoch` is the current one (keeps a restored position).
-
-        Same semantics as the torch backend, so a trainer may call it right after `load_state_dict`.
-        """
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
-        if epoch != self._epoch:
-            self._epoch, self._batch = epoch, 0
+        """Moves to the start of `epoch`; a no-op when `epoch` is the current one (keeps a restored position)."""
+        if epoch != self._plan.epoch:
+            self._plan.set_epoch(epoch)
             self._drop_pipeline()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -357,30 +364,37 @@ class DaliTrainLoader(_Batches):
         """Like iterating, but also yields each row's sample index (int64 [B], CPU): which file it came from."""
         if self._broken:
             raise RuntimeError("the DALI training pipeline failed earlier; restore a position with load_state_dict")
-        if self._batch >= self._steps:
-            self._epoch, self._batch = self._epoch + 1, 0
-            self._drop_pipeline()
-        while self._batch < self._steps:
-            batch = self._next()
-            self._batch += 1
-            yield batch
+        epoch, _ = self._plan.begin_pass()
+        if self._iterator is not None and self._iterator_epoch != epoch:
+            self._drop_pipeline()  # the last pass finished its epoch; this one starts the next
+        while self._plan.state_dict()["batch"] < self._plan.steps:
+            out = self._next()
+            self._plan.advance()
+            yield out
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, batch = self._plan.epoch, self._plan.state_dict()["batch"]
         try:
             if self._iterator is None:
+                if self._restore is None:
+                    self._start = batch
+                # Augmentation differs per rank and per epoch (and per starting batch after a resume on another
+                # world size); the order is the plan's, the same on every rank.
+                words = (self._seed, self._rank, epoch) + ((self._start,) if self._start else ())
                 self._iterator = self._make_iterator(
-                    self._global_order(self._epoch),
+                    self.epoch_indices(epoch)[self._start * self._batch_size :],
                     training=True,
-                    # Augmentation differs per rank and per epoch; the order above is the same on every rank.
-                    seed=derive_seed(self._seed, self._rank, self._epoch, bits=31),
+                    seed=derive_seed(*words, bits=31),
                     policy=LastBatchPolicy.FILL,
                     checkpoint=self._restore,
+                    sharded=False,
                 )
+                self._iterator_epoch = epoch
                 self._restore = None
             out = next(self._iterator)[0]
         except RuntimeError as err:
             self._broken, self._iterator = True, None
-            remaining = self.epoch_indices(self._epoch)[self._batch * self._batch_size :]
+            remaining = self.epoch_indices(epoch)[batch * self._batch_size :]
             corrupt = self._corrupt_error(err, remaining)
             if corrupt is not None:
                 raise corrupt from err
@@ -388,61 +402,81 @@ class DaliTrainLoader(_Batches):
         return self._convert(out)
 
     def _drop_pipeline(self) -> None:
-        self._iterator, self._restore, self._broken = None, None, False
+        self._iterator, self._restore, self._broken, self._start = None, None, False, 0
 
     def state_dict(self) -> dict:
-        """The exact position: epoch, batches delivered, and DALI's checkpoint (reader position + RNG states).
+        """The exact position: epoch, batches delivered, and DALI's checkpoint (reader position + RNG states) of the
+        pipeline, whose file list starts at batch `pipeline_start` of the epoch.
 
         Returns:
             A JSON-able dict; the DALI checkpoint is base64 text, None at an epoch boundary.
         """
-        if self._iterator is not None and 0 < self._batch < self._steps:
+        position = self._plan.state_dict()
+        mid_epoch = 0 < position["batch"] < self._plan.steps
+        if self._iterator is not None and mid_epoch:
             checkpoint = self._iterator.checkpoints()[0]
         else:
-            checkpoint = self._restore if 0 < self._batch < self._steps else None
+            checkpoint = self._restore if mid_epoch else None
         if isinstance(checkpoint, str):
             checkpoint = checkpoint.encode("latin-1")
         return {
             "format": _STATE_FORMAT,
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "steps": self._steps,
-            "num_samples": self._num_samples,
+            **position,
+            "pipeline_start": self._start if checkpoint is not None else position["batch"],
+            "steps": self._plan.steps,
+            "num_samples": self._plan.num_samples,
             "world_size": self._world_size,
             "rank": self._rank,
             "seed": self._seed,
             "dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii"),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores a position saved by `state_dict` (of this rank, same data and batch layout).
-
-        Raises:
-            ValueError: the state is not a DALI loader state, or it was saved with another dataset size, world
-                size, rank, seed or steps per epoch (the message names the mismatching key).
-        """
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") not in (_STATE_FORMAT, _STATE_FORMAT_1):
             raise ValueError(f"data state: not a DALI loader state (format {_STATE_FORMAT!r} expected)")
-        # Most telling mismatch first: a changed world size also changes the steps per epoch.
-        expected = {
-            "world_size": self._world_size,
-            "rank": self._rank,
-            "num_samples": self._num_samples,
-            "steps": self._steps,
-            "seed": self._seed,
-        }
+        # The global batch decides the steps per epoch: equal steps, samples and seed mean the same epoch plan.
+        expected = {"num_samples": self._plan.num_samples, "steps": self._plan.steps, "seed": self._seed}
         for key, value in expected.items():
             if state.get(key) != value:
                 raise ValueError(f"data state: {key} is {state.get(key)!r} in the checkpoint but {value!r} now")
-        epoch, batch = state.get("epoch"), state.get("batch")
-        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(batch, int) and 0 <= batch <= self._steps):
-            raise ValueError(f"data state: bad position epoch={epoch!r} batch={batch!r} (steps {self._steps})")
-        encoded = state.get("dali_checkpoint")
-        if 0 < batch < self._steps and not isinstance(encoded, str):
-            raise ValueError("data state: a mid-epoch position needs its dali_checkpoint")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a position saved by `state_dict` of this rank (same world size and batch layout).
+
+        Raises:
+            ValueError: the state is not a DALI loader state, or it was saved with another dataset size, seed or
+                steps per epoch, or by another rank (the message names the mismatching key).
+        """
+        self._check_state(state)
+        for key, value in (("world_size", self._world_size), ("rank", self._rank)):
+            if state.get(key) != value:
+                raise ValueError(f"data state: {key} is {state.get(key)!r} in the checkpoint but {value!r} now")
         self._drop_pipeline()
-        self._epoch, self._batch = epoch, batch
-        self._restore = base64.b64decode(encoded) if 0 < batch < self._steps else None
+        self._plan.load_state_dict({"epoch": state.get("epoch"), "batch": state.get("batch")})
+        batch = self._plan.state_dict()["batch"]
+        if state["format"] == _STATE_FORMAT_1:
+            # Written before the backends shared one epoch plan: its DALI checkpoint describes another file list.
+            log.warning("DALI loader state of an older version: resuming at batch %d in the shared epoch order", batch)
+            self._start = batch
+            return
+        encoded = state.get("dali_checkpoint")
+        if 0 < batch < self._plan.steps and encoded is not None:
+            self._start, self._restore = int(state["pipeline_start"]), base64.b64decode(encoded)
+        else:
+            self._start = batch
+
+    def load_resharded(self, states: list[dict], step: int) -> None:
+        """Restores the position from the states of the ranks of another world size (same global batch).
+
+        Every old rank stood at the same position; the DALI checkpoints describe the old ranks' file lists, so
+        the pipeline starts afresh at that batch over this rank's list (augmentation draws differ from an
+        uninterrupted run; the samples do not).
+        """
+        for state in states:
+            self._check_state(state)
+        self._drop_pipeline()
+        self._plan.load_resharded([{"epoch": s["epoch"], "batch": s["batch"]} for s in states], step)
+        self._start = self._plan.state_dict()["batch"]
 
 
 class DaliValLoader(_Batches):

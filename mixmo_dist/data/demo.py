@@ -10,7 +10,7 @@ Difficulty: textures rather than object outlines, because a ResNet from scratch 
 and colour far too slowly for a CPU demo (a ten-shape version stayed below 20% val top-1 after 8 epochs). Free
 rotation of the textures was too slow as well: the demo recipe (Cut-MixMo resnet18, M=2, 32 px, 376 steps of 64
 unique images) reached 0.28-0.38 val top-1 with it, 0.73 with tilts limited to 30 degrees. With the demo recipe a
-vanilla resnet18 stays below 50% val top-1 after its first epoch (measured: see README, "Demo result").
+vanilla resnet18 stays below 50% val top-1 after its first epoch (measured: see README.md, "Demo result").
 
 Determinism: every image is drawn from its own numpy PCG64 stream seeded by (seed, split, class, index), and encoded
 as a baseline JPEG at a fixed quality, so the same seed gives byte-identical files. The set is written into a

@@ -29,6 +29,10 @@ class EpochPlan:
     Position semantics: `state_dict()["batch"]` counts the batches of epoch `state_dict()["epoch"]` already
     yielded. `set_epoch(e)` moves to the start of epoch e unless e is the current epoch (then it keeps the
     position, so a trainer may call it right after `load_state_dict`). Iterating a finished epoch starts the next.
+
+    The position is the same on every rank and means the same global step whatever the world size (for a fixed
+    global batch W*U), so a run saved at W ranks can resume at W' (`load_resharded`): the remaining global steps
+    hold exactly the samples the uninterrupted run would have read, split W' ways instead of W.
     """
 
     def __init__(self, num_samples: int, *, unique_per_rank: int, rank: int, world_size: int, seed: int) -> None:
@@ -81,6 +85,19 @@ class EpochPlan:
             )
         self._epoch, self._batch = epoch, batch
 
+    def load_resharded(self, states: list[dict[str, Any]], step: int) -> None:
+        """Restores the position from the states of the ranks of another world size (same global batch).
+
+        Args:
+            states: every old rank's `state_dict()` (they hold the same position).
+            step: the optimizer step of the checkpoint (unused: the position says it all).
+        """
+        positions = {(s.get("epoch"), s.get("batch")) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"data states of the checkpoint's ranks disagree on the position: {sorted(positions)}")
+        epoch, batch = positions.pop()
+        self.load_state_dict({"epoch": epoch, "batch": batch})
+
     def global_order(self, epoch: int) -> Tensor:
         """int64 [steps*W*U] dataset index at each position of `epoch` (the permutation, wrapped around)."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
@@ -95,7 +112,15 @@ class EpochPlan:
         steps_S1 = torch.arange(self.steps).unsqueeze(1) * width
         return steps_S1 + self.rank * self.unique_per_rank + torch.arange(self.unique_per_rank)
 
-    def _begin_pass(self) -> tuple[int, int]:
+    def rank_indices(self, epoch: int) -> Tensor:
+        """int64 [steps, U] dataset index this rank reads at each step of `epoch`."""
+        return self.global_order(epoch)[self.rank_positions()]
+
+    def advance(self) -> None:
+        """Count one more batch of the current epoch as yielded."""
+        self._batch += 1
+
+    def begin_pass(self) -> tuple[int, int]:
         """(epoch, first batch) of the pass about to start; a finished epoch rolls over to the next one."""
         if self._batch >= self.steps:
             self._epoch += 1

@@ -80,12 +80,12 @@ class SyntheticTrain(EpochPlan):
         self._views = views
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch, start = self._begin_pass()
+        epoch, start = self.begin_pass()
         device = self._labels_N.device
-        indices_SU = self.global_order(epoch)[self.rank_positions()].to(device)
+        indices_SU = self.rank_indices(epoch).to(device)
         for step in range(start, self.steps):
             idx_U = indices_SU[step]
-            self._batch += 1
+            self.advance()
             yield self._pool.take(idx_U.repeat_interleave(self._views)), self._labels_N[idx_U]
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.seeds import derive_seed
 
-from .folder import load_rgb, scan_split
+from .folder import CorruptImageError, load_rgb, scan_split
 from .placement import Placement
 from .plan import EpochPlan
 from .transforms import pad_random_draws, pad_random_views, random_resized_views, resized, val_transform
@@ -75,6 +75,23 @@ class PathTable:
         """Sample `index` decoded to RGB (a `Source`); a corrupt file raises CorruptImageError naming it."""
         path, label = self[index]
         return load_rgb(path), label
+
+
+def _worker_message(err: CorruptImageError) -> str:
+    """The worker's own message: the DataLoader re-raises a worker's error with the worker's whole traceback as its
+    text, whose last line is `<module>.CorruptImageError: <message>`."""
+    text = str(err)
+    marker = f"{CorruptImageError.__name__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else text
+
+
+def _one_line_errors(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """`batches`, with a corrupt image's error re-raised as the one line naming the file."""
+    try:
+        yield from batches
+    except CorruptImageError as err:
+        raise CorruptImageError(_worker_message(err)) from None
 
 
 class TrainSet(Dataset):
@@ -150,9 +167,8 @@ class TorchTrainLoader(EpochPlan):
 
     def epoch_keys(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """This rank's batches of `epoch` as lists of (epoch, position, dataset index) keys."""
-        order = self.global_order(epoch)
         positions_SU = self.rank_positions()
-        indices_SU = order[positions_SU]
+        indices_SU = self.global_order(epoch)[positions_SU]
         return [
             [(epoch, pos, idx) for pos, idx in zip(pos_row, idx_row)]
             for pos_row, idx_row in zip(positions_SU.tolist(), indices_SU.tolist())
@@ -170,13 +186,13 @@ class TorchTrainLoader(EpochPlan):
         return pad_random_views(images_U3SS, offsets_UV2, flips_UV, self._fill_3, channels_last=self._channels_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch, start = self._begin_pass()
+        epoch, start = self.begin_pass()
         # Skipping happens here, on keys: batches before `start` are never decoded.
         keys = self.epoch_keys(epoch)[start:]
-        for batch_keys, (images, labels) in zip(keys, self._decoder.run(keys, first=start)):
+        for batch_keys, (images, labels) in zip(keys, _one_line_errors(self._decoder.run(keys, first=start))):
             if self._pad_random:
                 images = self._cut_pad_random_views(images, batch_keys)
-            self._batch += 1
+            self.advance()
             yield images, labels
 
 
@@ -205,7 +221,7 @@ class TorchValLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx, size = self._indices, self._batch_size
-        yield from self._decoder.run([list(idx[i : i + size]) for i in range(0, len(idx), size)])
+        yield from _one_line_errors(self._decoder.run([list(idx[i : i + size]) for i in range(0, len(idx), size)]))
 
 
 def torch_data(

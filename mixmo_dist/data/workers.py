@@ -19,11 +19,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mixmo_dist.config import DataConfig
+from mixmo_dist.runtime.signals import die_with
 
+from .forkserver_guard import PARENT_ENV
 from .placement import Placement
 
-# The forkserver imports the datasets' module once, so forking a worker from it is cheap.
-_PRELOAD = ["mixmo_dist.data.torch_loader"]
+# The forkserver first ties its life to the rank's, then imports the datasets' module once, so forking a worker
+# from it is cheap.
+_PRELOAD = ["mixmo_dist.data.forkserver_guard", "mixmo_dist.data.torch_loader"]
 _FORKSERVER_LOCK = threading.Lock()
 _forkserver_started = False
 
@@ -50,6 +53,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     is cheap), and every worker is forked from it. It inherits the blocked signal mask through exec, so neither it
     nor a newly forked worker can be killed by a preemption signal aimed at the rank's process group; the rank
     itself gets the signal (another of its threads takes it, or the main thread once the mask is restored).
+    The forkserver dies with the rank, and each worker with the forkserver (see `forkserver_guard`).
     """
     from multiprocessing import forkserver
 
@@ -58,9 +62,11 @@ def _worker_context() -> multiprocessing.context.BaseContext:
         if not _forkserver_started:
             multiprocessing.set_forkserver_preload(_PRELOAD)
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+            os.environ[PARENT_ENV] = str(os.getpid())  # read (and removed) by forkserver_guard in the forkserver
             try:
                 forkserver.ensure_running()
             finally:
+                del os.environ[PARENT_ENV]
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             _forkserver_started = True
     return multiprocessing.get_context("forkserver")
@@ -72,9 +78,11 @@ def _worker_init(_worker_id: int) -> None:
     Workers decode one image at a time: intra-op threads would only fight the other workers for cores. torchrun
     forwards a preemption signal to each rank's whole process group, and a worker dying of it would crash its rank
     before the rank can save, so workers leave that group and ignore SIGUSR2/SIGINT. SIGTERM sent to the worker
-    itself still ends it (the DataLoader's shutdown and multiprocessing's exit rely on that), and a worker whose
-    rank dies notices through the DataLoader's parent watchdog (the forkserver exits with the rank).
+    itself still ends it (the DataLoader's shutdown and multiprocessing's exit rely on that). A worker's parent is
+    the forkserver, not the rank, so torch's parent watchdog cannot see the rank die: the worker asks the kernel for
+    SIGKILL when the forkserver dies, and the forkserver dies with the rank (see `forkserver_guard`).
     """
+    die_with(os.getppid())
     torch.set_num_threads(1)
     os.setpgid(0, 0)
     for sig in (signal.SIGUSR2, signal.SIGINT):

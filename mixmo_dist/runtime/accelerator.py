@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 
 import torch
 
-log = logging.getLogger("mixmo_dist")
+from mixmo_dist.runtime.signals import die_with
 
-_PR_SET_PDEATHSIG = 1
+log = logging.getLogger("mixmo_dist")
 
 
 def die_with_parent() -> None:
@@ -23,15 +21,8 @@ def die_with_parent() -> None:
     """
     if "LOCAL_RANK" not in os.environ or not os.path.exists("/proc/self"):
         return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+    if not die_with(os.getppid()):
         log.warning("could not set PR_SET_PDEATHSIG: ranks may outlive a killed launcher")
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: bool):
@@ -50,7 +41,12 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
     precision = None if mixed_precision == "auto" else mixed_precision
     requested = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if requested == "fp16" and not cuda:
-        raise ValueError("run.mixed_precision=fp16 needs CUDA (Accelerate ignores it on CPU); use bf16 or no")
+        who = (
+            "run.mixed_precision=fp16"
+            if precision
+            else "accelerate launch --mixed_precision fp16 (run.mixed_precision=auto)"
+        )
+        raise ValueError(f"{who} needs CUDA (Accelerate ignores fp16 on CPU); use bf16 or no")
     if tensorboard:
         check_tensorboard()
     accelerator = Accelerator(

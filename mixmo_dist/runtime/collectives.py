@@ -14,6 +14,19 @@ from accelerate.utils import broadcast, broadcast_object_list, gather_object, re
 from torch import nn
 
 
+class StopAllRanks(Exception):
+    """A user error that every rank stops for, together, so that no rank is left waiting in a collective.
+
+    Attributes:
+        report: True on the one rank that prints the message (the lowest rank that found the error), False on the
+            others, which stop quietly.
+    """
+
+    def __init__(self, message: str, *, report: bool) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class Collectives:
     """Collectives over the Accelerator's process group.
 
@@ -24,6 +37,7 @@ class Collectives:
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
         self.world_size = accelerator.num_processes
+        self.rank = getattr(accelerator, "process_index", 0)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` (any picklable value) on every rank."""
@@ -36,6 +50,18 @@ class Collectives:
         if self.world_size == 1:
             return [obj]
         return list(gather_object([obj]))
+
+    def agree(self, error: str | None) -> None:
+        """Stop every rank when any rank has an `error` (a message; None when this rank is fine).
+
+        Raises:
+            StopAllRanks: on every rank when at least one rank passed an error; the message is the lowest failing
+                rank's, and that rank alone has `report` set.
+        """
+        errors = self.gather_objects(error)
+        failed = [r for r, e in enumerate(errors) if e is not None]
+        if failed:
+            raise StopAllRanks(errors[failed[0]], report=self.rank == failed[0])
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (a new tensor)."""

@@ -3,7 +3,9 @@
 A file written through `atomic_path` (or the `write_*_atomic` shortcuts) either exists whole under its final name or
 not at all, whatever moment the process is killed at: the content goes to a hidden temporary file in the same
 directory, is fsynced, and is `os.replace`d onto the name (atomic on POSIX file systems). Every writer of the
-package (checkpoints, run.json, metrics, the resolved config, exports) goes through here.
+package (checkpoints, run.json, metrics, the resolved config, exports) goes through here, so every output gets the
+mode a plain `open()` gives (0o666 minus the umask), whatever wrote the content: safetensors' `save_file` alone
+creates 0o600, which left weights unreadable to the owner's group and to a container running as another uid.
 """
 
 from __future__ import annotations
@@ -45,12 +47,26 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     part = part_path(path)
     try:
         yield part
+        os.chmod(part, 0o666 & ~_umask())
         if fsync:
             fsync_file(part)
         os.replace(part, path)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    # Read from /proc where possible: os.umask can only be read by setting it, for a moment, for every thread.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:

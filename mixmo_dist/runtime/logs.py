@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+
+_show_warning_default = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own warnings (a checkpoint passed over, moved aside) as one log line naming what they name;
+    the file and line of the `warnings.warn` call say nothing to a user. Other libraries' warnings are unchanged."""
+    if category.__module__.split(".")[0] == "mixmo_dist":
+        logging.getLogger("mixmo_dist").warning("%s", message)
+    else:
+        _show_warning_default(message, category, filename, lineno, file, line)
 
 
 def setup_logging(main_process: bool = True) -> None:
@@ -15,3 +27,4 @@ def setup_logging(main_process: bool = True) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    warnings.showwarning = _show_warning

@@ -1,7 +1,7 @@
 """Seeds and RNG state: the one seed-derivation function, per-rank seeding, and every RNG's state as plain JSON.
 
 Every stream of the project starts from `derive_seed(run seed, ...)`: the per-rank process RNGs and mixing
-generator (`rank_seed`), the torch backend's per-sample augmentation, the epoch permutations and DALI's pipeline
+generator (`seed_rank`), the torch backend's per-sample augmentation, the epoch permutations and DALI's pipeline
 seeds. A hash (blake2b) rather than arithmetic, so nearby tuples ((seed, rank 0) and (seed, rank 1), consecutive
 epochs) give unrelated streams.
 """
@@ -16,7 +16,7 @@ import struct
 import numpy as np
 import torch
 
-# Streams of `rank_seed`: one name per consumer, so adding a consumer never shifts another's stream.
+# Streams of `seed_rank`: one name per consumer, so adding a consumer never shifts another's stream.
 STREAM_PROCESS = 0  # python, numpy and torch's global RNGs of a rank
 STREAM_MIXING = 1  # the rank's mixing generator (member shuffles, kappas, boxes, coins)
 
@@ -30,19 +30,6 @@ def derive_seed(*words: int, bits: int = 63) -> int:
         raise ValueError(f"bits must be in [1, 63], got {bits}")
     digest = hashlib.blake2b(struct.pack(f"<{len(words)}q", *words), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << bits) - 1)
-
-
-def rank_seed(seed: int, rank: int, stream: int) -> int:
-    """The seed of one stream (`STREAM_*`) of one global rank."""
-    return derive_seed(seed, rank, stream)
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    """Seed python, numpy and torch per global rank (augmentation and dropout differ across ranks)."""
-    s = rank_seed(seed, rank, STREAM_PROCESS)
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -79,18 +66,37 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state(_unb64(state["cuda"]))
 
 
+def seed_rank(seed: int, rank: int, generator: torch.Generator, *after: int) -> None:
+    """Seed this rank's process RNGs (python, numpy, torch, CUDA) and its mixing generator.
+
+    `after`: extra words for a restart (the step of a resume on another world size), so the new streams are
+    reproducible and differ from the first ones.
+    """
+    s = derive_seed(seed, rank, STREAM_PROCESS, *after)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    generator.manual_seed(derive_seed(seed, rank, STREAM_MIXING, *after))
+
+
 class RankRNG:
     """Every RNG stream of this rank as one stateful object (`state_dict`/`load_state_dict`, plain JSON).
 
     Args:
         generator: the rank's mixing generator; the process-wide RNGs (python, numpy, torch, CUDA) come with it.
+        seed, rank: the run seed and this rank, to derive fresh streams when a checkpoint is resharded.
     """
 
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
+    def __init__(self, generator: torch.Generator, *, seed: int, rank: int) -> None:
+        self.generator, self.seed, self.rank = generator, seed, rank
 
     def state_dict(self) -> dict:
         return capture_rng(self.generator)
 
     def load_state_dict(self, state: dict) -> None:
         restore_rng(state, self.generator)
+
+    def load_resharded(self, states: list[dict], step: int) -> None:
+        """After a world-size change the old ranks' streams belong to nobody: derive new ones from (seed, rank,
+        step), deterministically."""
+        seed_rank(self.seed, self.rank, self.generator, step)

@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from mixmo_dist import __version__
+from mixmo_dist.config import Config, config_to_dict
 from mixmo_dist.runtime.files import atomic_path, write_text_atomic
 
 log = logging.getLogger("mixmo_dist")
@@ -187,8 +191,30 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def run_info(cfg: Config, accelerator, model: torch.nn.Module, data, hosts: list[str], plan: dict) -> dict:
+    """The content of `run.json`: where and how the run trains (world, device, data, plan, config)."""
+    device = accelerator.device
+    cuda_name = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
+    return {
+        "world_size": accelerator.num_processes,
+        "hosts": hosts,
+        "device": str(device) + cuda_name,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "version": __version__,
+        "git_commit": git_commit(),
+        "backend": data.backend,
+        "classes": list(data.classes),
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "num_train": data.num_train,
+        "num_val": data.num_val,
+        "plan": plan,
+        "config": config_to_dict(cfg),
+    }
+
+
 def git_commit() -> str | None:
-    """The commit of the checkout this package runs from (recorded in run.json), or None outside git."""
+    """The commit of the checkout this package runs from, or None outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

@@ -16,6 +16,7 @@ import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from mixmo_dist.checkpoint.lock import lock_run_dir
 from mixmo_dist.checkpoint.state import CheckpointManager
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import Config, ConfigError, config_to_dict, dump_config
-from mixmo_dist.data import Placement, build_data, timm_mean_std
+from mixmo_dist.data import Placement, timm_mean_std
 from mixmo_dist.evaluation.metrics import EvalAccumulator
 from mixmo_dist.model import build_model
 from mixmo_dist.model.sync_bn import use_sync_batchnorm
@@ -34,13 +35,15 @@ from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
 from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.files import write_json_atomic
-from mixmo_dist.runtime.seeds import STREAM_MIXING, RankRNG, rank_seed, seed_everything
-from mixmo_dist.runtime.signals import StopSignal
+from mixmo_dist.runtime.seeds import RankRNG, seed_rank
+from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
+from mixmo_dist.training.data_errors import DataGuard, build_data_on_every_rank
+from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
 from mixmo_dist.training.plan import build_plan, rows_per_rank, views_per_image
-from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, git_commit, metric_columns
+from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, metric_columns, run_info
 
 log = logging.getLogger("mixmo_dist")
 
@@ -66,7 +69,7 @@ class StepResult:
     lr: float
     grad_norm: float | None
     skipped: bool
-    stop: bool
+    stop: float  # NO_STOP, PREEMPT or INTERRUPT (runtime/signals.py), agreed by all ranks
     save_due: bool
 
 
@@ -80,11 +83,13 @@ class Trainer:
         self.device = accelerator.device
         self.comm = Collectives(accelerator)
         self.out = Path(cfg.run.output_dir)
-        self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
-        seed_everything(cfg.run.seed, self.rank)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(rank_seed(cfg.run.seed, self.rank, STREAM_MIXING))
-        self.data = build_data(cfg.data, self._placement())
+        seed_rank(cfg.run.seed, self.rank, self.generator)
+        self.place = self._placement()
+        # The data first: a run whose data is missing must leave nothing behind (no output directory, no lock).
+        self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
+        self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
+        self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.plan = build_plan(cfg, self.world, len(self.data.train))
         self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
@@ -97,6 +102,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out, metric_columns(cfg.mixmo.num_members))
         self.stop_signal = StopSignal()
         self.step = self.nonfinite_total = self.nonfinite_run = 0
+        self.last_eval = -1  # the step of the last validation row; restored, so a finished run is not evaluated twice
         self.fault_nan = _fault_nan_steps(self.rank)
         self.checkpoints = self._build_checkpoints()
 
@@ -117,6 +123,14 @@ class Trainer:
             mean=mean,
             std=std,
         )
+
+    def _placeholder_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeros shaped like a train batch (images [U*V,3,S,S], labels [U]): what a rank whose loader failed trains
+        on."""
+        size, u, v = self.cfg.data.image_size, self.place.unique_per_rank, self.place.views_per_image
+        fmt = torch.channels_last if self.place.channels_last else torch.contiguous_format
+        images = torch.zeros(u * v, 3, size, size, device=self.device).contiguous(memory_format=fmt)
+        return images, torch.zeros(u, dtype=torch.int64, device=self.device)
 
     def _num_classes(self) -> int:
         found = len(self.data.classes)
@@ -140,6 +154,7 @@ class Trainer:
         return model, build_optimizer(model, self.cfg.optim, self.plan.lr)
 
     def _build_checkpoints(self) -> CheckpointManager:
+        rng = RankRNG(self.generator, seed=self.cfg.run.seed, rank=self.rank)
         return CheckpointManager(
             CheckpointStore(self.out / "checkpoints", self.cfg.checkpoint.keep_last),
             self.comm,
@@ -149,7 +164,7 @@ class Trainer:
             ema=self.ema,
             scaler=self.acc.scaler,
             counters=self,
-            rank_states={"rng": RankRNG(self.generator), "data": self.data.train},
+            rank_states={"rng": rng, "data": self.data.train},
             shape={
                 "arch": self.cfg.model.arch,
                 "num_members": self.cfg.mixmo.num_members,
@@ -165,16 +180,23 @@ class Trainer:
                 "schedule": {"step": self.step, "lr": self.schedule(self.step)},
                 "plan": asdict(self.plan),
             },
+            elastic=self.cfg.data.global_batch_size is not None,
         )
 
     # -- the trainer's own state (registered as the checkpoint's counters) ------------------------------------
     def state_dict(self) -> dict:
-        counters = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
+        counters = {
+            "step": self.step,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_run": self.nonfinite_run,
+            "last_eval": self.last_eval,
+        }
         return {**counters, **self.best.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+        self.last_eval = state.get("last_eval", -1)  # absent from checkpoints of older versions
         self.best.load_state_dict(state)
 
     @property
@@ -183,20 +205,25 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train until the stop step (or a preemption signal). Returns "completed" or "preempted"."""
+        """Train until the stop step or a signal. Returns "completed", "preempted" (SIGUSR2/SIGTERM: requeue) or
+        "interrupted" (Ctrl-C: the checkpoint is saved, nothing is requeued)."""
         self.resume()
         self._write_run_json()
         self.stop_signal.install()
         progress = Progress(self.plan.stop_step, self.step, self.cfg.log.progress, self.cfg.log.every_n_steps)
         batches = self._micro_batches()
-        last_save, last_eval = time.monotonic(), -1
+        last_save = time.monotonic()
         window_t0, window_rows = time.monotonic(), 0
         saved_at = self.step if self.step > 0 else -1
+        unsettled = self.step > 0 and self.world > 2
         try:
             while self.step < self.plan.stop_step:
                 t0 = time.monotonic()
-                micro = [next(batches) for _ in range(self.plan.grad_accum_steps)]
+                micro = self.guard.take(batches, self.plan.grad_accum_steps)
                 t1 = time.monotonic()
+                if unsettled:  # resumed on 3+ ranks: DDP buckets as after an uninterrupted run's step 0
+                    settle_buckets(self.raw, self.optimizer, self.generator, partial(self._settle, micro[0]))
+                    unsettled = False
                 due = self.cfg.checkpoint.every_n_minutes is not None and (
                     time.monotonic() - last_save >= 60 * self.cfg.checkpoint.every_n_minutes
                 )
@@ -212,14 +239,13 @@ class Trainer:
                         self.acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
                 if self.step % self.plan.eval_every_steps == 0:
                     self._log_val(self.evaluate())
-                    last_eval = self.step
                 every = self.cfg.checkpoint.every_n_steps
                 if res.stop or res.save_due or (every and self.step % every == 0):
                     self.checkpoints.save()
                     saved_at, last_save = self.step, time.monotonic()
                 if res.stop:
-                    return self._preempted()
-            if self.cfg.eval.at_end and last_eval != self.step:
+                    return self._stopped(res.stop)
+            if self.cfg.eval.at_end and self.last_eval != self.step:
                 self._log_val(self.evaluate())
             if saved_at != self.step:
                 self.checkpoints.save()
@@ -259,12 +285,16 @@ class Trainer:
         local = torch.stack(
             [
                 (~torch.isfinite(sums[0])).float(),
-                torch.tensor(float(self.stop_signal.received is not None), device=self.device),
+                torch.tensor(self.stop_signal.flag, device=self.device),
                 torch.tensor(float(save_due), device=self.device),
+                torch.tensor(self.guard.flag(), device=self.device),
             ]
         )
-        bad, stop, due = self.comm.max(local).tolist()  # the one host sync of a step
+        bad, stop, due, data_failed = self.comm.max(local).tolist()  # the one host sync of a step
         grad_norm = None
+        if data_failed:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.stop_if(data_failed)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite()
@@ -288,7 +318,7 @@ class Trainer:
             lr,
             grad_norm,
             bool(bad),
-            bool(stop),
+            stop,
             bool(due),
         )
 
@@ -329,6 +359,11 @@ class Trainer:
             loss = loss * float("nan")
         self.acc.backward(loss / accum)
         return loss, member_M, mix.lam_MB.mean(), mix.is_cut.float()
+
+    def _settle(self, batch) -> None:
+        self.model.train()
+        cut_prob = cut_probability(self.step / self.plan.total_steps, self.cfg.mixmo.cut_prob)
+        self._forward_backward(*batch, cut_prob, 1)
 
     def _count_nonfinite(self) -> None:
         self.nonfinite_total += 1
@@ -371,11 +406,13 @@ class Trainer:
         was_training = model.training
         model.eval()
         acc = EvalAccumulator(self.cfg.mixmo.num_members, self.num_classes, self.device)
-        for images_BCHW, labels_B in self.data.val:
+        for images_BCHW, labels_B in self.guard.iterate(self.data.val):
             with self.acc.autocast():
                 logits_MBK = model(images_BCHW)
             acc.update(logits_MBK.float(), labels_B)
+        self.guard.agree()
         result = acc.compute(reduce=self.comm.sum if self.world > 1 else None)
+        self.last_eval = self.step
         model.train(was_training)
         return result
 
@@ -396,13 +433,14 @@ class Trainer:
         self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
 
     # -- ending -----------------------------------------------------------------------------------------------
-    def _preempted(self) -> str:
+    def _stopped(self, how: float) -> str:
+        status = "interrupted" if how == INTERRUPT else "preempted"
+        received = [name for name in self.comm.gather_objects(self.stop_signal.received) if name]
         if self.acc.is_main_process:
-            write_json_atomic(
-                self.out / "PREEMPTED", {"step": self.step, "signal": self.stop_signal.received, "time": time.time()}
-            )
+            signal_name = received[0] if received else None  # the signal may have reached another rank only
+            write_json_atomic(self.out / "PREEMPTED", {"step": self.step, "signal": signal_name, "time": time.time()})
             job = os.environ.get("SLURM_JOB_ID")
-            if os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
+            if status == "preempted" and os.environ.get("MIXMO_REQUEUE_CMD") == "scontrol" and job:
                 log.info("requeueing SLURM job %s", job)
                 subprocess.run(["scontrol", "requeue", job], check=False)
         log.warning(
@@ -410,30 +448,14 @@ class Trainer:
             self.step,
             self.stop_signal.received or "a signal on another rank",
         )
-        return "preempted"
+        return status
 
     def _write_run_json(self) -> None:
         hosts = self.comm.gather_objects(socket.gethostname())
         if not self.acc.is_main_process:
             return
         dump_config(self.cfg, self.out / "config.yaml")
-        cuda_name = f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda" else ""
-        info = {
-            "world_size": self.world,
-            "hosts": hosts,
-            "device": str(self.device) + cuda_name,
-            "mixed_precision": str(self.acc.mixed_precision),
-            "num_params": sum(p.numel() for p in self.raw.parameters()),
-            "version": __version__,
-            "git_commit": git_commit(),
-            "backend": self.data.backend,
-            "classes": list(self.data.classes),
-            "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
-            "num_train": self.data.num_train,
-            "num_val": self.data.num_val,
-            "plan": asdict(self.plan),
-            "config": config_to_dict(self.cfg),
-        }
+        info = run_info(self.cfg, self.acc, self.raw, self.data, hosts, asdict(self.plan))
         write_json_atomic(self.out / "run.json", info)
         brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
         log.info("run: %s", json.dumps({k: info[k] for k in brief}))
@@ -444,4 +466,3 @@ class Trainer:
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
-        self.acc.end_training()

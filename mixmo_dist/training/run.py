@@ -1,0 +1,52 @@
+"""One training run from its command-line words: config -> runtime -> Trainer -> fit. Used by `python -m
+mixmo_dist.train` and by submitit's `TrainJob`."""
+
+from __future__ import annotations
+
+from mixmo_dist.config import load_config
+from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
+from mixmo_dist.runtime.logs import setup_logging
+from mixmo_dist.training.trainer import Trainer
+
+
+def run(argv: list[str]) -> str:
+    """Train with the config that `argv` describes. Returns "completed", "preempted" or "interrupted".
+
+    Raises:
+        ConfigError, CheckpointError, ValueError: user errors that every rank meets alike (bad config, checkpoint
+            mismatch, unwritable output directory).
+        StopAllRanks: a user error one rank may meet alone (missing data, a corrupt image), agreed by every rank;
+            its `report` is set on the one rank that should print it.
+    """
+    cfg = load_config(argv)
+    die_with_parent()
+    accelerator = build_accelerator(
+        cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
+    )
+    setup_logging(accelerator.is_main_process)
+    try:
+        status = _fit(cfg, accelerator)
+    except KeyboardInterrupt:
+        raise  # a second Ctrl-C leaves at once: a teardown could wait on a collective that another rank never joins
+    except BaseException:
+        _end(accelerator)
+        raise
+    _end(accelerator)
+    return status
+
+
+def _fit(cfg, accelerator) -> str:
+    if cfg.log.tensorboard:
+        accelerator.init_trackers(cfg.run.name)
+    trainer = Trainer(cfg, accelerator)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def _end(accelerator) -> None:
+    """Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
+    shutdown after an error every rank agreed on, gloo's threads can outlive it and abort the rank ("terminate called
+    without an active exception", exit -6) after its one-line error was printed."""
+    accelerator.end_training()
