@@ -162,17 +162,22 @@ def test_second_run_on_same_output_dir_is_refused(tiny_data, tmp_path):
 
 
 def test_dali_cpu_two_ranks_resume_with_a_raised_stop_cap(tiny_data, tmp_path):
-    """2-rank gloo training on the DALI CPU pipeline; a run stopped by schedule.max_steps=4 and resumed with
-    max_steps=7 (mid-epoch, a changed stop cap) ends bit-identical to a run of 7 steps."""
+    """2-rank gloo training on the DALI CPU pipeline with one view per copy; a run stopped by schedule.max_steps=4 and
+    resumed with max_steps=7 (mid-epoch, a changed stop cap) ends bit-identical to a run of 7 steps."""
     pytest.importorskip("nvidia.dali")
-    common = ("--data.backend=dali-cpu", "--checkpoint.every_n_steps=100", "--eval.every_n_epochs=100")
+    common = (
+        "--data.backend=dali-cpu",
+        "--data.copy_augmentation=per_copy",
+        "--checkpoint.every_n_steps=100",
+        "--eval.every_n_epochs=100",
+    )
     full, split = tmp_path / "full", tmp_path / "split"
-    rc, log = run_train(tiny_args(tiny_data, full, *common, "--schedule.max_steps=7"), nproc=1)
+    rc, log = run_train(tiny_args(tiny_data, full, *common, "--schedule.max_steps=7"))
     assert rc == 0, log[-3000:]
-    rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=4"), nproc=1)
+    rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=4"))
     assert rc == 0, log[-3000:]
     assert json.loads((split / "run.json").read_text())["plan"]["views_per_image"] == 2 * 2  # b x M
-    rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=7"), nproc=1)
+    rc, log = run_train(tiny_args(tiny_data, split, *common, "--schedule.max_steps=7"))
     assert rc == 0 and "resumed from step 4" in log, log[-3000:]
     run = json.loads((split / "run.json").read_text())
     assert run["backend"] == "dali-cpu"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from mixmo_dist.config import Config, ConfigError, DataConfig
+from mixmo_dist.data import Placement, timm_mean_std
 from mixmo_dist.training.optim import scaled_lr
 
 
@@ -71,4 +74,22 @@ def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Pl
         unique_per_step=unique_per_step,
         lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_reference_batch, unique_per_step),
         eval_every_steps=max(1, round(cfg.eval.every_n_epochs * steps_per_epoch)),
+    )
+
+
+def data_placement(cfg: Config, rank: int, world_size: int, device: torch.device) -> Placement:
+    """Where and what the data builders of `cfg` deliver on this rank (rows, views, layout, normalisation)."""
+    rows = rows_per_rank(cfg.data, world_size)
+    mean, std = timm_mean_std(cfg.model.arch)
+    return Placement(
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.run.seed,
+        device=device,
+        unique_per_rank=max(1, rows // cfg.mixmo.batch_repetitions),
+        views_per_image=views_per_image(cfg),
+        val_batch_size=cfg.data.val_batch_size or rows,
+        channels_last=cfg.model.channels_last,
+        mean=mean,
+        std=std,
     )

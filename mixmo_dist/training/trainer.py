@@ -26,7 +26,6 @@ from mixmo_dist.checkpoint.lock import lock_run_dir
 from mixmo_dist.checkpoint.state import CheckpointManager
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import Config, ConfigError, config_to_dict, dump_config
-from mixmo_dist.data import Placement, timm_mean_std
 from mixmo_dist.evaluation.metrics import EvalAccumulator
 from mixmo_dist.model import build_model
 from mixmo_dist.model.sync_bn import use_sync_batchnorm
@@ -42,7 +41,7 @@ from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
-from mixmo_dist.training.plan import build_plan, rows_per_rank, views_per_image
+from mixmo_dist.training.plan import build_plan, data_placement
 from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, metric_columns, run_info
 
 log = logging.getLogger("mixmo_dist")
@@ -85,7 +84,7 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         self.generator = torch.Generator(device=self.device)
         seed_rank(cfg.run.seed, self.rank, self.generator)
-        self.place = self._placement()
+        self.place = data_placement(cfg, self.rank, self.world, self.device)
         # The data first: a run whose data is missing must leave nothing behind (no output directory, no lock).
         self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
         self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
@@ -107,23 +106,6 @@ class Trainer:
         self.checkpoints = self._build_checkpoints()
 
     # -- building ---------------------------------------------------------------------------------------------
-    def _placement(self) -> Placement:
-        cfg = self.cfg
-        rows = rows_per_rank(cfg.data, self.world)
-        mean, std = timm_mean_std(cfg.model.arch)
-        return Placement(
-            rank=self.rank,
-            world_size=self.world,
-            seed=cfg.run.seed,
-            device=self.device,
-            unique_per_rank=max(1, rows // cfg.mixmo.batch_repetitions),
-            views_per_image=views_per_image(cfg),
-            val_batch_size=cfg.data.val_batch_size or rows,
-            channels_last=cfg.model.channels_last,
-            mean=mean,
-            std=std,
-        )
-
     def _placeholder_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeros shaped like a train batch (images [U*V,3,S,S], labels [U]): what a rank whose loader failed trains
         on."""
