@@ -52,7 +52,13 @@ def _one_photo(source_HW3: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def make_bench_photos(
-    root: Path | str, *, num_train: int, num_val: int = 16, num_classes: int = 4, seed: int = 0
+    root: Path | str,
+    *,
+    num_train: int,
+    num_val: int = 16,
+    num_classes: int = 4,
+    seed: int = 0,
+    side: int | None = None,
 ) -> Path:
     """Creates (or reuses) `root/train/<class>/*.JPEG` and `root/val/<class>/*.JPEG` of benchmark photos.
 
@@ -61,11 +67,15 @@ def make_bench_photos(
         num_train, num_val: images per split (spread evenly over the classes).
         num_classes: class folders per split.
         seed: generator seed.
+        side: when set, each photo is centre-cropped to a square and resized to side x side (CIFAR-like 32 x 32
+            thumbnails; antialiased, so the grain averages out as in CIFAR's downsampled photos).
     Returns:
         `root`, ready for `build_data`.
     """
     root = Path(root)
     params = {"num_train": num_train, "num_val": num_val, "num_classes": num_classes, "seed": seed, "version": 2}
+    if side is not None:
+        params["side"] = side
     stamp = root / _STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return root
@@ -78,6 +88,11 @@ def make_bench_photos(
             folder = root / split / f"class{k % num_classes:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             photo = _one_photo(sources[int(rng.integers(len(sources)))], rng)
+            if side is not None:
+                short = min(photo.size)
+                left, top = (photo.width - short) // 2, (photo.height - short) // 2
+                box = (left, top, left + short, top + short)
+                photo = photo.resize((side, side), Image.Resampling.BILINEAR, box=box)
             photo.save(folder / f"{split}_{k:05d}.JPEG", quality=_QUALITY)
     stamp.write_text(json.dumps(params))  # written last: a half-built cache is never reused
     return root

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("bench_ops", "bench_model", "bench_data")
+MODULES = ("bench_ops", "bench_model", "bench_data", "bench_views")
 # key -> (comparison, goal): "<=" lower is better, ">=" higher is better.
 GOALS = {
     "mask_speedup": (">=", 10.0),
@@ -24,6 +24,11 @@ GOALS = {
     "train_step_ratio": ("<=", 1.05),
     "folded_inference_ratio": ("<=", 1.05),
     "dali_vs_torch": (">=", 1.6),
+    # One view per copy (b=4, M=2: 8 views per image) against one shared view, loader rates (issue 14).
+    "per_copy_cost_pad_random_torch": ("<=", 1.5),
+    "per_copy_cost_pad_random_dali": ("<=", 1.5),
+    "per_copy_cost_random_resized_torch": ("<=", 3.0),
+    "per_copy_cost_random_resized_dali": ("<=", 3.0),
 }
 
 

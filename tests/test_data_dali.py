@@ -59,10 +59,11 @@ def noise_root(tmp_path_factory) -> Path:
     return root
 
 
-def _build(root, *, batch=3, val_batch=2, rank=0, world_size=1, seed=0, channels_last=False, **cfg_kwargs):
+def _build(root, *, batch=3, val_batch=2, rank=0, world_size=1, seed=0, channels_last=False, views=1, **cfg_kwargs):
     cfg = DataConfig(root=str(root), backend="dali-cpu", image_size=SIZE, dali_threads=1, **cfg_kwargs)
     place = Placement(
         unique_per_rank=batch,
+        views_per_image=views,
         val_batch_size=val_batch,
         rank=rank,
         world_size=world_size,
@@ -172,9 +173,10 @@ def _batches(loader, count):
     return out
 
 
+@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
 @pytest.mark.parametrize("train_crop", ["random_resized", "pad_random"])
-def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop):
-    kwargs = dict(batch=2, rank=1, world_size=2, seed=3, train_crop=train_crop, channels_last=True)
+def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop, views):
+    kwargs = dict(batch=2, rank=1, world_size=2, seed=3, train_crop=train_crop, channels_last=True, views=views)
     reference = _build(noise_root, **kwargs).train
     assert len(reference) == 3
     expected = _batches(reference, 3) + _batches(reference, 3)  # epochs 0 and 1
@@ -196,9 +198,30 @@ def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
         assert torch.equal(a, b)
     # The check can fail: the same sample comes out differently in another epoch (random crop / flip).
-    epoch0 = {b[2][i].item(): b[0][i] for b in expected[:3] for i in range(2)}
-    pairs = [(epoch0[b[2][i].item()], b[0][i]) for b in expected[3:] for i in range(2) if b[2][i].item() in epoch0]
-    assert pairs and not any(torch.equal(a, b) for a, b in pairs)
+    epoch0 = {b[2][i].item(): b[0][i * views] for b in expected[:3] for i in range(2)}
+    later = [
+        (epoch0[b[2][i].item()], b[0][i * views]) for b in expected[3:] for i in range(2) if b[2][i].item() in epoch0
+    ]
+    assert later and not any(torch.equal(a, b) for a, b in later)
+    assert expected[0][0].shape[0] == 2 * views
+
+
+@pytest.mark.parametrize("train_crop", ["pad_random", "random_resized"])
+def test_one_view_per_copy_gives_the_authors_count_of_distinct_views(noise_root, train_crop):
+    """As for the torch backend: 1 distinct view among an image's 8 copies (b=4, M=2) with a shared view; with one
+    view per copy what 8 independent draws give (pad_random: 7.83 on average; random_resized: 8)."""
+    from test_data_torch import AUTHORS_DISTINCT_PAD, COPIES, distinct_views_per_image
+
+    kwargs = dict(batch=5, train_crop=train_crop, hflip=True, min_crop_scale=0.1)
+    assert set(distinct_views_per_image(_build(noise_root, **kwargs).train, epochs=2)) == {1.0}
+    loader = _build(noise_root, views=COPIES, **kwargs).train
+    images, _ = next(iter(loader))
+    assert images.shape == (5 * COPIES, 3, SIZE, SIZE)
+    mean = float(np.mean(distinct_views_per_image(loader, epochs=40)))  # 400 image-steps
+    if train_crop == "pad_random":
+        assert abs(mean - AUTHORS_DISTINCT_PAD) < 0.08, mean
+    else:
+        assert mean > 7.95, mean
 
 
 def test_set_epoch_jumps_to_the_same_batches_as_iterating(noise_root):
@@ -229,8 +252,9 @@ def test_state_from_another_layout_is_refused(noise_root):
         other.load_state_dict({"epoch": 0, "batch": 0})
 
 
-def test_pad_random_pads_four_black_pixels_at_most(solid_root):
-    data = _build(solid_root, batch=4, train_crop="pad_random", hflip=False)
+@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
+def test_pad_random_pads_four_black_pixels_at_most(solid_root, views):
+    data = _build(solid_root, batch=4, train_crop="pad_random", hflip=False, views=views)
     widths = set()
     for _ in range(3):
         for images, _, index_B in data.train.iter_with_indices():
@@ -247,7 +271,7 @@ def test_pad_random_pads_four_black_pixels_at_most(solid_root):
                 assert bool(cols[:left].all()) and not bool(cols[left : SIZE - right].any())
                 widths.add((left - right, top - bottom))
                 inner = pixels[row][:, top : SIZE - bottom, left : SIZE - right]
-                color = _file_color(data.train.paths[index_B[row].item()])
+                color = _file_color(data.train.paths[index_B[row // views].item()])
                 torch.testing.assert_close(inner.mean((1, 2)), color, atol=2.0, rtol=0)
     assert len(widths) >= 5  # the offsets really vary (9 x 9 possibilities)
 

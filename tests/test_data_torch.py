@@ -29,8 +29,9 @@ from mixmo_dist.data import (
     timm_mean_std,
 )
 from mixmo_dist.data.plan import EpochPlan
-from mixmo_dist.data.transforms import random_resized_crop_box
+from mixmo_dist.data.transforms import pad_random_views, random_resized_crop_box
 from mixmo_dist.data.workers import WorkerTimeoutError
+from mixmo_dist.training.members import member_inputs
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -88,9 +89,10 @@ def _cfg(root: Path, **overrides) -> DataConfig:
     return DataConfig(**fields)
 
 
-def _build(cfg: DataConfig, *, unique=4, val_batch=4, rank=0, world=1, seed=0, channels_last=False):
+def _build(cfg: DataConfig, *, unique=4, val_batch=4, rank=0, world=1, seed=0, channels_last=False, views=1):
     place = Placement(
         unique_per_rank=unique,
+        views_per_image=views,
         val_batch_size=val_batch,
         rank=rank,
         world_size=world,
@@ -249,6 +251,72 @@ def test_batches_do_not_depend_on_workers_and_leave_global_rng_alone(noise_root)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(serial, other_seed))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One view per copy (data.copy_augmentation=per_copy): V = b*M views per image.
+# ----------------------------------------------------------------------------------------------------------------
+
+# b=4 repetitions x M=2 members: the 8 copies of an image in a step.
+B_REPS, MEMBERS = 4, 2
+COPIES = B_REPS * MEMBERS
+# Expected distinct views among the 8 copies when each is drawn independently, as the authors' loader does (it reads
+# every copy separately): pad_random has 9 x 9 offsets x 2 flips = 162 equally likely outcomes.
+PAD_OUTCOMES = 9 * 9 * 2
+AUTHORS_DISTINCT_PAD = PAD_OUTCOMES * (1 - (1 - 1 / PAD_OUTCOMES) ** COPIES)  # 7.829
+
+
+def distinct_views_per_image(loader, epochs: int, seed: int = 0) -> list[float]:
+    """Per step: distinct member inputs / unique images, after `member_inputs` at b=4, M=2 (every image differs)."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            x_MRCHW, _ = member_inputs(
+                images, labels, num_members=MEMBERS, repetitions=B_REPS, input_repetition=0.0, generator=gen
+            )
+            flat = x_MRCHW.reshape(-1, x_MRCHW[0, 0].numel())
+            counts.append(torch.unique(flat, dim=0).shape[0] / labels.shape[0])
+    return counts
+
+
+@pytest.mark.parametrize("train_crop", ["pad_random", "random_resized"])
+def test_one_view_per_copy_gives_the_authors_count_of_distinct_views(noise_root, train_crop):
+    """Distinct views of an image among its b x M = 8 copies in a step: 1 with a shared view; with one view per
+    copy, what 8 independent draws give (pad_random: 162(1 - (161/162)^8) = 7.83, as the authors' loader;
+    random_resized: continuous boxes, so 8)."""
+    cfg = _cfg(noise_root, train_crop=train_crop, hflip=True, min_crop_scale=0.1)
+    shared = distinct_views_per_image(_build(cfg, unique=4).train, epochs=2)
+    assert set(shared) == {1.0}
+    per_copy = distinct_views_per_image(_build(cfg, unique=4, views=COPIES).train, epochs=30)
+    mean = float(np.mean(per_copy))
+    if train_crop == "pad_random":
+        # 360 image-steps; the count's std is ~0.4, so the mean is within ~0.02 (3 sigma < 0.08) of 7.83.
+        assert abs(mean - AUTHORS_DISTINCT_PAD) < 0.08, mean
+    else:
+        assert mean > 7.95, mean
+
+
+def test_views_per_copy_are_independent_of_workers_and_world_and_resume_exactly(noise_root):
+    cfg = _cfg(noise_root, train_crop="pad_random", hflip=True)
+    serial = _collect(_build(cfg, unique=4, views=COPIES).train)
+    assert serial[0][0].shape == (4 * COPIES, 3, SIZE, SIZE) and serial[0][1].shape == (4,)
+    workers = _collect(
+        _build(_cfg(noise_root, train_crop="pad_random", hflip=True, num_workers=2), unique=4, views=COPIES).train
+    )
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, workers))
+    # Two ranks of 2 unique images: global step s is rank 0's images then rank 1's, views and all.
+    ranks = [_collect(_build(cfg, unique=2, views=COPIES, rank=r, world=2).train) for r in range(2)]
+    for step, (images, labels) in enumerate(serial):
+        assert torch.equal(images, torch.cat([ranks[0][step][0], ranks[1][step][0]]))
+        assert torch.equal(labels, torch.cat([ranks[0][step][1], ranks[1][step][1]]))
+    # The comparisons above can fail: an image's views differ from each other.
+    first = serial[0][0].view(4, COPIES, -1)
+    assert all(torch.unique(first[u], dim=0).shape[0] > 1 for u in range(4))
+    resumed = _build(cfg, unique=4, views=COPIES).train
+    resumed.load_state_dict({"epoch": 0, "batch": 1})
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(_collect(resumed), serial[1:]))
+
+
 # Held by a thread of the test process while workers start: a forked worker would inherit it held, forever.
 _HELD = threading.Lock()
 
@@ -399,6 +467,27 @@ def test_pad_random_crop_pads_with_zeros(tmp_path):
     assert pixels[:, :, 4:-4, 4:-4].min() > 240
     padded = (pixels.amin(dim=(1, 2, 3)) < 15).sum().item()
     assert padded >= 5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pad_random_views_are_padded_crops_and_flips(channels_last):
+    """The batched cut equals, view by view, torchvision's RandomCrop(S, padding=4) at that offset, then the flip."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 8, 8, generator=gen)
+    offsets = torch.randint(0, 9, (3, 5, 2), generator=gen)
+    flips = torch.rand(3, 5, generator=gen) < 0.5
+    fill = torch.tensor([-1.5, 0.25, 2.0])
+    views = pad_random_views(images, offsets, flips, fill, channels_last=channels_last)
+    assert views.shape == (15, 3, 8, 8)
+    assert views.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for u in range(3):
+        padded = fill.view(3, 1, 1).expand(3, 16, 16).clone()
+        padded[:, 4:12, 4:12] = images[u]
+        for v in range(5):
+            top, left = offsets[u, v].tolist()
+            expected = padded[:, top : top + 8, left : left + 8]
+            expected = expected.flip(2) if flips[u, v] else expected
+            assert torch.equal(views[u * 5 + v], expected), (u, v)
 
 
 def test_random_resized_crop_box_stays_in_range():

@@ -120,9 +120,10 @@ def _cfg(root: Path, dataset: str, **overrides) -> DataConfig:
     return DataConfig(**fields)
 
 
-def _build(builder, cfg, *, rank=0, world=1, unique=2, val_batch=3, mean=CIFAR_MEAN, std=CIFAR_STD):
+def _build(builder, cfg, *, rank=0, world=1, unique=2, val_batch=3, mean=CIFAR_MEAN, std=CIFAR_STD, views=1):
     place = Placement(
         unique_per_rank=unique,
+        views_per_image=views,
         val_batch_size=val_batch,
         rank=rank,
         world_size=world,
@@ -154,10 +155,12 @@ def test_cifar10_reads_python2_official_format(cifar10_root):
     assert read_cifar(cifar10_root / "cifar-10-batches-py", "cifar10")[0] == CIFAR10_NAMES
 
 
-def test_cifar10_loaders_follow_the_torch_backend_contract(cifar10_root):
+@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
+def test_cifar10_loaders_follow_the_torch_backend_contract(cifar10_root, views):
     cfg = _cfg(cifar10_root, "cifar10")
-    data = _build(build_cifar_data, cfg)
+    data = _build(build_cifar_data, cfg, views=views)
     assert (data.num_train, data.num_val, data.backend, data.classes) == (15, 7, "torch", CIFAR10_NAMES)
+    assert data.val_split == "test"  # CIFAR validates on its test split, and says so
     assert data.mean == CIFAR_MEAN and data.std == CIFAR_STD
     # Validation: every test image once, in order, exactly (32 px at ratio 1 is the identity), last batch short.
     batches = list(data.val)
@@ -175,13 +178,14 @@ def test_cifar10_loaders_follow_the_torch_backend_contract(cifar10_root):
     flat = [label for batch in TRAIN10 for label in batch]
     for images, labels in data.train:
         px = _pixels(images, CIFAR_MEAN, CIFAR_STD)
+        assert images.shape[0] == labels.shape[0] * views  # V views of each image, in a row
         for b in range(images.shape[0]):
             index = int((px[b, 0, 16, 16] - 10) / 12)
             assert tuple(px[b, :, 16, 16].tolist()) == _colour(index, flat[index])
-            assert int(labels[b]) == flat[index]
+            assert int(labels[b // views]) == flat[index]
             seen.append(index)
             padded += int((px[b].sum(0) == 0).any())
-    assert sorted(set(seen)) == list(range(15))
+    assert sorted(set(seen)) == list(range(15)) and len(seen) == 16 * views
     assert padded > 0  # the pad-and-crop augmentation really ran
 
 
@@ -295,6 +299,7 @@ def test_tinyimagenet_loaders(tiny_root):
     half = (0.5, 0.5, 0.5)
     data = _build(build_tinyimagenet_data, cfg, unique=2, val_batch=2, mean=half, std=half)
     assert (data.num_train, data.num_val, data.classes, data.backend) == (9, 5, sorted(WNIDS), "torch")
+    assert data.val_split == "val"
     images = torch.cat([b[0] for b in data.val])
     labels = torch.cat([b[1] for b in data.val])
     assert labels.tolist() == [2, 0, 1, 1, 0]

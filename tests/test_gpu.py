@@ -1,6 +1,7 @@
-"""GPU checks (marked `gpu`, skipped without CUDA): the Triton kernel, sync-free sampling, AMP steps, NCCL, compile.
+"""GPU checks (marked `gpu`, skipped without CUDA): the Triton kernel, sync-free sampling, AMP steps, NCCL, SyncBN,
+compile.
 
-Run on a lent GPU machine by `scripts/gpu_check.sh` (`make gpu-check`). They need torch, Triton and timm only (no
+Run on a lent GPU machine by `scripts/gpu_check.sh` (`make gpu-check`). They need torch, Triton, timm and pyyaml (no
 DALI, no submitit). The last test is not GPU-marked: it smoke-runs the GPU benchmark on CPU so the runbook's script
 cannot rot between GPU sessions.
 """
@@ -250,6 +251,53 @@ def test_single_process_nccl_world():
         assert t.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
         assert flags.tolist() == [0.0, 1.0, 0.0] and gathered[0].tolist() == [0.0, 1.0, 0.0]
         assert obj == [{"step": 3}]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_one_rank_sync_bn_step_equals_plain_bn_on_one_gpu():
+    """In a 1-rank NCCL world (what one GPU allows), the trainer's conversion (`use_sync_batchnorm`) turns every BN
+    into a SyncBatchNorm with the same state_dict keys, and a training step (forward, backward, running stats)
+    equals the plain-BN step on the same batch; the converted state_dict loads into a plain model on the CPU."""
+    import copy
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from mixmo_dist.model import build_model
+    from mixmo_dist.model.sync_bn import use_sync_batchnorm
+
+    def bn_count(net, kind) -> int:
+        return sum(type(m) is kind for m in net.modules())
+
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, device_id=torch.device("cuda", 0)
+    )
+    try:
+        torch.manual_seed(0)
+        plain = build_model("resnet18", 2, 5).cuda()
+        synced = use_sync_batchnorm(copy.deepcopy(plain), "cuda")
+        assert bn_count(synced, nn.SyncBatchNorm) == bn_count(plain, nn.BatchNorm2d) > 0
+        assert list(synced.state_dict()) == list(plain.state_dict())
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(2, 16, 3, 32, 32, device="cuda", generator=gen)
+        boxes = torch.tensor([[4, 20, 4, 20]] * 16, device="cuda")
+        coef = torch.full((2, 16), 0.5, device="cuda")
+        outs = []
+        for net in (plain, synced):
+            net.train()
+            logits = net(x, boxes, coef, coef)
+            logits.square().mean().backward()
+            outs.append((logits.detach(), [p.grad for p in net.parameters()], dict(net.state_dict())))
+        torch.testing.assert_close(outs[0][0], outs[1][0])
+        for g0, g1 in zip(outs[0][1], outs[1][1]):
+            torch.testing.assert_close(g0, g1)
+        for key, value in outs[0][2].items():
+            torch.testing.assert_close(outs[1][2][key], value, msg=key)  # running stats updated alike
+        cpu = build_model("resnet18", 2, 5)
+        cpu.load_state_dict({k: v.cpu() for k, v in synced.state_dict().items()}, strict=True)
     finally:
         dist.destroy_process_group()
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from mixmo_dist.model import TESTED_ARCHS, build_model
+from mixmo_dist.model import TESTED_ARCHS, MixMoNet, build_model
+from mixmo_dist.model.init import reference_init_
+from mixmo_dist.model.registry import WideResNet
 from mixmo_dist.ops import sample_mixing
 from mixmo_dist.training.loss import reweight
 
@@ -90,3 +92,85 @@ def test_train_forward_compiles_fullgraph():
     out = compiled(x, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
     ref = net.forward_train(x, mix.boxes_B4, mix.coef_in_MB, mix.coef_out_MB)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model.init=reference: the MixMo authors' initialisation, checked layer by layer against their formula.
+# ----------------------------------------------------------------------------------------------------------------
+
+# The authors' rule: normal of std sigma / 0.8796 truncated at +-2 of that std, sigma = sqrt(2 / fan_in).
+_TRUNC = 0.87962566103423978
+
+
+def _layers(net: torch.nn.Module):
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            yield name, module
+
+
+@pytest.mark.parametrize(("classes", "head_std"), [(100, None), (200, 0.01)], ids=["cifar_heads", "tiny_heads"])
+def test_reference_init_matches_the_authors_formula(classes, head_std):
+    """Every conv (the M encoders included) and, as on CIFAR, every head: sample std = sqrt(2 / fan_in) within its
+    sampling error, no weight beyond the truncation at 2 sigma / 0.8796, which large layers nearly reach; heads as
+    on Tiny ImageNet: N(0, 0.01), untruncated; biases 0, BN weight 1 and bias 0. (resnet18: the rule goes by module
+    type, so every arch gets the same; the paper's archs take a minute to build and draw here.)"""
+    torch.manual_seed(0)
+    net = build_model("resnet18", 2, classes, init="reference", head_init_std=head_std)
+    checked = 0
+    for name, module in _layers(net):
+        w = module.weight.detach().flatten()
+        n = w.numel()
+        is_head = name.startswith("heads.")
+        sigma = head_std if is_head and head_std is not None else (2.0 / module.weight[0].numel()) ** 0.5
+        # Relative standard error of a sample std: sqrt((kurtosis - 1) / 4n), kurtosis 2.36 for a normal cut at
+        # +-2 and 3 for a plain one, so at most 0.5 / sqrt(n): 5 standard errors.
+        assert abs(w.std().item() / sigma - 1) < 2.5 / n**0.5 + 1e-3, (name, w.std().item(), sigma)
+        assert abs(w.mean().item()) < 5 * sigma / n**0.5, name
+        bound = 2 * sigma / _TRUNC
+        if is_head and head_std is not None:
+            assert w.abs().max().item() > 1.2 * bound, name  # a plain normal: 102,400 draws reach ~4.4 sigma
+        else:
+            assert w.abs().max().item() <= bound * (1 + 1e-6), name
+            if n >= 20_000:
+                assert w.abs().max().item() > 0.97 * bound, name  # truncated there, not earlier
+        if module.bias is not None:
+            assert not module.bias.any(), name
+        checked += 1
+    assert checked == 2 + 19 + 2  # 2 encoders, the core's 19 convs (3 of them shortcuts), 2 heads
+    assert not torch.equal(net.encoders[0].weight, net.encoders[1].weight)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert (module.weight == 1).all() and not module.bias.any()
+
+
+def test_reference_init_differs_from_timms_on_the_wrn_stem():
+    """The issue's example: WRN's 3x3 stem conv 3->16 gets std sqrt(2/27) = 0.27 from the authors' rule (fan_in),
+    sqrt(2/144) = 0.12 from timm's (fan_out). A WRN-10-1 has the same stem and is quick to build."""
+    torch.manual_seed(0)
+    stems = {}
+    for init in ("timm", "reference"):
+        base = WideResNet(depth=10, widen_factor=1, num_classes=10)
+        base.pretrained_cfg = {"first_conv": "conv1", "classifier": "fc"}  # what timm's registry would attach
+        net = MixMoNet(base, "wide_resnet10_1", 2)
+        if init == "reference":
+            reference_init_(net)
+        stems[init] = torch.cat([e.weight.flatten() for e in net.encoders]).std().item()
+    assert abs(stems["reference"] / (2 / 27) ** 0.5 - 1) < 0.1
+    assert abs(stems["timm"] / (2 / 144) ** 0.5 - 1) < 0.1
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="model.init"):
+        build_model("resnet18", 2, 5, init="xavier")
+
+
+def test_reference_init_resets_batchnorm():
+    net = build_model("resnet18", 2, 5)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.uniform_(-1.0, 1.0)
+    reference_init_(net)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all((m.weight == 1).all() and not m.bias.any() for m in norms)

@@ -129,3 +129,20 @@ def test_every_config_loads_and_is_documented(name):
     unique = rows // cfg.mixmo.batch_repetitions
     assert scaled_lr(cfg.optim.lr, cfg.optim.lr_reference_batch, unique) == pytest.approx(peak_lr)
     assert timm_mean_std(arch)[0] == pytest.approx(mean)
+
+
+@pytest.mark.parametrize(
+    ("name", "head_std", "gpus"),
+    [("cifar100_wrn28_10_cutmixmo.yaml", None, 1), ("tinyimagenet_r18_3_cutmixmo.yaml", 0.01, 1)],
+)
+def test_the_paper_recipes_train_what_the_authors_configs_train(name, head_std, gpus):
+    """The points of issue 14 (configs/README.md lists them): one view per copy of every b x M copies, the
+    authors' initialisation (heads: the conv rule on CIFAR, N(0, 0.01) on Tiny ImageNet), no input repetition,
+    b=4 and M=2, one GPU assumed (SyncBN off: there is nothing to synchronise)."""
+    cfg = load_config(["--config", str(CONFIGS / name)])
+    assert cfg.data.copy_augmentation == "per_copy" and cfg.data.train_crop == "pad_random" and cfg.data.hflip
+    assert cfg.model.init == "reference" and cfg.model.head_init_std == head_std
+    assert (cfg.mixmo.batch_repetitions, cfg.mixmo.num_members, cfg.mixmo.input_repetition) == (4, 2, 0.0)
+    assert cfg.slurm.gpus_per_node == gpus and cfg.slurm.nodes == 1 and not cfg.model.sync_bn
+    text = (CONFIGS / name).read_text()
+    assert "model.sync_bn=true" in text  # the recipe says what to set on more GPUs

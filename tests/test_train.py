@@ -53,8 +53,12 @@ def test_two_rank_training_outputs(reference_run, tiny_data):
     assert all(v["count"] == 49 for v in val)
     for v in val:
         assert 0 <= v["top1"] <= 1 and 0 <= v["ece"] <= 1 and len(v["member_top1"]) == 2
+    # The best validation so far, beside the last (recorded, never used to pick a checkpoint); a folder's val split.
+    best = max(val, key=lambda v: (v["top1"], -v["step"]))
+    assert (val[-1]["best_top1"], val[-1]["best_step"], val[-1]["val_split"]) == (best["top1"], best["step"], "val")
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "member_top1_1" in header and len((out / "metrics.csv").read_text().splitlines()) == len(lines) + 1
+    assert "member_top1_1" in header and "best_top1" in header
+    assert len((out / "metrics.csv").read_text().splitlines()) == len(lines) + 1
 
 
 def test_two_rank_training_learns_and_replicas_agree(reference_run):
@@ -113,6 +117,13 @@ def test_config_errors_exit_nonzero_naming_the_key(tmp_path):
         assert res.returncode == 2, (arg, res.stderr[-2000:])
         assert key in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sync_bn_on_cpu_is_a_one_line_error_naming_the_key(tiny_data, tmp_path):
+    res = _train_cli(*tiny_args(tiny_data, tmp_path / "out", "--model.sync_bn=true"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "model.sync_bn" in res.stderr and "CUDA" in res.stderr
+    assert not list((tmp_path / "out").glob("checkpoints/step_*"))  # refused before training
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -352,6 +352,11 @@ class DataConfig(_Section, section="data"):
     """Smallest area fraction kept by the random resized crop."""
     hflip: bool = True
     """Random horizontal flip in training."""
+    copy_augmentation: Literal["shared", "per_copy"] = "shared"
+    """How the b x M copies of an image in a MixMo step (mixmo.batch_repetitions rows, in each of mixmo.num_members
+    members) are augmented. per_copy: each copy gets its own crop and flip, as the MixMo authors' loader (it reads
+    every copy separately); the image is still decoded once. shared: one augmented view per image, copied to all its
+    rows and members (MIMO's ImageNet code, and this project before it had the key)."""
     dali_threads: int = 2
     """CPU threads per DALI pipeline."""
     dali_prefetch: int = 2
@@ -393,12 +398,30 @@ class ModelConfig(_Section, section="model"):
     """Wrap the training forward (MixMoNet.forward_train) in torch.compile."""
     init_from: str | None = None
     """Vanilla weights to start the backbone from (an exported file or a 1-member run, see init_from in
-    docs/OUTPUTS.md); null = timm's random initialisation."""
+    docs/OUTPUTS.md); null = the random initialisation of model.init."""
+    init: Literal["timm", "reference"] = "timm"
+    """Random initialisation. timm: the backbone's own (He normal fan_out convs, torch's default Linear heads).
+    reference: the MixMo authors' (every conv, encoders included, truncated normal at +-2 std of std
+    sqrt(2/fan_in)/0.8796, so a realised std of sqrt(2/fan_in); heads the same unless model.head_init_std; biases 0,
+    norm weights 1 and biases 0)."""
+    head_init_std: float | None = None
+    """With model.init=reference: draw the heads from N(0, head_init_std) instead of the conv rule (the authors'
+    Tiny ImageNet network uses 0.01, their CIFAR WRN the conv rule); null = the conv rule."""
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics over all ranks (torch SyncBatchNorm), so the BN batch is the global batch,
+    not the per-rank one. Needs a CUDA device; checkpoints keep plain BatchNorm keys (they load on CPU)."""
 
     def _validate(self) -> None:
         self._check("arch", bool(self.arch.strip()), "a non-empty timm model name")
         self._check("num_classes", self.num_classes is None or self.num_classes >= 2, ">= 2 or null")
         self._check("init_from", self.init_from is None or bool(self.init_from.strip()), "a non-empty path or null")
+        self._check("head_init_std", self.head_init_std is None or self.head_init_std > 0, "> 0 or null")
+        self._rule(
+            "head_init_std",
+            self.head_init_std is None or self.init == "reference",
+            "only applies with model.init=reference (timm initialises the heads its own way)",
+            related=("model.init",),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,7 +443,8 @@ class MixMoConfig(_Section, section="mixmo"):
     batch_repetitions: int = 2
     """b: each unique image appears b times in a batch, in a different random order per member."""
     input_repetition: float = 0.0
-    """rho: fraction of rows where every member receives the same image (MIMO's ImageNet trick)."""
+    """rho: the first int(rho * rows) rows of the repeated batch are the same image for every member, the others
+    are shuffled per member (the MixMo authors' definition; MIMO's ImageNet recipe uses 0.6)."""
     input_cutmix_prob: float = 0.0
     """Probability of applying pixel-level CutMix to the inputs before the encoders (Cut-MixMo + CutMix)."""
 

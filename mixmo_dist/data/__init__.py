@@ -46,14 +46,18 @@ class Data:
     """What the trainer receives from the data layer.
 
     Attributes:
-        train: iterable of (images float32 [U,3,S,S] normalised on the device, labels int64 [U]); exactly
-            len(train) batches per epoch on every rank; set_epoch(e), state_dict(), load_state_dict(d).
+        train: iterable of (images float32 [U*V,3,S,S] normalised on the device, labels int64 [U]): the V =
+            `Placement.views_per_image` augmented views of image u are rows u*V .. u*V+V-1 (each image decoded
+            once); exactly len(train) batches per epoch on every rank; set_epoch(e), state_dict(),
+            load_state_dict(d).
         val: iterable of (images float32 [B,3,S,S], labels int64 [B]); the ranks' parts are disjoint and together
             hold the whole split once.
         classes: class names; label k is classes[k].
         mean, std: the normalisation applied, 3 floats each in 0-1 units.
         num_train, num_val: samples in the whole train / val split (all ranks).
         backend: the resolved backend name.
+        val_split: what the val loader reads: "val", or "test" where the dataset's only held-out split is its test
+            split (CIFAR), so that a best-so-far validation figure is known to be chosen on the test set.
     """
 
     train: Any
@@ -64,6 +68,7 @@ class Data:
     num_train: int
     num_val: int
     backend: str
+    val_split: str = "val"
 
 
 def _dali_installed() -> bool:

@@ -181,4 +181,5 @@ def build_cifar_data(cfg: DataConfig, place: Placement) -> Data:
     """
     classes, train_split, val_split = read_cifar(cfg.root, cfg.dataset)
     log.info("%s: %d train / %d test images, %d classes", cfg.dataset, len(train_split), len(val_split), len(classes))
-    return torch_data(cfg, train_split, val_split, classes, place)
+    # The reference validates on the test split (CIFAR has no other held-out split): say so in every val record.
+    return torch_data(cfg, train_split, val_split, classes, place, val_split="test")

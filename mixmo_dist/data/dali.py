@@ -39,6 +39,7 @@ from mixmo_dist.data import Data
 from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split
 from mixmo_dist.data.placement import Placement
 from mixmo_dist.data.plan import EpochPlan
+from mixmo_dist.data.transforms import pad_random_views
 from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["DaliTrainLoader", "DaliValLoader", "build_dali_data"]
@@ -68,6 +69,8 @@ class _Augment:
     std_255: tuple[float, float, float]
     channels_last: bool
     gpu: bool
+    views: int = 1
+    """V augmented views of every train sample (`Placement.views_per_image`)."""
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -77,12 +80,16 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
     Labels given to the reader are indices into the dataset's sample list, not classes: the wrapper maps them to
     classes, and they tell tests and error messages exactly which file every row came from.
 
+    In training every sample is decoded once and gives `aug.views` views (V), each with its own random crop and
+    flip. With V = 1 the graph is the single-view one (ROI decoding for random_resized).
+
     Returns:
-        images: float32, [B,H,W,C] when aug.channels_last else [B,C,H,W]; on the GPU when aug.gpu.
-        index: int32 [B,1] sample indices (CPU).
+        images: float32, [B,H,W,C] when aug.channels_last else [B,C,H,W] (V > 1 in training: [B,V,H,W,C] /
+            [B,V,C,H,W]); on the GPU when aug.gpu.
+        index: int32 [B,1] sample indices (CPU); [B,1+3V] for pad_random with V > 1: then (top, left, flip) of
+            every view follow the index.
     """
     decoder_device = "mixed" if aug.gpu else "cpu"
-    size = aug.image_size
     # The order is ours (see the module docstring): no shuffling and no shard rotation inside DALI. Shards are
     # already equal, so pad_last_batch only matters for validation, where the iterator drops the padded rows.
     jpegs, index = fn.readers.file(
@@ -95,39 +102,86 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
         stick_to_shard=True,
         pad_last_batch=True,
     )
-    crop_pos_x = crop_pos_y = 0.5
-    mirror = 0
     if not training:
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
         images = fn.resize(images, resize_shorter=aug.val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
-    elif aug.train_crop == "random_resized":
-        # ROI decoding: only the sampled window is decoded, which is most of DALI's edge on the CPU.
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            device=decoder_device,
-            output_type=types.RGB,
-            random_area=(aug.min_crop_scale, 1.0),
-            random_aspect_ratio=(3 / 4, 4 / 3),
-            num_attempts=_CROP_ATTEMPTS,
-        )
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-    else:
+        return _normalise(images, aug, crop_pos=(0.5, 0.5), mirror=0), index
+    if aug.train_crop == "pad_random" and aug.views > 1:
+        # One view per copy of CIFAR-style crops: the resized image once, and the views' (top, left, flip) draws
+        # appended to the sample's index ([1 + 3V]); the loader cuts the V views on the device in one gather
+        # (`transforms.pad_random_views`). V crop_mirror_normalize ops per sample made the loader ~3x slower.
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        size = aug.image_size
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-        # Zero (black) padding before normalisation, as torchvision's RandomCrop(padding=4) on the decoded image.
-        padded = size + 2 * _PAD
-        images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
-        # An integer offset in 0..2*PAD, each equally likely: crop_pos * (padded - size) is then exactly that offset.
-        offsets = list(range(2 * _PAD + 1))
+        offsets = fn.random.uniform(values=list(range(2 * _PAD + 1)), shape=(aug.views, 2), dtype=types.INT32)
+        flips = fn.random.coin_flip(probability=0.5 if aug.hflip else 0.0, shape=(aug.views, 1), dtype=types.INT32)
+        draws = fn.reshape(fn.cat(offsets, flips, axis=1), shape=(3 * aug.views,))
+        return _normalise(images, aug, crop_pos=(0.5, 0.5), mirror=0), fn.cat(index, draws, axis=0)
+    views = _train_views(jpegs, aug, decoder_device)
+    images = views[0] if len(views) == 1 else fn.stack(*views)
+    return images, index
+
+
+def _train_views(jpegs, aug: _Augment, decoder_device: str) -> list:
+    """The `aug.views` normalised train views of each sample of `jpegs` (DALI data nodes of [H,W,C] / [C,H,W])."""
+    size = aug.image_size
+    if aug.train_crop == "random_resized":
+        if aug.views == 1:
+            # ROI decoding: only the sampled window is decoded, which is most of DALI's edge on the CPU.
+            window = fn.decoders.image_random_crop(
+                jpegs,
+                device=decoder_device,
+                output_type=types.RGB,
+                random_area=(aug.min_crop_scale, 1.0),
+                random_aspect_ratio=(3 / 4, 4 / 3),
+                num_attempts=_CROP_ATTEMPTS,
+            )
+            crops = [fn.resize(window, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)]
+        else:
+            # One view per copy: decode the whole image once, then one random window per view (an ROI decode per
+            # view would decode the image V times; docs/DESIGN.md has the measurement).
+            decoded = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            crops = [
+                fn.random_resized_crop(
+                    decoded,
+                    size=(size, size),
+                    random_area=(aug.min_crop_scale, 1.0),
+                    random_aspect_ratio=(3 / 4, 4 / 3),
+                    num_attempts=_CROP_ATTEMPTS,
+                    interp_type=types.INTERP_LINEAR,
+                    antialias=True,
+                )
+                for _ in range(aug.views)
+            ]
+        return [_normalise(crop, aug, crop_pos=(0.5, 0.5), mirror=_flip(aug)) for crop in crops]
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    # Zero (black) padding before normalisation, as torchvision's RandomCrop(padding=4) on the decoded image.
+    padded = size + 2 * _PAD
+    images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
+    # An integer offset in 0..2*PAD, each equally likely: crop_pos * (padded - size) is then exactly that offset.
+    offsets = list(range(2 * _PAD + 1))
+    out = []
+    for _ in range(aug.views):
         crop_pos_x = fn.random.uniform(values=offsets, dtype=types.FLOAT) / float(2 * _PAD)
         crop_pos_y = fn.random.uniform(values=offsets, dtype=types.FLOAT) / float(2 * _PAD)
-    if training and aug.hflip:
-        mirror = fn.random.coin_flip(probability=0.5)
-    images = fn.crop_mirror_normalize(
+        out.append(_normalise(images, aug, crop_pos=(crop_pos_x, crop_pos_y), mirror=_flip(aug)))
+    return out
+
+
+def _flip(aug: _Augment):
+    """A per-sample coin for a horizontal flip (0 = never when flips are off)."""
+    return fn.random.coin_flip(probability=0.5) if aug.hflip else 0
+
+
+def _normalise(images, aug: _Augment, *, crop_pos, mirror):
+    """Crop to image_size at `crop_pos`, mirror, normalise to float32 in the layout the loader delivers."""
+    size = aug.image_size
+    return fn.crop_mirror_normalize(
         images,
         crop=(size, size),
-        crop_pos_x=crop_pos_x,
-        crop_pos_y=crop_pos_y,
+        crop_pos_x=crop_pos[0],
+        crop_pos_y=crop_pos[1],
         mirror=mirror,
         mean=list(aug.mean_255),
         std=list(aug.std_255),
@@ -135,7 +189,6 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
         # HWC rows are what channels_last means physically; the wrapper only permutes the view.
         output_layout="HWC" if aug.channels_last else "CHW",
     )
-    return images, index
 
 
 class _Batches:
@@ -216,11 +269,20 @@ class _Batches:
     def _convert(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DALI outputs -> (images_BCHW float32 on device, labels_B int64 on device, index_B int64 on CPU)."""
         images = out["images"]
+        if images.dim() == 5:
+            images = images.flatten(0, 1)  # [B,V,...] views of each sample -> [B*V,...], sample-major
         if self._aug.channels_last:
             images = images.permute(0, 3, 1, 2)  # [B,H,W,C] -> a [B,C,H,W] view in channels_last memory format
         images_BCHW = images.to(self._device, non_blocking=True)
-        index_B = out["index"].reshape(-1).long()
+        index = out["index"].long()
+        index_B = index[:, 0]
         labels_B = self._class_of_N[index_B.to(self._device, non_blocking=True)]
+        if index.shape[1] > 1:  # pad_random views to cut here: (top, left, flip) per view after the index
+            draws_BV3 = index[:, 1:].reshape(index.shape[0], -1, 3).to(self._device)
+            fill_3 = -(torch.tensor(self._aug.mean_255) / torch.tensor(self._aug.std_255)).to(self._device)
+            flips_BV = draws_BV3[..., 2].bool()
+            cl = self._aug.channels_last
+            images_BCHW = pad_random_views(images_BCHW, draws_BV3[..., :2], flips_BV, fill_3, channels_last=cl)
         return images_BCHW, labels_B, index_B.cpu()
 
     def _corrupt_error(self, err: RuntimeError, candidates: Sequence[int]) -> CorruptImageError | None:
@@ -504,6 +566,7 @@ def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
         std_255=tuple(255.0 * v for v in place.std),
         channels_last=place.channels_last,
         gpu=gpu,
+        views=place.views_per_image,
     )
     common = dict(
         aug=aug,

@@ -55,16 +55,29 @@ class _SyntheticPool:
 
 
 class SyntheticTrain(EpochPlan):
-    """Train batches (images float32 [U,3,S,S], labels int64 [U], on the device) of one rank."""
+    """Train batches (images float32 [U*V,3,S,S], labels int64 [U], on the device) of one rank.
+
+    Nothing is augmented here: the V views of an image (`views`) are copies of it, which keeps the contract's
+    shapes (and the cost of moving V times more rows) without pretending to crop.
+    """
 
     def __init__(
-        self, pool: _SyntheticPool, labels_N: Tensor, *, unique_per_rank: int, rank: int, world_size: int, seed: int
+        self,
+        pool: _SyntheticPool,
+        labels_N: Tensor,
+        *,
+        unique_per_rank: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        views: int = 1,
     ) -> None:
         super().__init__(
             labels_N.shape[0], unique_per_rank=unique_per_rank, rank=rank, world_size=world_size, seed=seed
         )
         self._pool = pool
         self._labels_N = labels_N
+        self._views = views
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, start = self.begin_pass()
@@ -73,7 +86,7 @@ class SyntheticTrain(EpochPlan):
         for step in range(start, self.steps):
             idx_U = indices_SU[step]
             self.advance()
-            yield self._pool.take(idx_U), self._labels_N[idx_U]
+            yield self._pool.take(idx_U.repeat_interleave(self._views)), self._labels_N[idx_U]
 
 
 class SyntheticVal:
@@ -123,7 +136,14 @@ def build_synthetic_data(cfg: DataConfig, place: Placement) -> Data:
     train_labels_N = pool.labels(num_train, num_classes)
     val_labels_N = pool.labels(num_val, num_classes)
     world = dict(rank=place.rank, world_size=place.world_size)
-    train = SyntheticTrain(pool, train_labels_N, unique_per_rank=place.unique_per_rank, seed=place.seed, **world)
+    train = SyntheticTrain(
+        pool,
+        train_labels_N,
+        unique_per_rank=place.unique_per_rank,
+        seed=place.seed,
+        views=place.views_per_image,
+        **world,
+    )
     val = SyntheticVal(pool, val_labels_N, num_train, batch_size=place.val_batch_size, **world)
     return Data(
         train=train,

@@ -99,9 +99,7 @@ def read_tinyimagenet(root: str | Path) -> tuple[list[str], list[tuple[str, int]
 
 
 def build_tinyimagenet_data(cfg: DataConfig, place: Placement) -> Data:
-    """Builds Tiny ImageNet from `cfg.root` with the torch backend's loaders and contract (see `build_data`).
-
-    """
+    """Builds Tiny ImageNet from `cfg.root` with the torch backend's loaders and contract (see `build_data`)."""
     classes, train_samples, val_samples = read_tinyimagenet(cfg.root)
     log.info("tinyimagenet: %d train / %d val images, %d classes", len(train_samples), len(val_samples), len(classes))
     return torch_data(cfg, PathTable(train_samples), PathTable(val_samples), classes, place)

@@ -5,9 +5,12 @@ reader ends in `torch_data`, which builds the same `TrainSet`/`ValSet` and loade
 
 Shape legend: B batch rows, U unique images per rank per step, W world size, S image side.
 
-Train batches follow the shared `EpochPlan`. Each sample's augmentation is drawn from a generator seeded by
-(seed, epoch, position in the epoch), so a batch does not depend on the number of workers, on which worker decoded
-it, or on whether the run was interrupted.
+Train batches follow the shared `EpochPlan`. Each sample is decoded once and gives `place.views_per_image` views
+(V: 1, or one per copy under `data.copy_augmentation=per_copy`), all drawn from one generator seeded by (seed, epoch,
+position in the epoch), so a batch does not depend on the number of workers, on which worker decoded it, on the
+world size or on whether the run was interrupted. RandomResizedCrop views are made in the workers; pad_random views
+(pad 4, crop, flip) are cut on the device from the resized images, one gather per batch: in the workers, 8 crops
+per 32 px image made the loader 1.7x slower than one (docs/BENCHMARKS.md, "Views per copy").
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mixmo_dist.runtime.seeds import derive_seed
 from .folder import CorruptImageError, load_rgb, scan_split
 from .placement import Placement
 from .plan import EpochPlan
-from .transforms import train_transform, val_transform
+from .transforms import pad_random_draws, pad_random_views, random_resized_views, resized, val_transform
 from .workers import Decoder
 
 if TYPE_CHECKING:
@@ -92,14 +95,19 @@ def _one_line_errors(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple
 
 
 class TrainSet(Dataset):
-    """Decodes and augments train samples of a `Source`; a key is (epoch, position in the epoch, source index)."""
+    """Decodes train samples of a `Source` once; a key is (epoch, position in the epoch, source index).
 
-    def __init__(self, source: Source, cfg: DataConfig, seed: int) -> None:
+    Returns (uint8 [V,3,S,S] views, label) for random_resized, (uint8 [3,S,S] resized image, label) for pad_random,
+    whose views `TorchTrainLoader` cuts on the device.
+    """
+
+    def __init__(self, source: Source, cfg: DataConfig, seed: int, views: int = 1) -> None:
         self.source = source
         self.seed = seed
-        self.transform = dict(
-            image_size=cfg.image_size, train_crop=cfg.train_crop, min_crop_scale=cfg.min_crop_scale, hflip=cfg.hflip
-        )
+        self.views = views
+        self.image_size = cfg.image_size
+        self.train_crop = cfg.train_crop
+        self.transform = dict(views=views, image_size=cfg.image_size, min_crop_scale=cfg.min_crop_scale, hflip=cfg.hflip)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -107,10 +115,12 @@ class TrainSet(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, int]:
         epoch, position, index = key
         image, label = self.source.load(index)
+        if self.train_crop == "pad_random":
+            return resized(image, self.image_size), label
         # The position, not the dataset index, seeds the draw: wrapped-around duplicates get their own crops, and a
         # batch is the same whatever the number of workers, the worker that decodes it or a resume.
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position))
-        return train_transform(image, gen=gen, **self.transform), label
+        return random_resized_views(image, gen=gen, **self.transform), label
 
 
 class ValSet(Dataset):
@@ -130,7 +140,8 @@ class ValSet(Dataset):
 
 
 class TorchTrainLoader(EpochPlan):
-    """Train batches (images float32 [U,3,S,S] normalised on the device, labels int64 [U]) of one rank.
+    """Train batches (images float32 [U*V,3,S,S] normalised on the device, the V views of image u in rows
+    u*V .. u*V+V-1; labels int64 [U]) of one rank.
 
     Args:
         dataset: a `TrainSet` (or any dataset taking (epoch, position, index) keys).
@@ -148,6 +159,11 @@ class TorchTrainLoader(EpochPlan):
         )
         # Train workers persist across epochs: no start-up per epoch, the dataset pickled once.
         self._decoder = Decoder(dataset, cfg, place, persistent=True, what="train")
+        self._pad_random = cfg.train_crop == "pad_random"
+        self._views, self._hflip, self._channels_last = place.views_per_image, cfg.hflip, place.channels_last
+        # The padding is a zero pixel, normalised exactly as the normaliser computes it (0 * scale - mean / std).
+        std_3 = torch.tensor(place.std, dtype=torch.float32)
+        self._fill_3 = (-(torch.tensor(place.mean, dtype=torch.float32) / std_3)).to(place.device)
 
     def epoch_keys(self, epoch: int) -> list[list[tuple[int, int, int]]]:
         """This rank's batches of `epoch` as lists of (epoch, position, dataset index) keys."""
@@ -158,12 +174,26 @@ class TorchTrainLoader(EpochPlan):
             for pos_row, idx_row in zip(positions_SU.tolist(), indices_SU.tolist())
         ]
 
+    def _cut_pad_random_views(self, images_U3SS: Tensor, keys: list[tuple[int, int, int]]) -> Tensor:
+        """The V pad_random views of each image of a batch, drawn as `TrainSet` would draw them: from (seed, epoch,
+        position in the epoch)."""
+        draws = [
+            pad_random_draws(self._views, self._hflip, torch.Generator().manual_seed(derive_seed(self.seed, e, p)))
+            for e, p, _ in keys
+        ]
+        offsets_UV2 = torch.stack([offsets for offsets, _ in draws])
+        flips_UV = torch.stack([flips for _, flips in draws])
+        return pad_random_views(images_U3SS, offsets_UV2, flips_UV, self._fill_3, channels_last=self._channels_last)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch, start = self.begin_pass()
         # Skipping happens here, on keys: batches before `start` are never decoded.
-        for batch in _one_line_errors(self._decoder.run(self.epoch_keys(epoch)[start:], first=start)):
+        keys = self.epoch_keys(epoch)[start:]
+        for batch_keys, (images, labels) in zip(keys, _one_line_errors(self._decoder.run(keys, first=start))):
+            if self._pad_random:
+                images = self._cut_pad_random_views(images, batch_keys)
             self.advance()
-            yield batch
+            yield images, labels
 
 
 class TorchValLoader:
@@ -195,9 +225,16 @@ class TorchValLoader:
 
 
 def torch_data(
-    cfg: DataConfig, train_source: Source, val_source: Source, classes: list[str], place: Placement
+    cfg: DataConfig,
+    train_source: Source,
+    val_source: Source,
+    classes: list[str],
+    place: Placement,
+    *,
+    val_split: str = "val",
 ) -> Data:
-    """The torch backend's `Data` over two sources, with the settings of the `data` section `cfg`.
+    """The torch backend's `Data` over two sources, with the settings of the `data` section `cfg`; `val_split`
+    names what `val_source` is ("test" for CIFAR).
 
     Every reader served by this backend (image folders, Tiny ImageNet, CIFAR) ends here, so plans, augmentation
     seeding, resume, sharding and worker handling are the same for all of them.
@@ -205,7 +242,7 @@ def torch_data(
     from . import Data
 
     return Data(
-        train=TorchTrainLoader(TrainSet(train_source, cfg, place.seed), cfg, place),
+        train=TorchTrainLoader(TrainSet(train_source, cfg, place.seed, place.views_per_image), cfg, place),
         val=TorchValLoader(ValSet(val_source, cfg), cfg, place),
         classes=classes,
         mean=place.mean,
@@ -213,6 +250,7 @@ def torch_data(
         num_train=len(train_source),
         num_val=len(val_source),
         backend="torch",
+        val_split=val_split,
     )
 
 

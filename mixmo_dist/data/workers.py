@@ -32,8 +32,9 @@ _forkserver_started = False
 
 
 def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    """Stacks worker outputs into (uint8 [B,3,S,S], int64 [B])."""
-    images_B3SS = torch.stack([image for image, _ in items])
+    """Stacks worker outputs ([3,S,S], or V views [V,3,S,S], and a label) into (uint8 [B*V,3,S,S], int64 [B])."""
+    images = torch.stack([image for image, _ in items])
+    images_B3SS = images.flatten(0, 1) if images.dim() == 5 else images
     labels_B = torch.tensor([label for _, label in items], dtype=torch.int64)
     return images_B3SS, labels_B
 

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from mixmo_dist.ops.mixing import MixParams, mix_features
 
+from .init import reference_init_
+
 # Every arch the project promises to convert (any timm model passing the structural checks converts too).
 TESTED_ARCHS = (
     "resnet18",
@@ -157,15 +159,33 @@ class MixMoNet(nn.Module):
         return plain.to(device=ref.device, dtype=ref.dtype).train(self.training)
 
 
-def build_model(arch: str, num_members: int, num_classes: int, **timm_kwargs) -> MixMoNet:
+def build_model(
+    arch: str,
+    num_members: int,
+    num_classes: int,
+    *,
+    init: str = "timm",
+    head_init_std: float | None = None,
+    **timm_kwargs,
+) -> MixMoNet:
     """`timm.create_model(arch, num_classes=...)` (no pretrained weights) converted to MixMo form.
 
+    Args:
+        init: "timm" keeps the backbone's initialisation (encoders copies re-drawn like timm's convs); "reference"
+            re-draws every weight with the MixMo authors' rules (`model/init.py`), heads from N(0, head_init_std)
+            when it is given.
+
     Raises:
-        ValueError: unknown arch, or one that cannot be converted (named in the message).
+        ValueError: unknown arch or init, or an arch that cannot be converted (named in the message).
     """
+    if init not in ("timm", "reference"):
+        raise ValueError(f"model.init must be timm or reference, got {init!r}")
     if num_members < 1:
         raise ValueError(f"mixmo.num_members must be >= 1, got {num_members}")
     if not timm.is_model(arch):
         raise ValueError(f"model.arch {arch!r} is not a timm model (tested archs: {', '.join(TESTED_ARCHS)})")
     base = timm.create_model(arch, num_classes=num_classes, pretrained=False, **timm_kwargs)
-    return MixMoNet(base, arch, num_members, timm_kwargs)
+    model = MixMoNet(base, arch, num_members, timm_kwargs)
+    if init == "reference":
+        reference_init_(model, head_init_std)
+    return model

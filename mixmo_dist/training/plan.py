@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from mixmo_dist.config import Config, ConfigError, DataConfig
+from mixmo_dist.data import Placement, timm_mean_std
 from mixmo_dist.training.optim import scaled_lr
 
 
@@ -16,6 +19,7 @@ class Plan:
     world_size: int
     rows_per_rank: int
     unique_per_rank: int
+    views_per_image: int
     grad_accum_steps: int
     micro_batches_per_epoch: int
     steps_per_epoch: float
@@ -38,6 +42,14 @@ def rows_per_rank(data_cfg: DataConfig, world_size: int) -> int:
     return data_cfg.global_batch_size // world_size
 
 
+def views_per_image(cfg: Config) -> int:
+    """V, the augmented views the loader makes of each unique image: one per copy (b x M, each copy of the image in
+    each member) under `data.copy_augmentation=per_copy`, else 1."""
+    if cfg.data.copy_augmentation == "per_copy":
+        return cfg.mixmo.batch_repetitions * cfg.mixmo.num_members
+    return 1
+
+
 def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Plan:
     """The plan of a run of `cfg` on `world_size` ranks whose loader yields `micro_batches_per_epoch` per epoch."""
     rows = rows_per_rank(cfg.data, world_size)
@@ -53,6 +65,7 @@ def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Pl
         world_size=world_size,
         rows_per_rank=rows,
         unique_per_rank=rows // reps,
+        views_per_image=views_per_image(cfg),
         grad_accum_steps=accum,
         micro_batches_per_epoch=micro_batches_per_epoch,
         steps_per_epoch=steps_per_epoch,
@@ -61,4 +74,22 @@ def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Pl
         unique_per_step=unique_per_step,
         lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_reference_batch, unique_per_step),
         eval_every_steps=max(1, round(cfg.eval.every_n_epochs * steps_per_epoch)),
+    )
+
+
+def data_placement(cfg: Config, rank: int, world_size: int, device: torch.device) -> Placement:
+    """Where and what the data builders of `cfg` deliver on this rank (rows, views, layout, normalisation)."""
+    rows = rows_per_rank(cfg.data, world_size)
+    mean, std = timm_mean_std(cfg.model.arch)
+    return Placement(
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.run.seed,
+        device=device,
+        unique_per_rank=max(1, rows // cfg.mixmo.batch_repetitions),
+        views_per_image=views_per_image(cfg),
+        val_batch_size=cfg.data.val_batch_size or rows,
+        channels_last=cfg.model.channels_last,
+        mean=mean,
+        std=std,
     )

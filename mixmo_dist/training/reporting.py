@@ -78,6 +78,39 @@ class MetricsLog:
             csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerow(_flatten(record))
 
 
+class BestValidation:
+    """The best validation top-1 so far and its step, recorded beside the last; never acted upon.
+
+    The paper's tables report the best test epoch; a run keeps training to its last step, and export and evaluate
+    read the last checkpoint unless told otherwise, so this figure only tells a reader where the best epoch was.
+    It is part of the trainer's counters (`Trainer.state_dict`), so a requeued run keeps it.
+
+    Args:
+        split: what the validation loader reads (`Data.val_split`: "test" for CIFAR), stored with the figure.
+    """
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+        self.top1: float | None = None
+        self.step: int | None = None
+
+    def update(self, step: int, top1: float) -> None:
+        """Take the result of the validation at `step` (ties keep the earlier step)."""
+        if self.top1 is None or top1 > self.top1:
+            self.top1, self.step = float(top1), int(step)
+
+    def record(self) -> dict:
+        """The fields a val record carries: best_top1, best_step and val_split."""
+        return {"best_top1": self.top1, "best_step": self.step, "val_split": self.split}
+
+    def state_dict(self) -> dict:
+        return {"best_top1": self.top1, "best_step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a checkpoint's counters (one written before the figure existed restores "none yet")."""
+        self.top1, self.step = state.get("best_top1"), state.get("best_step")
+
+
 def metric_columns(num_members: int) -> list[str]:
     members = range(num_members)
     train = [
@@ -108,6 +141,9 @@ def metric_columns(num_members: int) -> list[str]:
         "diversity",
         "disagreement",
         "count",
+        "best_top1",
+        "best_step",
+        "val_split",
     ]
     return ["split", "step", "epoch", *train, *val]
 

@@ -26,9 +26,9 @@ from mixmo_dist.checkpoint.lock import lock_run_dir
 from mixmo_dist.checkpoint.state import CheckpointManager
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import Config, ConfigError, config_to_dict, dump_config
-from mixmo_dist.data import Placement, timm_mean_std
 from mixmo_dist.evaluation.metrics import EvalAccumulator
 from mixmo_dist.model import build_model
+from mixmo_dist.model.sync_bn import use_sync_batchnorm
 from mixmo_dist.model.weights import init_from_vanilla
 from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
@@ -41,8 +41,8 @@ from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
-from mixmo_dist.training.plan import build_plan, rows_per_rank
-from mixmo_dist.training.reporting import MetricsLog, Progress, metric_columns, run_info
+from mixmo_dist.training.plan import build_plan, data_placement
+from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, metric_columns, run_info
 
 log = logging.getLogger("mixmo_dist")
 
@@ -84,12 +84,13 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         self.generator = torch.Generator(device=self.device)
         seed_rank(cfg.run.seed, self.rank, self.generator)
-        self.place = self._placement()
+        self.place = data_placement(cfg, self.rank, self.world, self.device)
         # The data first: a run whose data is missing must leave nothing behind (no output directory, no lock).
         self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
         self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.plan = build_plan(cfg, self.world, len(self.data.train))
+        self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
         self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
         self.raw = accelerator.unwrap_model(self.model)
@@ -105,27 +106,12 @@ class Trainer:
         self.checkpoints = self._build_checkpoints()
 
     # -- building ---------------------------------------------------------------------------------------------
-    def _placement(self) -> Placement:
-        cfg = self.cfg
-        rows = rows_per_rank(cfg.data, self.world)
-        mean, std = timm_mean_std(cfg.model.arch)
-        return Placement(
-            rank=self.rank,
-            world_size=self.world,
-            seed=cfg.run.seed,
-            device=self.device,
-            unique_per_rank=max(1, rows // cfg.mixmo.batch_repetitions),
-            val_batch_size=cfg.data.val_batch_size or rows,
-            channels_last=cfg.model.channels_last,
-            mean=mean,
-            std=std,
-        )
-
     def _placeholder_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeros shaped like a train batch (images [U,3,S,S], labels [U]): what a rank whose loader failed trains on."""
-        size, u = self.cfg.data.image_size, self.place.unique_per_rank
+        """Zeros shaped like a train batch (images [U*V,3,S,S], labels [U]): what a rank whose loader failed trains
+        on."""
+        size, u, v = self.cfg.data.image_size, self.place.unique_per_rank, self.place.views_per_image
         fmt = torch.channels_last if self.place.channels_last else torch.contiguous_format
-        images = torch.zeros(u, 3, size, size, device=self.device).contiguous(memory_format=fmt)
+        images = torch.zeros(u * v, 3, size, size, device=self.device).contiguous(memory_format=fmt)
         return images, torch.zeros(u, dtype=torch.int64, device=self.device)
 
     def _num_classes(self) -> int:
@@ -136,14 +122,18 @@ class Trainer:
         return found
 
     def _build_model_and_optimizer(self):
-        cfg = self.cfg
-        model = build_model(cfg.model.arch, cfg.mixmo.num_members, self.num_classes)
-        if cfg.model.init_from:
-            init_from_vanilla(model, cfg.model.init_from)
-        if cfg.model.channels_last:
+        m = self.cfg.model
+        model = build_model(
+            m.arch, self.cfg.mixmo.num_members, self.num_classes, init=m.init, head_init_std=m.head_init_std
+        )
+        if m.init_from:
+            init_from_vanilla(model, m.init_from)
+        if m.sync_bn:
+            model = use_sync_batchnorm(model, self.device)
+        if m.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = model.to(self.device)
-        return model, build_optimizer(model, cfg.optim, self.plan.lr)
+        return model, build_optimizer(model, self.cfg.optim, self.plan.lr)
 
     def _build_checkpoints(self) -> CheckpointManager:
         rng = RankRNG(self.generator, seed=self.cfg.run.seed, rank=self.rank)
@@ -177,17 +167,19 @@ class Trainer:
 
     # -- the trainer's own state (registered as the checkpoint's counters) ------------------------------------
     def state_dict(self) -> dict:
-        return {
+        counters = {
             "step": self.step,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_run": self.nonfinite_run,
             "last_eval": self.last_eval,
         }
+        return {**counters, **self.best.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
         self.last_eval = state.get("last_eval", -1)  # absent from checkpoints of older versions
+        self.best.load_state_dict(state)
 
     @property
     def epoch(self) -> float:
@@ -322,6 +314,7 @@ class Trainer:
             repetitions=cfg.batch_repetitions,
             input_repetition=cfg.input_repetition,
             generator=self.generator,
+            views=self.plan.views_per_image,
         )
         h, w = self.raw.encoder_output_hw(*x_MRCHW.shape[-2:])
         mix = sample_mixing(
@@ -406,15 +399,18 @@ class Trainer:
         return result
 
     def _log_val(self, result: dict) -> None:
+        self.best.update(self.step, result["top1"])  # on every rank: it is part of the checkpointed counters
         if not self.acc.is_main_process:
             return
         rec = {"split": "val", "step": self.step, "epoch": round(self.epoch, 4)}
         rec.update({k: v for k, v in result.items() if k != "reliability"})
+        rec.update(self.best.record())
         self.metrics.append(rec)
         members = " ".join(f"{v:.3f}" for v in result["member_top1"])
         log.info(
-            "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s",
+            "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s (best %.4f at step %d, %s split)",
             *(self.step, result["top1"], result["top5"], result["nll"], result["ece"], members),
+            *(self.best.top1, self.best.step, self.best.split),
         )
         self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
 

@@ -1,0 +1,29 @@
+"""SyncBatchNorm (`model.sync_bn`): BatchNorm statistics over the global batch instead of each rank's part."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixmo_dist.config import ConfigError
+
+__all__ = ["use_sync_batchnorm"]
+
+
+def use_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` with every BatchNorm replaced by a SyncBatchNorm holding the same parameters and buffers.
+
+    The state_dict keys do not change, so a checkpoint trained this way loads into the plain model (evaluate and
+    export build one, on any device).
+
+    Raises:
+        ConfigError: the device is not CUDA (torch's SyncBatchNorm refuses CPU tensors in training).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ConfigError(
+            f"config key model.sync_bn: torch's SyncBatchNorm needs a CUDA device, and this run trains on {device}; "
+            "set model.sync_bn=false (with one process per GPU, BN then sees the per-rank batch)",
+            key="model.sync_bn",
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
