@@ -12,12 +12,12 @@ burst of load from another process does not decide the ratio.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import quick_main
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Placement, build_data
@@ -99,10 +99,7 @@ def run(quick: bool = False, root: Path | str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run, not a measurement")
-    run(quick=parser.parse_args(argv).quick)
-    return 0
+    return quick_main(run, "python -m benchmarks.bench_data", __doc__, argv)
 
 
 if __name__ == "__main__":

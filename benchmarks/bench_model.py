@@ -15,7 +15,6 @@ Ratios, each of medians over repeats with the two sides taking turns (this machi
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from benchmarks import quick_main
 from mixmo_dist.model import build_model
 from mixmo_dist.ops import sample_mixing
 from mixmo_dist.training.loss import mixmo_loss, reweight
@@ -175,11 +175,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    run(args.quick)
-    return 0
+    return quick_main(run, "python -m benchmarks.bench_model", __doc__, argv)
 
 
 if __name__ == "__main__":

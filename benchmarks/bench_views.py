@@ -25,12 +25,12 @@ decoder (an ROI decode, as the shared view does; the authors' loader also decode
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import quick_main
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Placement, build_data, scan_split
@@ -202,10 +202,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_views", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run, not a measurement")
-    run(quick=parser.parse_args(argv).quick)
-    return 0
+    return quick_main(run, "python -m benchmarks.bench_views", __doc__, argv)
 
 
 if __name__ == "__main__":

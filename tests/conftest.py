@@ -218,3 +218,49 @@ def reference_run(tiny_data, tmp_path_factory) -> Path:
     rc, log = run_train(tiny_args(tiny_data, out))
     assert rc == 0, log[-4000:]
     return out
+
+
+def launch_two_machines(args: list[str], cwds: tuple[Path, Path] = (REPO, REPO)) -> list[subprocess.Popen]:
+    """Two `accelerate launch` of one process each (machine ranks 0 and 1) forming one world of 2.
+
+    Unlike one launcher with 2 processes, neither launcher stops the other's rank when its own fails: a rank left
+    waiting in a collective would wait until the timeout, as on two real nodes.
+    """
+    port = str(free_port())
+    procs = []
+    for machine in (0, 1):
+        cmd = [
+            str(VENV_BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(machine),
+            "--num_processes",
+            "2",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--same_network",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "mixmo_dist.train",
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=cwds[machine],
+                env=train_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    return procs

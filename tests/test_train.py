@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, read_metrics, run_train, tiny_args, train_env
+from conftest import REPO, launch_two_machines, read_metrics, run_train, tiny_args, train_env
 from safetensors.torch import load_file
 
 
@@ -159,46 +159,8 @@ def test_two_machine_world_on_one_host(tiny_data, tmp_path):
     """Two `accelerate launch` (one per "machine", --same_network) on 127.0.0.1 train one model together."""
     import os
 
-    from conftest import VENV_BIN, free_port
-
     out = tmp_path / "multinode"
-    port = str(free_port())
-    procs = []
-    for machine in (0, 1):
-        cmd = [
-            str(VENV_BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_machines",
-            "2",
-            "--machine_rank",
-            str(machine),
-            "--num_processes",
-            "2",
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--same_network",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "mixmo_dist.train",
-            *tiny_args(tiny_data, out, "--schedule.max_steps=3"),
-        ]
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env=train_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
+    procs = launch_two_machines(tiny_args(tiny_data, out, "--schedule.max_steps=3"))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
     run = json.loads((out / "run.json").read_text())

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, free_port, launch, read_metrics, read_only_mount, tiny_args, train_env
+from conftest import REPO, launch, launch_two_machines, read_metrics, read_only_mount, tiny_args
 
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import DataConfig
@@ -62,52 +62,6 @@ def _one_error(outputs: list[str], *needles: str) -> str:
     # traceback through this package may.
     assert re.search(r'File ".*mixmo_dist/', text) is None, text[-6000:]
     return lines[0]
-
-
-def _two_machines(args: list[str], cwds: tuple[Path, Path] = (REPO, REPO)) -> list[subprocess.Popen]:
-    """Two `accelerate launch` of one process each (machine ranks 0 and 1) forming one world of 2.
-
-    Unlike one launcher with 2 processes, neither launcher stops the other's rank when its own fails: a rank left
-    waiting in a collective would wait until the timeout, as on two real nodes.
-    """
-    port = str(free_port())
-    procs = []
-    for machine in (0, 1):
-        cmd = [
-            str(VENV_BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_machines",
-            "2",
-            "--machine_rank",
-            str(machine),
-            "--num_processes",
-            "2",
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--same_network",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "mixmo_dist.train",
-            *args,
-        ]
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=cwds[machine],
-                env=train_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
-    return procs
 
 
 def _rank_exit_codes(outputs: list[str]) -> set[int]:
@@ -194,7 +148,7 @@ def test_corrupt_train_image_on_one_rank_stops_every_rank_with_one_line(data_cop
     out = tmp_path / "run"
     # One epoch is 9 steps: the file is read by exactly one rank, once.
     args = tiny_args(data_copy, out, f"--data.backend={backend}", "--schedule.max_steps=9", "--eval.at_end=false")
-    outputs = _finish(_two_machines(args))
+    outputs = _finish(launch_two_machines(args))
     _one_error(outputs, f"cannot decode image {bad}", "Replace the file with an intact copy")
     assert _rank_exit_codes(outputs) == {2}, outputs  # each launcher's one rank exited 2 on its own
     # Every rank stopped in the step whose batch held the file: that step and the later ones were never logged.
@@ -214,7 +168,7 @@ def test_data_missing_on_one_machine_stops_both_with_one_line(tiny_data, tmp_pat
     without.mkdir()
     out = tmp_path / "run"
     args = [a for a in tiny_args(tiny_data, out) if not a.startswith("--data.root=")] + ["--data.root=data/demo"]
-    outputs = _finish(_two_machines(args, cwds=(with_data, without)))
+    outputs = _finish(launch_two_machines(args, cwds=(with_data, without)))
     _one_error(outputs, "data.root=data/demo does not exist", "make demo")
     assert _rank_exit_codes(outputs) == {2}, outputs
     assert not out.exists()
@@ -228,7 +182,7 @@ def test_corrupt_val_image_on_one_rank_stops_every_rank_with_one_line(data_copy,
     _corrupt(bad)
     out = tmp_path / "run"
     args = tiny_args(data_copy, out, f"--data.backend={backend}", "--schedule.max_steps=1")
-    outputs = _finish(_two_machines(args))
+    outputs = _finish(launch_two_machines(args))
     _one_error(outputs, f"cannot decode image {bad}")
     assert _rank_exit_codes(outputs) == {2}, outputs
     assert not any(r["split"] == "val" for r in read_metrics(out))

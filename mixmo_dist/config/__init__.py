@@ -4,50 +4,9 @@ reference for `--help` and docs/CONFIG.md (reference.py), and the trainer's info
 The only code that reads YAML or argv; `from mixmo_dist.config import ...` is its public interface.
 """
 
-from mixmo_dist.config.loader import (
-    config_from_dict,
-    config_to_dict,
-    config_yaml,
-    dump_config,
-    format_overrides,
-    load_config,
-    parse_overrides,
-)
-from mixmo_dist.config.schema import (
-    Adaptation,
-    CheckpointConfig,
-    Config,
-    ConfigError,
-    DataConfig,
-    EvalConfig,
-    LogConfig,
-    MixMoConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    ScheduleConfig,
-    SlurmConfig,
-)
+# The public names are the `__all__` of the two modules (each lists its own once).
+from mixmo_dist.config import loader, schema
+from mixmo_dist.config.loader import *  # noqa: F403
+from mixmo_dist.config.schema import *  # noqa: F403
 
-__all__ = [
-    "Adaptation",
-    "CheckpointConfig",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "LogConfig",
-    "MixMoConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "RunConfig",
-    "ScheduleConfig",
-    "SlurmConfig",
-    "config_from_dict",
-    "config_to_dict",
-    "config_yaml",
-    "dump_config",
-    "format_overrides",
-    "load_config",
-    "parse_overrides",
-]
+__all__ = [*schema.__all__, *loader.__all__]
