@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_train, tiny_args
 from safetensors import safe_open
 from torch import nn
 
@@ -36,6 +37,14 @@ def test_sync_bn_is_refused_on_cpu_naming_the_key():
     with pytest.raises(ConfigError, match="model.sync_bn") as info:
         use_sync_batchnorm(_net(), "cpu")
     assert info.value.key == "model.sync_bn" and "CUDA" in str(info.value)
+
+
+def test_a_cpu_run_with_sync_bn_is_one_line_and_creates_nothing(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    rc, log = run_train(tiny_args(tiny_data, out, "--model.sync_bn=true"), nproc=1)
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1 and "config key model.sync_bn" in errors[0], log[-3000:]
+    assert not out.exists()
 
 
 def test_a_checkpoint_trained_with_sync_bn_loads_for_evaluate_and_export_on_cpu(tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 
 from mixmo_dist.config import ConfigError
 
-__all__ = ["use_sync_batchnorm"]
+__all__ = ["require_cuda_for_sync_bn", "use_sync_batchnorm"]
 
 
 def use_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -19,6 +19,16 @@ def use_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Modul
     Raises:
         ConfigError: the device is not CUDA (torch's SyncBatchNorm refuses CPU tensors in training).
     """
+    require_cuda_for_sync_bn(device)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def require_cuda_for_sync_bn(device: torch.device | str) -> None:
+    """Refuse `model.sync_bn` on a device other than CUDA (the trainer asks before it creates the output directory).
+
+    Raises:
+        ConfigError: naming the key.
+    """
     device = torch.device(device)
     if device.type != "cuda":
         raise ConfigError(
@@ -26,4 +36,3 @@ def use_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Modul
             "set model.sync_bn=false (with one process per GPU, BN then sees the per-rank batch)",
             key="model.sync_bn",
         )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -4,6 +4,7 @@ mixmo_dist.train` and by submitit's `TrainJob`."""
 from __future__ import annotations
 
 from mixmo_dist.config import load_config
+from mixmo_dist.model.sync_bn import require_cuda_for_sync_bn
 from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
 from mixmo_dist.runtime.logs import setup_logging
 from mixmo_dist.training.trainer import Trainer
@@ -36,6 +37,8 @@ def run(argv: list[str]) -> str:
 
 
 def _fit(cfg, accelerator) -> str:
+    if cfg.model.sync_bn:
+        require_cuda_for_sync_bn(accelerator.device)  # before the output directory is created
     if cfg.log.tensorboard:
         accelerator.init_trackers(cfg.run.name)
     trainer = Trainer(cfg, accelerator)
