@@ -73,7 +73,7 @@ def labels_from_devkit(devkit: Path | str) -> dict[str, str]:
         from scipy.io import loadmat
     except ImportError as err:
         raise ValueError(
-            f"reading {_META} from the devkit needs scipy (pip install scipy), or use --labels-csv instead"
+            f"reading {_META} from the devkit needs scipy (pip install 'mixmo_dist[imagenet]', or pip install scipy), or use --labels-csv instead"
         ) from err
     try:
         synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
