@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 
 
@@ -12,3 +13,13 @@ def quick_main(run: Callable[..., object], prog: str, doc: str, argv: list[str] 
     parser.add_argument("--quick", action="store_true", help="a small smoke run, not a measurement")
     run(quick=parser.parse_args(argv).quick)
     return 0
+
+
+def unique_images_per_s(batches) -> float:
+    """Unique images per second over one pass of `batches` (an iterable of (images, labels_U): one label per
+    unique image, whatever the number of views per image)."""
+    unique = 0
+    start = time.perf_counter()
+    for _images, labels_U in batches:
+        unique += labels_U.shape[0]
+    return unique / (time.perf_counter() - start)

@@ -12,12 +12,11 @@ burst of load from another process does not decide the ratio.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import quick_main
+from benchmarks import quick_main, unique_images_per_s
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Placement, build_data
@@ -28,15 +27,6 @@ _CACHE = Path(__file__).resolve().parents[1] / "data" / "bench_photos"
 _IMAGE_SIZE = 224
 _BATCH = 64
 _WORKERS = 2  # DALI threads for dali-cpu, DataLoader workers for torch
-
-
-def _epoch_rate(loader) -> float:
-    """Images per second over one whole epoch of `loader`."""
-    images = 0
-    start = time.perf_counter()
-    for images_BCHW, _labels_B in loader:
-        images += images_BCHW.shape[0]
-    return images / (time.perf_counter() - start)
 
 
 def run(quick: bool = False, root: Path | str | None = None) -> dict:
@@ -78,11 +68,11 @@ def run(quick: bool = False, root: Path | str | None = None) -> dict:
         )
         data = build_data(cfg, place)
         loaders[backend] = data.train
-        _epoch_rate(data.train)  # warm-up: page cache, imports, first pipeline / worker start
+        unique_images_per_s(data.train)  # warm-up: page cache, imports, first pipeline / worker start
     best = {backend: 0.0 for backend in loaders}
     for _ in range(rounds):
         for backend, loader in loaders.items():
-            best[backend] = max(best[backend], _epoch_rate(loader))
+            best[backend] = max(best[backend], unique_images_per_s(loader))
     result = {
         "dali_vs_torch": best["dali-cpu"] / best["torch"],
         "dali_img_per_s": best["dali-cpu"],

@@ -25,12 +25,11 @@ decoder (an ROI decode, as the shared view does; the authors' loader also decode
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import quick_main
+from benchmarks import quick_main, unique_images_per_s
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Placement, build_data, scan_split
@@ -81,23 +80,14 @@ def _place(unique: int, views: int) -> Placement:
     )
 
 
-def _epoch_rate(batches) -> float:
-    """Unique images per second over one pass of `batches` (an iterable of (images, labels))."""
-    unique = 0
-    start = time.perf_counter()
-    for _images, labels in batches:
-        unique += labels.shape[0]
-    return unique / (time.perf_counter() - start)
-
-
 def _best_rates(loaders: dict, rounds: int) -> dict:
     """Best epoch rate of each loader, after a warm-up epoch each, the loaders taking turns."""
     for loader in loaders.values():
-        _epoch_rate(loader)
+        unique_images_per_s(loader)
     best = dict.fromkeys(loaders, 0.0)
     for _ in range(rounds):
         for key, loader in loaders.items():
-            best[key] = max(best[key], _epoch_rate(loader))
+            best[key] = max(best[key], unique_images_per_s(loader))
     return best
 
 

@@ -264,3 +264,15 @@ def launch_two_machines(args: list[str], cwds: tuple[Path, Path] = (REPO, REPO))
             )
         )
     return procs
+
+
+def train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m mixmo_dist.train ARGS` to completion (quick answers: --help, config errors), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mixmo_dist.train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env or train_env(),
+    )

@@ -6,14 +6,12 @@ from the generator under test.
 
 import ast
 import dataclasses
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_train, train_env
+from conftest import run_train, train_cli, train_env
 
 from mixmo_dist.config import Config, load_config
 from mixmo_dist.config import schema as schema_module
@@ -21,17 +19,6 @@ from mixmo_dist.config.cli import info_text
 
 PROG = "python -m mixmo_dist.train"
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
-
-
-def _train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mixmo_dist.train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env or train_env(),
-    )
 
 
 def _docs() -> dict[str, dict[str, str]]:
@@ -85,7 +72,7 @@ def assert_section_listed(text: str, section: str) -> None:
 
 
 def test_help_lists_every_key_of_every_section_with_type_default_and_doc():
-    res = _train("--help")
+    res = train_cli("--help")
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert res.stdout.startswith(f"usage: {PROG} [--config FILE] [--section.key=VALUE ...]\n")
     for section in SECTIONS:
@@ -97,16 +84,16 @@ def test_help_lists_every_key_of_every_section_with_type_default_and_doc():
 
 
 def test_short_flag_and_flags_among_other_words_print_the_same_help(tmp_path):
-    full = _train("--help").stdout
-    assert _train("-h").stdout == full
+    full = train_cli("--help").stdout
+    assert train_cli("-h").stdout == full
     # Help wins over everything else on the line, which is not even read (the file does not exist).
-    res = _train("--config", str(tmp_path / "missing.yaml"), "--optim.lr=abc", "--help", "--data.hflip=no")
+    res = train_cli("--config", str(tmp_path / "missing.yaml"), "--optim.lr=abc", "--help", "--data.hflip=no")
     assert res.returncode == 0 and res.stdout == full
 
 
 @pytest.mark.parametrize("words", [["--help", "optim"], ["--help=optim"], ["-h", "optim"]])
 def test_help_section_shows_only_that_section(words):
-    res = _train(*words)
+    res = train_cli(*words)
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert_section_listed(res.stdout, "optim")
     others = [s for s in SECTIONS if s != "optim"]
@@ -116,7 +103,7 @@ def test_help_section_shows_only_that_section(words):
 
 
 def test_help_unknown_section_is_one_error_line():
-    res = _train("--help", "optm")
+    res = train_cli("--help", "optm")
     assert res.returncode == 2 and res.stdout == ""
     valid = ", ".join(SECTIONS)
     expected = f"error: unknown config section 'optm' for --help; valid sections: {valid}; did you mean optim?\n"
@@ -134,7 +121,7 @@ def test_help_under_a_two_process_accelerate_launch_prints_once(tmp_path):
     for section in SECTIONS:
         assert sum(line.startswith(f"{section}: ") for line in log.splitlines()) == 1, section
     assert log.count("  --optim.lr  float") == 1
-    assert log.count(_train("--help").stdout) == 1
+    assert log.count(train_cli("--help").stdout) == 1
     assert not out.exists()
 
 
@@ -144,7 +131,7 @@ def test_only_global_rank_zero_prints_and_every_rank_exits_alike(tmp_path, rank)
     # non-zero, so whether rank 1 would have printed too is a race there: the rank logic is checked here instead.
     env = train_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2")
     out = tmp_path / "run"
-    bad = _train("--optim.lrr=0.1", f"--run.output_dir={out}", env=env)
+    bad = train_cli("--optim.lrr=0.1", f"--run.output_dir={out}", env=env)
     assert bad.returncode == 2 and bad.stdout == ""
     if rank == "0":
         assert bad.stderr.startswith("error: unknown config key optim.lrr in command-line argument '--optim.lrr=0.1'")
@@ -152,10 +139,10 @@ def test_only_global_rank_zero_prints_and_every_rank_exits_alike(tmp_path, rank)
     else:
         assert bad.stderr == ""
     for words in (["--help"], ["--help", "log"], ["--print-config"]):
-        res = _train(*words, f"--run.output_dir={out}", env=env)
+        res = train_cli(*words, f"--run.output_dir={out}", env=env)
         assert res.returncode == 0 and res.stderr == "", res.stderr
         assert (res.stdout != "") == (rank == "0")
-    assert _train("--help", "nope", env=env).stderr.startswith("error:") == (rank == "0")
+    assert train_cli("--help", "nope", env=env).stderr.startswith("error:") == (rank == "0")
     assert not out.exists()
 
 
@@ -164,7 +151,7 @@ def test_print_config_round_trips_through_config(tmp_path):
     recipe.write_text("optim:\n  lr: 1e-3\nrun:\n  name: '2024'\n", encoding="utf-8")
     out = tmp_path / "run"
     words = ["--config", str(recipe), "--schedule.epochs=1", "--run.mixed_precision=no", f"--run.output_dir={out}"]
-    res = _train(*words, "--print-config")
+    res = train_cli(*words, "--print-config")
     assert res.returncode == 0 and res.stderr == "", res.stderr
     expected = load_config(words)
     assert yaml.safe_load(res.stdout)["optim"]["lr"] == 1e-3
@@ -178,7 +165,7 @@ def test_print_config_round_trips_through_config(tmp_path):
 
 
 def test_print_config_refuses_what_a_run_refuses():
-    res = _train("--optim.lr=abc", "--print-config")
+    res = train_cli("--optim.lr=abc", "--print-config")
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("error: config key optim.lr: expected a float") and res.stderr.count("\n") == 1
 

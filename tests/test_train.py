@@ -4,11 +4,10 @@ the single-process-world guard."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import torch
-from conftest import REPO, launch_two_machines, read_metrics, run_train, tiny_args, train_env
+from conftest import launch_two_machines, read_metrics, run_train, tiny_args, train_cli
 from safetensors.torch import load_file
 
 
@@ -94,17 +93,6 @@ def test_vanilla_path_single_process(tiny_data, tmp_path):
     assert val[-1]["count"] == 49 and len(val[-1]["member_top1"]) == 1 and val[-1]["diversity"] is None
 
 
-def _train_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mixmo_dist.train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=train_env(),
-    )
-
-
 def test_config_errors_exit_nonzero_naming_the_key(tmp_path):
     cases = {
         "--optim.lrr=0.1": "optim.lrr",
@@ -113,21 +101,21 @@ def test_config_errors_exit_nonzero_naming_the_key(tmp_path):
         "--nosuch.key=1": "nosuch",
     }
     for arg, key in cases.items():
-        res = _train_cli(arg, f"--run.output_dir={tmp_path / 'x'}")
+        res = train_cli(arg, f"--run.output_dir={tmp_path / 'x'}")
         assert res.returncode == 2, (arg, res.stderr[-2000:])
         assert key in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_sync_bn_on_cpu_is_a_one_line_error_naming_the_key(tiny_data, tmp_path):
-    res = _train_cli(*tiny_args(tiny_data, tmp_path / "out", "--model.sync_bn=true"))
+    res = train_cli(*tiny_args(tiny_data, tmp_path / "out", "--model.sync_bn=true"))
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "model.sync_bn" in res.stderr and "CUDA" in res.stderr
     assert not list((tmp_path / "out").glob("checkpoints/step_*"))  # refused before training
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    res = _train_cli(f"--data.root={tmp_path / 'nope'}", "--data.backend=torch", f"--run.output_dir={tmp_path / 'out'}")
+    res = train_cli(f"--data.root={tmp_path / 'nope'}", "--data.backend=torch", f"--run.output_dir={tmp_path / 'out'}")
     assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -173,7 +161,6 @@ def test_two_machine_world_on_one_host(tiny_data, tmp_path):
 
 def test_tensorboard_without_the_package_is_an_error_naming_the_key(monkeypatch):
     """Accelerate drops an unavailable tracker with a warning: the run would silently log nothing."""
-    import sys
 
     import pytest
 
