@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 
@@ -49,6 +50,10 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
         raise ValueError(f"{who} needs CUDA (Accelerate ignores fp16 on CPU); use bf16 or no")
     if tensorboard:
         check_tensorboard()
+    # Each rank keeps its own BatchNorm statistics between checkpoints (they are synced from rank 0 before a save),
+    # as with `broadcast_buffers=False` since it exists. torch 2.14 deprecates the flag for `forward_sync_buffers`,
+    # which torch 2.11 (the GPU machines) lacks and Accelerate does not pass; the warning would print once per rank.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
