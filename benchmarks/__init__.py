@@ -23,3 +23,19 @@ def unique_images_per_s(batches) -> float:
     for _images, labels_U in batches:
         unique += labels_U.shape[0]
     return unique / (time.perf_counter() - start)
+
+
+def cpu_placement(unique: int, views: int = 1):
+    """A one-rank CPU placement of `unique` images per batch (`views` views each), channels_last, seed 0."""
+    from mixmo_dist.data import Placement
+
+    return Placement(
+        unique_per_rank=unique,
+        views_per_image=views,
+        val_batch_size=unique,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device="cpu",
+        channels_last=True,
+    )

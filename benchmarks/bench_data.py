@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import quick_main, unique_images_per_s
+from benchmarks import cpu_placement, quick_main, unique_images_per_s
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
-from mixmo_dist.data import Placement, build_data
+from mixmo_dist.data import build_data
 
 __all__ = ["run"]
 
@@ -57,15 +57,7 @@ def run(quick: bool = False, root: Path | str | None = None) -> dict:
             dali_prefetch=2,
             num_workers=_WORKERS,
         )
-        place = Placement(
-            unique_per_rank=_BATCH,
-            val_batch_size=_BATCH,
-            rank=0,
-            world_size=1,
-            seed=0,
-            device="cpu",
-            channels_last=True,
-        )
+        place = cpu_placement(_BATCH)
         data = build_data(cfg, place)
         loaders[backend] = data.train
         unique_images_per_s(data.train)  # warm-up: page cache, imports, first pipeline / worker start

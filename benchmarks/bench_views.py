@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import quick_main, unique_images_per_s
+from benchmarks import cpu_placement, quick_main, unique_images_per_s
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
-from mixmo_dist.data import Placement, build_data, scan_split
+from mixmo_dist.data import build_data, scan_split
 from mixmo_dist.data.torch_loader import PathTable, TorchTrainLoader, TrainSet
 from mixmo_dist.data.transforms import random_resized_views
 from mixmo_dist.runtime.seeds import derive_seed
@@ -64,19 +64,6 @@ def _cfg(root: Path, backend: str, crop: str, size: int) -> DataConfig:
         dali_threads=_WORKERS,
         dali_prefetch=2,
         num_workers=_WORKERS,
-    )
-
-
-def _place(unique: int, views: int) -> Placement:
-    return Placement(
-        unique_per_rank=unique,
-        views_per_image=views,
-        val_batch_size=unique,
-        rank=0,
-        world_size=1,
-        seed=0,
-        device="cpu",
-        channels_last=True,
     )
 
 
@@ -161,7 +148,7 @@ def run(quick: bool = False) -> dict:
         root = _photos(side, quick)
         for backend, short in _BACKENDS.items():
             cfg = _cfg(root, backend, crop, size)
-            loaders = {views: build_data(cfg, _place(unique, views)).train for views in (1, _VIEWS)}
+            loaders = {views: build_data(cfg, cpu_placement(unique, views)).train for views in (1, _VIEWS)}
             best = _best_rates(loaders, rounds)
             rates[(crop, short)] = best
             result[f"per_copy_cost_{crop}_{short}"] = best[1] / best[_VIEWS]
@@ -172,8 +159,10 @@ def run(quick: bool = False) -> dict:
     torch_cfg = _cfg(root, "torch", "random_resized", size)
     train = PathTable(scan_split(str(root), "train")[1])
     designs = {
-        "once": TorchTrainLoader(TrainSet(train, torch_cfg, 0, _VIEWS), torch_cfg, _place(unique, _VIEWS)),
-        "per_view": TorchTrainLoader(_DecodePerView(train, torch_cfg, 0, _VIEWS), torch_cfg, _place(unique, _VIEWS)),
+        "once": TorchTrainLoader(TrainSet(train, torch_cfg, 0, _VIEWS), torch_cfg, cpu_placement(unique, _VIEWS)),
+        "per_view": TorchTrainLoader(
+            _DecodePerView(train, torch_cfg, 0, _VIEWS), torch_cfg, cpu_placement(unique, _VIEWS)
+        ),
     }
     torch_designs = _best_rates(designs, rounds)
     dali_designs = _best_rates(_dali_rrc_pipelines(root, unique, size), rounds)

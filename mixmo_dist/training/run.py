@@ -3,6 +3,8 @@ mixmo_dist.train` and by submitit's `TrainJob`."""
 
 from __future__ import annotations
 
+import contextlib
+
 from mixmo_dist.config import load_config
 from mixmo_dist.model.sync_bn import require_cuda_for_sync_bn
 from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
@@ -25,14 +27,18 @@ def run(argv: list[str]) -> str:
         cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
     )
     setup_logging(accelerator.is_main_process)
+    # Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
+    # shutdown after an error every rank agreed on, gloo's threads can outlive it and abort the rank ("terminate
+    # called without an active exception", exit -6) after its one-line error was printed.
     try:
         status = _fit(cfg, accelerator)
     except KeyboardInterrupt:
         raise  # a second Ctrl-C leaves at once: a teardown could wait on a collective that another rank never joins
     except BaseException:
-        _end(accelerator)
+        with contextlib.suppress(Exception):  # the error being raised is the one to report, not a teardown's
+            accelerator.end_training()
         raise
-    _end(accelerator)
+    accelerator.end_training()
     return status
 
 
@@ -46,10 +52,3 @@ def _fit(cfg, accelerator) -> str:
         return trainer.fit()
     finally:
         trainer.close()
-
-
-def _end(accelerator) -> None:
-    """Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
-    shutdown after an error every rank agreed on, gloo's threads can outlive it and abort the rank ("terminate called
-    without an active exception", exit -6) after its one-line error was printed."""
-    accelerator.end_training()
