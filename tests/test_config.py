@@ -32,7 +32,7 @@ from mixmo_dist.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
-SECTIONS = ("run", "data", "model", "mixmo", "optim", "schedule", "checkpoint", "log", "eval", "slurm")
+SECTIONS = ("run", "data", "model", "mixmo", "optim", "schedule", "checkpoint", "log", "eval", "fault", "slurm")
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "cfg.yaml") -> str:

@@ -15,8 +15,10 @@ never imports the trainer: the loop hands it the state objects and the collectiv
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,6 +116,10 @@ class CheckpointManager:
         self.model, self.optimizer, self.ema, self.scaler = model, optimizer, ema, scaler
         self.counters, self.rank_states = counters, dict(rank_states)
         self.shape, self.describe, self.elastic = dict(shape), describe, elastic
+        # The newest complete checkpoint this run wrote or resumed from, and its size on disk (rank 0): the next
+        # save must find at least that much free space before it writes a byte.
+        self.latest: Path | None = None
+        self.latest_bytes: int | None = None
 
     # ------------------------------------------------------------------------------------------------- saving
 
@@ -122,11 +128,20 @@ class CheckpointManager:
         state["param_fingerprint"] = fingerprint(self.model)
         return state
 
-    def save(self) -> Path | None:
+    def save(self, on_file: Callable[[], None] | None = None) -> Path | None:
         """Write a checkpoint of the current state; returns its directory on rank 0, None elsewhere.
+
+        Rank 0 writes while the others wait for its outcome, which every rank then shares: a save that fails (a
+        full disk, a quota, EIO, a permission) stops every rank together with rank 0's one-line message, instead of
+        leaving the others in a barrier. A failed save removes its temporary directory; the newest complete
+        checkpoint stays the latest.
+
+        Args:
+            on_file: called after each file is written (the hang watchdog's heartbeat).
 
         Raises:
             RuntimeError: the replicas differ across ranks (a desync worth stopping for: DDP keeps them equal).
+            StopAllRanks: on every rank, when rank 0 could not write the checkpoint.
         """
         self.comm.sync_buffers(self.model)
         states = self.comm.gather_objects(self._rank_state())
@@ -134,32 +149,80 @@ class CheckpointManager:
         counters = self.counters.state_dict()
         if len(prints) > 1:
             raise RuntimeError(f"model replicas differ across ranks at step {counters['step']}: {sorted(prints)}")
-        path = None
+        path, error = None, None
         if self.rank == 0:
-            path = self._write(counters, states)
-            log.info("saved checkpoint %s", path)
-        self.comm.barrier()
+            try:
+                path = self._write(counters, states, on_file or (lambda: None))
+                log.info("saved checkpoint %s", path)
+            except SaveError as err:
+                error = str(err)
+        self.comm.agree(error)  # the barrier of the save: every rank learns rank 0's outcome
         return path
 
-    def _write(self, counters: dict, states: list[dict]) -> Path:
+    def _write(self, counters: dict, states: list[dict], on_file: Callable[[], None]) -> Path:
         step = counters["step"]
-        tmp = self.store.begin(step)
-        self.store.write_tensors(tmp, "model.safetensors", self.model.state_dict())
-        tensors, opt_meta = optimizer_tensors(self.optimizer.state_dict())
+        model_sd = self.model.state_dict()
+        opt_tensors, opt_meta = optimizer_tensors(self.optimizer.state_dict())
         if self.ema is not None:
-            tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
-        self.store.write_tensors(tmp, "trainer.safetensors", tensors)
-        state = {
-            **self.describe(),
-            **counters,
-            "shape": self.shape,
-            "optimizer": opt_meta,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
-        self.store.write_json(tmp, "state.json", state)
-        for r, rank_state in enumerate(states):
-            self.store.write_json(tmp, f"rank_{r}.json", rank_state)
-        return self.store.commit(tmp, step)
+            opt_tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        needed = self.latest_bytes or _nbytes(model_sd) + _nbytes(opt_tensors)
+        self._check_space(step, needed)
+        tmp = None
+        try:
+            tmp = self.store.begin(step)
+            self.store.write_tensors(tmp, "model.safetensors", model_sd)
+            on_file()
+            self.store.write_tensors(tmp, "trainer.safetensors", opt_tensors)
+            on_file()
+            state = {
+                **self.describe(),
+                **counters,
+                "shape": self.shape,
+                "optimizer": opt_meta,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            }
+            self.store.write_json(tmp, "state.json", state)
+            for r, rank_state in enumerate(states):
+                self.store.write_json(tmp, f"rank_{r}.json", rank_state)
+            on_file()
+            final = self.store.commit(tmp, step)
+        except (OSError, CheckpointError) as err:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # no 44 MB of a dead save left until the next start
+            raise SaveError(self._failure(step, err, needed)) from err
+        self.latest, self.latest_bytes = final, _dir_bytes(final)
+        return final
+
+    def _check_space(self, step: int, needed: int) -> None:
+        """Refuse to start a save that cannot fit: free space below the previous save's size (or, before any save,
+        the tensors' size)."""
+        free = _free_bytes(self.store.root)
+        if free is not None and free < needed:
+            raise SaveError(
+                f"checkpoint save at step {step} not started: {_where(self.store.root)} has {_mb(free)} free, and "
+                f"a checkpoint of this run takes {_mb(needed)}. {self._kept()}"
+            )
+
+    def _failure(self, step: int, err: BaseException, needed: int) -> str:
+        code = getattr(err, "errno", None) or getattr(err.__cause__, "errno", None)
+        text = " ".join(str(err).split())
+        full = code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in text or "No space left" in text
+        if full:
+            free = _free_bytes(self.store.root)
+            detail = (
+                f"no space left on {_where(self.store.root)} (a checkpoint takes about {_mb(needed)}, "
+                f"{_mb(free) if free is not None else 'unknown'} free after removing the partial save)"
+            )
+        else:
+            detail = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+        return f"checkpoint save at step {step} failed: {detail}. {self._kept()}"
+
+    def _kept(self) -> str:
+        latest = self.latest or self.store.root / "<none yet>"
+        return (
+            f"Nothing was committed; the newest complete checkpoint, {latest}, stays the latest. Free space (or "
+            "fix the file system) and run the same command again to resume from it"
+        )
 
     # ------------------------------------------------------------------------------------------------ resuming
 
@@ -183,6 +246,9 @@ class CheckpointManager:
         if path is None:
             return None
         state = self.store.read_json(path, "state.json")
+        self.latest = Path(path)
+        if self.rank == 0:
+            self.latest_bytes = _dir_bytes(Path(path))
         old_world = self.check_compatible(state, path)
         self._load_tensors(path, state)
         if self.scaler is not None and state.get("scaler"):
@@ -266,6 +332,39 @@ class CheckpointManager:
             *(path, saved["world_size"], self.shape["world_size"], new_global),
         )
         return int(saved["world_size"])
+
+
+class SaveError(Exception):
+    """Rank 0 could not write a checkpoint (its message is the one line every rank stops with)."""
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _dir_bytes(path: Path) -> int | None:
+    try:
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    except OSError:
+        return None
+
+
+def _free_bytes(root: Path) -> int | None:
+    """Free bytes on the file system of `root` (or of its nearest existing parent: the first save creates it)."""
+    for candidate in (root, *root.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _where(root: Path) -> str:
+    return f"the file system of {root}"
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB ({nbytes} bytes)"
 
 
 def _global_rows(shape: Mapping[str, Any]) -> int | None:

@@ -55,18 +55,31 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> str:
-        """Run the trainer on this task; returns "completed" (a preempted rank 0 requeues and exits instead)."""
+        """Run the trainer on this task; returns "completed", or "error: <message>" after an error every task
+        stopped for (a preempted rank 0 requeues and exits instead; a lost peer requeues and exits 75)."""
         # CUDA_VISIBLE_DEVICES stays as SLURM set it: accelerate selects cuda:LOCAL_RANK itself, which would not
         # exist if each task saw only its own GPU. overwrite: a submitter's shell may have exported MASTER_PORT etc.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # Requeueing is submitit's job here (below); the trainer's own `scontrol requeue` would requeue twice.
         os.environ.pop("MIXMO_REQUEUE_CMD", None)
+        # After a lost peer or a hang there is no signal for submitit's handler to act on, and global rank 0 may be
+        # the rank that is gone: every surviving task requeues the SLURM job itself (runtime/faults.py). The
+        # requeued job runs the same pickled TrainJob, which resumes from run.output_dir.
+        if submitit.JobEnvironment().name() == "slurm":
+            os.environ["MIXMO_FAULT_REQUEUE"] = "scontrol"
         # submitit installed its checkpoint-and-requeue handler before calling us; the trainer replaces it with its
         # own (save at a step boundary first), so keep it to call once the checkpoint is on disk.
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        from mixmo_dist.training.run import run  # the heavy imports (torch, timm) happen in the job only
+        from mixmo_dist.training.run import StopAllRanks, run  # the heavy imports (torch, timm) happen in the job only
 
-        status = run(self.argv)
+        try:
+            status = run(self.argv)
+        except StopAllRanks as err:
+            # An error every task stopped for together (a failed save, a corrupt image): one line in the reporting
+            # task's log, and the same words as every task's result, instead of a traceback per task.
+            if err.report:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            return f"error: {err}"
         if status == "preempted":
             _requeue(submitit_handler)
         return status
@@ -209,6 +222,8 @@ def job_outcome(job: submitit.Job) -> tuple[bool, str]:
             result = task.result()
         except Exception as err:  # the task's exception, re-raised by submitit: report it, do not crash here
             return False, f"task {i} failed: {err}"
+        if isinstance(result, str) and result.startswith("error: "):
+            return False, f"task {i} failed: {result[len('error: ') :]}"
         if result != "completed":
             return False, f"task {i} ended with {result!r}, expected 'completed'"
     if missing:

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "FaultConfig",
     "LogConfig",
     "MixMoConfig",
     "ModelConfig",
@@ -614,6 +615,43 @@ class EvalConfig(_Section, section="eval"):
 
 
 @dataclass(frozen=True, kw_only=True)
+class FaultConfig(_Section, section="fault"):
+    """How a run that stops answering ends: collective timeouts, the hang watchdog, requeues after a lost peer."""
+
+    startup_timeout_s: float = 1800.0
+    """Collective timeout (seconds) from the start of each (re)start until its first step has completed: covers the
+    dataset scan, the resume (rank 0 verifies checkpoints while the others wait), compilation and the first step.
+    Raise it where one rank's start-up can take longer (a cold network file system, a huge dataset index)."""
+    collective_timeout_s: float = 300.0
+    """Collective timeout (seconds) after the first step: the longest any rank waits for its peers, in a step, a
+    validation or a checkpoint save (the other ranks wait while rank 0 writes). A peer silent for longer is lost:
+    every rank writes its stacks, prints one line and exits 75, and the SLURM job is requeued. Raise it when a save
+    of your model takes minutes (see docs/SLURM.md)."""
+    watchdog_s: float = 900.0
+    """End a rank on which no step, validation batch or checkpoint file completes for this many seconds (a hang
+    outside collectives: a stalled read, a deadlocked loader), with the same stacks, line and exit; 0 = off. Must be
+    longer than collective_timeout_s, so that a wait inside a collective ends on the timeout, which names it."""
+    max_requeues: int = 3
+    """Requeues of a SLURM job after a lost peer or a hang, in a row without a newer checkpoint; one more fault
+    ends the job (it would fail the same way again)."""
+
+    def _validate(self) -> None:
+        self._check("startup_timeout_s", self.startup_timeout_s > 0, "> 0")
+        self._check("collective_timeout_s", self.collective_timeout_s > 0, "> 0")
+        self._check("max_requeues", self.max_requeues >= 0, ">= 0")
+        self._check("watchdog_s", self.watchdog_s >= 0, ">= 0 (0 = off)")
+        self._rule(
+            "watchdog_s",
+            self.watchdog_s == 0 or self.watchdog_s > self.collective_timeout_s,
+            f"must be 0 (off) or longer than fault.collective_timeout_s={self.collective_timeout_s:g}, got "
+            f"{self.watchdog_s:g}: a wait inside a collective must end on the timeout, which names the operation",
+            related=("fault.collective_timeout_s",),
+            adapt=lambda: 3 * self.collective_timeout_s,
+            why=f"the default is not longer than fault.collective_timeout_s={self.collective_timeout_s:g}; 3x it",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class SlurmConfig(_Section, section="slurm"):
     """Job resources, read by `python -m mixmo_dist.submit` (submitit); the trainer and `sbatch` ignore them."""
 
@@ -694,6 +732,8 @@ class Config:
     """Logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation during training."""
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Collective timeouts, the hang watchdog, requeues after a fault."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """SLURM resources (read by python -m mixmo_dist.submit only)."""
 

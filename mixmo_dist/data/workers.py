@@ -55,7 +55,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     itself gets the signal (another of its threads takes it, or the main thread once the mask is restored).
     The forkserver dies with the rank, and each worker with the forkserver (see `forkserver_guard`).
     """
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     global _forkserver_started
     with _FORKSERVER_LOCK:
@@ -64,6 +64,13 @@ def _worker_context() -> multiprocessing.context.BaseContext:
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
             os.environ[PARENT_ENV] = str(os.getpid())  # read (and removed) by forkserver_guard in the forkserver
             try:
+                # `forkserver.ensure_running` first starts multiprocessing's resource tracker, and that start ends
+                # with SIGINT and SIGTERM *unblocked* in this thread: the forkserver spawned right after it then
+                # blocked SIGUSR2 only, and a SIGTERM to the rank's process group (torchrun forwarding a signal,
+                # SLURM ending a step) killed it, so the next validation's workers could not start and the run
+                # crashed before it saved. Start the tracker first (it gets the signals blocked too), block again.
+                resource_tracker.ensure_running()
+                signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
                 forkserver.ensure_running()
             finally:
                 del os.environ[PARENT_ENV]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
+from mixmo_dist.runtime.faults import nccl_environment
 from mixmo_dist.runtime.signals import die_with
 
 log = logging.getLogger("mixmo_dist")
@@ -26,8 +29,12 @@ def die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG: ranks may outlive a killed launcher")
 
 
-def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: bool):
+def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: bool, startup_timeout_s: float = 1800.0):
     """Accelerator for DDP (NCCL on GPU, gloo on CPU) and AMP.
+
+    The process group starts with `startup_timeout_s` as its collective timeout (the trainer shortens it after the
+    first step, `fault.collective_timeout_s`); on CUDA, NCCL is told to turn a timed-out collective into an error and
+    to dump its flight recorder into `<output_dir>/stacks/` (`runtime.faults.nccl_environment`).
 
     Raises:
         RuntimeError: the launcher asked for several processes but this process sees a world of one (on CPU, use
@@ -36,7 +43,7 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
             not installed (Accelerate would drop the tracker with a warning and the run would log nothing).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision = None if mixed_precision == "auto" else mixed_precision
@@ -54,12 +61,18 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
     # as with `broadcast_buffers=False` since it exists. torch 2.14 deprecates the flag for `forward_sync_buffers`,
     # which torch 2.11 (the GPU machines) lacks and Accelerate does not pass; the warning would print once per rank.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    if cuda:
+        for key, value in nccl_environment(Path(output_dir) / "stacks").items():
+            os.environ.setdefault(key, value)  # read when the NCCL process group is created, just below
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
         log_with="tensorboard" if tensorboard else None,
         project_dir=output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=startup_timeout_s)),
+        ],
     )
     check_world(accelerator.num_processes, os.environ)
     return accelerator

@@ -13,6 +13,8 @@ import torch
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 from torch import nn
 
+from mixmo_dist.runtime.faults import FaultState
+
 
 class StopAllRanks(Exception):
     """A user error that every rank stops for, together, so that no rank is left waiting in a collective.
@@ -30,6 +32,9 @@ class StopAllRanks(Exception):
 class Collectives:
     """Collectives over the Accelerator's process group.
 
+    Every collective runs as a named operation of `faults` (a FaultState): when the process group breaks inside
+    it (a timeout, a closed connection), this rank writes its stacks and raises `PeerLost` naming the operation.
+
     Args:
         accelerator: the run's `accelerate.Accelerator` (or anything with `num_processes` and `wait_for_everyone`).
     """
@@ -38,18 +43,21 @@ class Collectives:
         self.accelerator = accelerator
         self.world_size = accelerator.num_processes
         self.rank = getattr(accelerator, "process_index", 0)
+        self.faults = FaultState(rank=self.rank)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` (any picklable value) on every rank."""
         if self.world_size == 1:
             return obj
-        return broadcast_object_list([obj])[0]
+        with self.faults.during(f"broadcast from rank 0 in {self.faults.op}", always=True):
+            return broadcast_object_list([obj])[0]
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, by global rank, on every rank."""
         if self.world_size == 1:
             return [obj]
-        return list(gather_object([obj]))
+        with self.faults.during(f"gather in {self.faults.op}", always=True):
+            return list(gather_object([obj]))
 
     def agree(self, error: str | None) -> None:
         """Stop every rank when any rank has an `error` (a message; None when this rank is fine).
@@ -65,15 +73,24 @@ class Collectives:
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (a new tensor)."""
-        return t.clone() if self.world_size == 1 else reduce(t, "max")
+        if self.world_size == 1:
+            return t.clone()
+        with self.faults.during(f"all-reduce (max) in {self.faults.op}", always=True):
+            return reduce(t, "max")
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (a new tensor)."""
-        return t.clone() if self.world_size == 1 else reduce(t, "sum")
+        if self.world_size == 1:
+            return t.clone()
+        with self.faults.during(f"all-reduce (sum) in {self.faults.op}", always=True):
+            return reduce(t, "sum")
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise mean over ranks (a new tensor)."""
-        return t.clone() if self.world_size == 1 else reduce(t, "mean")
+        if self.world_size == 1:
+            return t.clone()
+        with self.faults.during(f"all-reduce (mean) in {self.faults.op}", always=True):
+            return reduce(t, "mean")
 
     def sync_buffers(self, module: nn.Module) -> None:
         """Give every rank rank 0's buffers (BN statistics), in place.
@@ -82,9 +99,13 @@ class Collectives:
         after a step each rank holds its own statistics; evaluation and checkpoints must see one model.
         """
         if self.world_size > 1:
-            for buf in module.buffers():
-                broadcast(buf, from_process=0)
+            with self.faults.during(f"broadcast of BatchNorm statistics in {self.faults.op}", always=True):
+                for buf in module.buffers():
+                    broadcast(buf, from_process=0)
 
     def barrier(self) -> None:
         """Wait until every rank arrives."""
-        self.accelerator.wait_for_everyone()
+        if self.world_size == 1:
+            return
+        with self.faults.during(f"barrier in {self.faults.op}", always=True):
+            self.accelerator.wait_for_everyone()

@@ -4,12 +4,18 @@ mixmo_dist.train` and by submitit's `TrainJob`."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from mixmo_dist.config import load_config
 from mixmo_dist.model.sync_bn import require_cuda_for_sync_bn
 from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
+from mixmo_dist.runtime.collectives import StopAllRanks
+from mixmo_dist.runtime.faults import PeerLost, end_rank_after_fault
 from mixmo_dist.runtime.logs import setup_logging
 from mixmo_dist.training.trainer import Trainer
+
+# `run` raises StopAllRanks; its callers outside training (the submitit job) catch it from here.
+__all__ = ["StopAllRanks", "run"]
 
 
 def run(argv: list[str]) -> str:
@@ -20,11 +26,17 @@ def run(argv: list[str]) -> str:
             mismatch, unwritable output directory).
         StopAllRanks: a user error one rank may meet alone (missing data, a corrupt image), agreed by every rank;
             its `report` is set on the one rank that should print it.
+
+    A lost peer (a collective timed out or broke) does not return: the rank prints its line, requeues the SLURM job
+    where it runs in one and exits 75 (`runtime.faults.end_rank_after_fault`).
     """
     cfg = load_config(argv)
     die_with_parent()
     accelerator = build_accelerator(
-        cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
+        cfg.run.mixed_precision,
+        output_dir=cfg.run.output_dir,
+        tensorboard=cfg.log.tensorboard,
+        startup_timeout_s=cfg.fault.startup_timeout_s,
     )
     setup_logging(accelerator.is_main_process)
     # Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
@@ -34,6 +46,8 @@ def run(argv: list[str]) -> str:
         status = _fit(cfg, accelerator)
     except KeyboardInterrupt:
         raise  # a second Ctrl-C leaves at once: a teardown could wait on a collective that another rank never joins
+    except PeerLost as err:
+        end_rank_after_fault(err, Path(cfg.run.output_dir), cfg.fault.max_requeues)
     except BaseException:
         with contextlib.suppress(Exception):  # the error being raised is the one to report, not a teardown's
             accelerator.end_training()

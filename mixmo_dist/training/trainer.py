@@ -33,6 +33,7 @@ from mixmo_dist.model.weights import init_from_vanilla
 from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
 from mixmo_dist.runtime.collectives import Collectives
+from mixmo_dist.runtime.faults import Watchdog, record_and_requeue, set_collective_timeout
 from mixmo_dist.runtime.files import write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
@@ -54,6 +55,16 @@ def _fault_nan_steps(rank: int) -> set[int]:
         return set()
     who, _, steps = spec.partition(":")
     return {int(s) for s in steps.split(",") if s} if int(who) == rank else set()
+
+
+def _fault_stall(rank: int) -> tuple[int, float] | None:
+    """Test hook: MIXMO_FAULT_STALL="RANK:STEP:SECONDS" (RANK * = every rank) makes that rank's data wait SECONDS
+    before step STEP, once per process, as a stalled file system read would."""
+    spec = os.environ.get("MIXMO_FAULT_STALL", "")
+    if not spec:
+        return None
+    who, step, seconds = spec.split(":")
+    return (int(step), float(seconds)) if who in ("*", str(rank)) else None
 
 
 @dataclass
@@ -89,10 +100,13 @@ class Trainer:
         self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
         self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
+        self.faults = self.comm.faults
+        self.faults.stacks_dir = self.out / "stacks"
         self.plan = build_plan(cfg, self.world, len(self.data.train))
         self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
-        self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
+        with self.faults.during("start-up (DDP broadcasts rank 0's weights)"):
+            self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
         self.raw = accelerator.unwrap_model(self.model)
         if cfg.model.compile:
             self.raw.forward_train = torch.compile(self.raw.forward_train)
@@ -103,6 +117,11 @@ class Trainer:
         self.step = self.nonfinite_total = self.nonfinite_run = 0
         self.last_eval = -1  # the step of the last validation row; restored, so a finished run is not evaluated twice
         self.fault_nan = _fault_nan_steps(self.rank)
+        self.fault_stall = _fault_stall(self.rank)
+        fault = cfg.fault
+        # Until the first step, the watchdog allows what start-up may take (resume, compile, a cold first batch).
+        startup_limit = max(fault.watchdog_s, fault.startup_timeout_s) if fault.watchdog_s else 0.0
+        self.watchdog = Watchdog(self.faults, startup_limit, on_fire=partial(self._requeue_after_fault, "hang"))
         self.checkpoints = self._build_checkpoints()
 
     # -- building ---------------------------------------------------------------------------------------------
@@ -189,7 +208,9 @@ class Trainer:
     def fit(self) -> str:
         """Train until the stop step or a signal. Returns "completed", "preempted" (SIGUSR2/SIGTERM: requeue) or
         "interrupted" (Ctrl-C: the checkpoint is saved, nothing is requeued)."""
-        self.resume()
+        self.watchdog.start()
+        with self.faults.during("resume"):
+            self.resume()
         self._write_run_json()
         self.stop_signal.install()
         progress = Progress(self.plan.stop_step, self.step, self.cfg.log.progress, self.cfg.log.every_n_steps)
@@ -197,10 +218,16 @@ class Trainer:
         last_save = time.monotonic()
         window_t0, window_rows = time.monotonic(), 0
         saved_at = self.step if self.step > 0 else -1
+        self.faults.checkpoint_step = saved_at
         unsettled = self.step > 0 and self.world > 2
+        first_step = True
         try:
             while self.step < self.plan.stop_step:
                 t0 = time.monotonic()
+                self.faults.step, self.faults.op = self.step, "training step"
+                if self.fault_stall is not None and self.step == self.fault_stall[0]:
+                    time.sleep(self.fault_stall[1])
+                    self.fault_stall = None
                 micro = self.guard.take(batches, self.plan.grad_accum_steps)
                 t1 = time.monotonic()
                 if unsettled:  # resumed on 3+ ranks: DDP buckets as after an uninterrupted run's step 0
@@ -211,6 +238,10 @@ class Trainer:
                 )
                 res = self.train_step(micro, save_due=due)
                 t2 = time.monotonic()
+                self.watchdog.beat()
+                if first_step:
+                    self._after_first_step()
+                    first_step = False
                 window_rows += self.plan.rows_per_rank * self.world * self.plan.grad_accum_steps
                 if self.step % self.cfg.log.every_n_steps == 0 or res.stop:
                     rec = self._train_record(res, window_rows / max(t2 - window_t0, 1e-9), t1 - t0, t2 - t1)
@@ -223,18 +254,49 @@ class Trainer:
                     self._log_val(self.evaluate())
                 every = self.cfg.checkpoint.every_n_steps
                 if res.stop or res.save_due or (every and self.step % every == 0):
-                    self.checkpoints.save()
+                    self._save()
                     saved_at, last_save = self.step, time.monotonic()
                 if res.stop:
                     return self._stopped(res.stop)
             if self.cfg.eval.at_end and self.last_eval != self.step:
                 self._log_val(self.evaluate())
             if saved_at != self.step:
-                self.checkpoints.save()
+                self._save()
             return "completed"
         finally:
+            self.watchdog.stop()
             progress.close()
             self.stop_signal.uninstall()
+
+    def _after_first_step(self) -> None:
+        """Start-up is over: from now on a peer silent for `fault.collective_timeout_s` is lost (torchtitan's
+        pattern: a generous timeout for the start, a short one once the first step has shown the group works)."""
+        fault = self.cfg.fault
+        self.watchdog.set_limit(fault.watchdog_s)
+        if self.world > 1:
+            if set_collective_timeout(fault.collective_timeout_s):
+                log.info(
+                    "collective timeout now %g s (fault.collective_timeout_s; %g s until the first step)",
+                    fault.collective_timeout_s,
+                    fault.startup_timeout_s,
+                )
+            else:
+                log.warning(
+                    "this torch cannot change a process group's timeout: collectives keep the start-up timeout of "
+                    "%g s (fault.startup_timeout_s)",
+                    fault.startup_timeout_s,
+                )
+
+    def _save(self) -> None:
+        with self.faults.during("checkpoint save"):
+            self.checkpoints.save(on_file=self.watchdog.beat)
+        self.faults.checkpoint_step = self.step
+        self.watchdog.beat()
+
+    def _requeue_after_fault(self, kind: str, _message: str = "") -> str:
+        """Record a fault of this rank and requeue the SLURM job if the bound allows (see runtime/faults.py)."""
+        out = self.out if self.out.is_dir() else None
+        return record_and_requeue(out, self.faults, kind, self.cfg.fault.max_requeues)
 
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
@@ -339,7 +401,8 @@ class Trainer:
         loss, member_M = mixmo_loss(logits_MRK, targets, weights_MR, self.cfg.optim.label_smoothing)
         if self.step in self.fault_nan:
             loss = loss * float("nan")
-        self.acc.backward(loss / accum)
+        with self.faults.during("gradient all-reduce (DDP backward)"):
+            self.acc.backward(loss / accum)
         return loss, member_M, mix.lam_MB.mean(), mix.is_cut.float()
 
     def _settle(self, batch) -> None:
@@ -383,17 +446,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Exact validation over all ranks (every image once) with the EMA weights when EMA is on."""
-        self.comm.sync_buffers(self.raw)
         model = self.ema.module if self.ema is not None else self.raw
         was_training = model.training
         model.eval()
         acc = EvalAccumulator(self.cfg.mixmo.num_members, self.num_classes, self.device)
-        for images_BCHW, labels_B in self.guard.iterate(self.data.val):
-            with self.acc.autocast():
-                logits_MBK = model(images_BCHW)
-            acc.update(logits_MBK.float(), labels_B)
-        self.guard.agree()
-        result = acc.compute(reduce=self.comm.sum if self.world > 1 else None)
+        with self.faults.during("validation"):
+            self.comm.sync_buffers(self.raw)
+            for images_BCHW, labels_B in self.guard.iterate(self.data.val):
+                with self.acc.autocast():
+                    logits_MBK = model(images_BCHW)
+                acc.update(logits_MBK.float(), labels_B)
+                self.watchdog.beat()
+            self.guard.agree()
+            result = acc.compute(reduce=self.comm.sum if self.world > 1 else None)
         self.last_eval = self.step
         model.train(was_training)
         return result
