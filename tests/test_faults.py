@@ -367,18 +367,19 @@ def test_a_write_that_fails_mid_save_removes_its_directory_and_keeps_the_previou
 @pytest.mark.parametrize(
     ("nproc", "after_step"),
     [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)],
-    ids=["1proc-before-epoch-end-and-validation", "1proc-after-validation", "1proc-mid-epoch-2", "2ranks-before-val",
-         "2ranks-after-val"],
+    ids=["1proc-before-epoch-end", "1proc-during-validation", "1proc-mid-epoch", "2ranks-before-epoch-end",
+         "2ranks-during-validation"],
 )  # fmt: skip
 def test_sigterm_to_the_process_group_always_ends_in_the_agreed_save(tiny_data, tmp_path, nproc, after_step):
     """2 steps per epoch and a validation at every epoch end (its DataLoader workers start at each pass, from the
-    rank's forkserver): a SIGTERM sent to the launcher's whole process group right after step 1 lands just before an
-    epoch end and a validation. The forkserver used to die of it (it blocked SIGUSR2 only), the validation's workers
-    could not start and the run crashed unsaved."""
+    rank's forkserver): a SIGTERM sent to the launcher's whole process group right after the log line of step 1
+    lands before an epoch end, after step 2's line during its validation, after step 3's mid-epoch. The forkserver
+    used to die of it (it blocked SIGUSR2 only), the next validation's workers could not start and the run crashed
+    unsaved (seen in the during-validation cases)."""
     out = tmp_path / "run"
-    unique = 64 // nproc  # 2 steps per epoch over the 70 images, at any world size
+    rows = 72 // nproc  # 36 unique images per step: 2 steps per epoch over the 70 images, at either world size
     args = tiny_args(
-        tiny_data, out, f"--data.batch_size={unique}", "--schedule.epochs=4", "--checkpoint.every_n_steps=100"
+        tiny_data, out, f"--data.batch_size={rows}", "--schedule.epochs=4", "--checkpoint.every_n_steps=100"
     )
     proc = launch(args, nproc=nproc)
     seen: list[str] = []
@@ -390,7 +391,10 @@ def test_sigterm_to_the_process_group_always_ends_in_the_agreed_save(tiny_data, 
         if proc.poll() is None:
             kill_run(proc)
     log = "".join(seen) + rest
-    assert proc.returncode == 0, log[-3000:]
+    # torchrun's agent, signalled with its ranks, exits 143 once they are done; a rank that failed would show in its
+    # failure summary ("Root Cause").
+    assert proc.returncode == 0 or (nproc > 1 and proc.returncode == 143 and "Root Cause" not in log), log[-3000:]
+    assert 'steps_per_epoch": 2.0' in log
     stops = re.findall(r"stopped at step (\d+) after SIGTERM", log)
     assert len(stops) == nproc and len(set(stops)) == 1, log[-3000:]
     stopped = int(stops[0])

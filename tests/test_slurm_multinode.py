@@ -303,26 +303,28 @@ def test_data_network_cut_ends_the_job_requeues_it_and_it_resumes_bit_identical(
     assert res.returncode == 0 and job_id, res.stderr
     routes = [(first.netns, second.addr), (second.netns, first.addr)]
     try:
-        wait_for(lambda: _latest_complete(out) >= 2, 300, "the step-2 checkpoint", poll_s=0.2)
-        for netns, addr in routes:
-            subprocess.run(["ip", "-n", netns, "route", "add", "blackhole", f"{addr}/32"], check=True)
-        cut_at = time.monotonic()
-        wait_for(lambda: "JobState=PENDING" in scontrol_job(job_id, env), timeout_s + 60, "the requeue", poll_s=0.5)
-        took = time.monotonic() - cut_at
-        print(f"job {job_id} requeued {took:.0f}s after the network cut (collective timeout {timeout_s}s)")
-        assert "Restarts=1" in scontrol_job(job_id, env)
-        for node in slurm_cluster.nodes:  # nothing of the first run is left blocked on either node
-            wait_for(lambda node=node: not job_processes(node), 60, f"the job's processes on {node.name} to end")
-    finally:
-        for netns, addr in routes:
-            subprocess.run(["ip", "-n", netns, "route", "del", "blackhole", f"{addr}/32"], capture_output=True)
-    try:
+        try:
+            wait_for(lambda: _latest_complete(out) >= 2, 300, "the step-2 checkpoint", poll_s=0.2)
+            for netns, addr in routes:
+                subprocess.run(["ip", "-n", netns, "route", "add", "blackhole", f"{addr}/32"], check=True)
+            cut_at = time.monotonic()
+            pending = lambda: "JobState=PENDING" in scontrol_job(job_id, env)  # noqa: E731
+            wait_for(pending, timeout_s + 60, "the requeue", poll_s=0.5)
+            took = time.monotonic() - cut_at
+            print(f"job {job_id} requeued {took:.0f}s after the network cut (collective timeout {timeout_s}s)")
+            assert "Restarts=1" in scontrol_job(job_id, env)
+            for node in slurm_cluster.nodes:  # nothing of the first run is left blocked on either node
+                wait_for(lambda node=node: not job_processes(node), 60, f"the job's processes on {node.name} to end")
+        finally:
+            for netns, addr in routes:
+                subprocess.run(["ip", "-n", netns, "route", "del", "blackhole", f"{addr}/32"], capture_output=True)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
         state = final_state(job_id, env, timeout_s=600)
     finally:
         cancel(job_id, env)
     log = _log(tmp_path, job_id)
     assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
+    print("\n".join(line for line in log.splitlines() if "lost a peer" in line))
     lost = re.findall(r"error: rank (\d) lost a peer at step 2 during (.*?)(?: \(peer| \(the backend)", log)
     assert lost, log[-4000:]
     assert all(op.endswith("in training step") or op.startswith("gradient all-reduce") for _, op in lost), lost
