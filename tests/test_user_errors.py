@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, launch, launch_two_machines, read_metrics, read_only_mount, tiny_args
+from conftest import REPO, launch, launch_two_machines, read_metrics, read_only_mount, tiny_args, train_cli
 
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import DataConfig
@@ -250,3 +250,18 @@ def test_a_missing_data_root_names_the_key_and_what_belongs_there(tmp_path, monk
         "\n## Training" in (REPO / "README.md").read_text()
         and "**Data.** `data.dataset`" in (REPO / "README.md").read_text()
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files the run cannot use: a config that is not UTF-8.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))  # saved by an editor in Latin-1
+    res = train_cli("--config", str(config))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        f"error: config file {config} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"
+    ], res.stderr[-3000:]
