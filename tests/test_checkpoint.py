@@ -671,3 +671,22 @@ def test_run_lock_on_a_file_system_without_locks_is_a_clear_error(tmp_path, monk
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.raises(CheckpointError, match=r"refuses file locks .*flock support"):
         RunLock(tmp_path / "run").acquire()
+
+
+def test_auto_refuses_when_every_checkpoint_is_corrupt_and_never_starts_fresh(tmp_path):
+    """A silent restart at step 0 would throw the run away (issue 20): refused, now and at the next start, while the
+    corrupt directories are kept (moved aside); `never` is how a user asks for the restart."""
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    _truncate(save(store, 1))
+    _drop_marker(save(store, 2))
+    refusal = (
+        r"no checkpoint under .* passes its sha256 check.*"
+        r"step_00000001\.corrupt-.*, step_00000002\.corrupt-.*--checkpoint\.resume=never"
+    )
+    with pytest.warns(CheckpointWarning, match="moved aside"), pytest.raises(CheckpointError, match=refusal):
+        store.resolve("auto")
+    assert store.step_dirs() == [] and len(list(store.root.glob("step_*.corrupt-*"))) == 2
+    with pytest.raises(CheckpointError, match=refusal):  # the next start finds only the moved-aside ones
+        store.resolve("auto")
+    assert store.resolve("never") is None
+    assert save(store, 1) and store.resolve("auto") == store.root / "step_00000001"  # a new checkpoint ends it

@@ -265,3 +265,60 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: config file {config} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"
     ], res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every checkpoint corrupt; a fresh start over an earlier run.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _corrupt_checkpoint(out: Path, step: int) -> Path:
+    """A step directory whose marker is garbage: it fails verification and is moved aside by the trainer."""
+    step_dir = out / "checkpoints" / f"step_{step:08d}"
+    step_dir.mkdir(parents=True)
+    (step_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    (step_dir / "COMPLETE").write_bytes(b"\x00{not json")
+    return step_dir
+
+
+def test_every_checkpoint_corrupt_is_refused_not_a_silent_restart_at_step_0(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    bad = _corrupt_checkpoint(out, 6)
+    rows = '{"split": "train", "step": 6, "loss": 1.0}\n'
+    (out / "metrics.jsonl").write_text(rows)
+    args = tiny_args(tiny_data, out, "--schedule.max_steps=1", "--eval.at_end=false")
+    for attempt in range(2):  # the second start finds only the moved-aside directory, and still refuses
+        proc = launch(args, nproc=1)
+        line = _one_error(
+            _finish([proc]), "no checkpoint under", "passes its sha256 check", "--checkpoint.resume=never"
+        )
+        assert proc.returncode == 2, line
+        aside = [p for p in bad.parent.iterdir() if p.name.startswith("step_00000006.corrupt-")]
+        assert len(aside) == 1 and aside[0].name in line and not bad.exists(), (attempt, line)
+        assert (aside[0] / "COMPLETE").read_bytes() == b"\x00{not json"  # moved, never deleted
+        assert (out / "metrics.jsonl").read_text() == rows  # nothing lost
+    fresh = launch([*args, "--checkpoint.resume=never"], nproc=1)
+    text = _finish([fresh])[0]
+    assert fresh.returncode == 0, text[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_resume_never_over_an_earlier_run_keeps_its_metrics_and_says_where(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old_jsonl = '{"split": "train", "step": 1, "loss": 2.0}\n{"split": "val", "step": 1, "top1": 0.5}\n'
+    old_csv = "split,step\ntrain,1\nval,1\n"
+    (out / "metrics.jsonl").write_text(old_jsonl)
+    (out / "metrics.csv").write_text(old_csv)
+    proc = launch(
+        tiny_args(tiny_data, out, "--schedule.max_steps=1", "--eval.at_end=false", "--checkpoint.resume=never"), nproc=1
+    )
+    text = _finish([proc])[0]
+    assert proc.returncode == 0, text[-3000:]
+    kept = sorted(p.name for p in out.iterdir() if ".superseded-" in p.name)
+    assert [name.split(".superseded-")[0] for name in kept] == ["metrics.csv", "metrics.jsonl"], kept
+    assert (out / kept[1]).read_text() == old_jsonl and (out / kept[0]).read_text() == old_csv
+    assert re.search(
+        rf"holds the metrics of an earlier run: kept as {re.escape(kept[1])} and {re.escape(kept[0])}", text
+    )
+    assert [(r["split"], r["step"]) for r in read_metrics(out)] == [("train", 1)]

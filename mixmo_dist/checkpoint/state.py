@@ -174,12 +174,17 @@ class CheckpointManager:
         Raises:
             CheckpointError: an explicit path that does not verify, or a checkpoint of an incompatible run.
         """
-        path = None
+        path = error = None
         if self.rank == 0:
             self.store.cleanup_tmp()  # leftovers of saves killed mid-write
-            found = self.store.resolve(policy)
-            path = str(found) if found else None
-        path = self.comm.broadcast_object(path)
+            try:
+                found = self.store.resolve(policy)
+                path = str(found) if found else None
+            except CheckpointError as err:  # sent to every rank: none may be left waiting in the broadcast
+                error = str(err)
+        path, error = self.comm.broadcast_object((path, error))
+        if error is not None:
+            raise CheckpointError(error)
         if path is None:
             return None
         state = self.store.read_json(path, "state.json")

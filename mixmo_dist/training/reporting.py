@@ -6,9 +6,11 @@ import csv
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -62,6 +64,34 @@ class MetricsLog:
                     kept.append(rec)
         self._rewrite(kept)
         return dropped
+
+    def set_aside(self) -> list[Path]:
+        """Before a start from step 0: keep the rows of an earlier run in this directory as
+        `metrics.jsonl.superseded-<UTC time>` (and the CSV beside it) instead of cutting them, with a warning.
+
+        A fresh start (`checkpoint.resume=never`, or no checkpoint yet) would otherwise drop every row, as a
+        resume drops the rows past its step; those rows may be the only record of the earlier run. Returns the
+        kept files.
+        """
+        try:
+            has_rows = any(line.strip() for line in self.jsonl.read_text().splitlines())
+        except FileNotFoundError:
+            return []
+        if not has_rows:
+            return []
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        kept = []
+        for path in (self.jsonl, self.csv):
+            if path.exists():
+                target = path.with_name(f"{path.name}.superseded-{stamp}")
+                os.rename(path, target)
+                kept.append(target)
+        log.warning(
+            "starting from step 0 in %s, which holds the metrics of an earlier run: kept as %s",
+            self.jsonl.parent,
+            " and ".join(p.name for p in kept),
+        )
+        return kept
 
     def _rewrite(self, records: list[dict]) -> None:
         write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))

@@ -241,6 +241,8 @@ class Trainer:
         path = self.checkpoints.resume(self.cfg.checkpoint.resume)
         if not self.acc.is_main_process:
             return
+        if path is None:
+            self.metrics.set_aside()  # a start from step 0 keeps the rows already there, never drops them
         dropped = self.metrics.truncate_after(self.step)
         if path is not None:
             (self.out / "PREEMPTED").unlink(missing_ok=True)
