@@ -267,6 +267,24 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
     ], res.stderr[-3000:]
 
 
+def test_rerunning_a_run_whose_last_checkpoint_is_its_last_step_adds_no_rows(tiny_data, tmp_path):
+    """checkpoint.every_n_steps lands on the last step, which is no validation step: the end-of-run validation
+    must be in that checkpoint, or every rerun validates again and appends one more row (issue 20)."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_data, out, "--schedule.max_steps=2", "--checkpoint.every_n_steps=2")
+    first = launch(args, nproc=1)
+    text = _finish([first])[0]
+    assert first.returncode == 0, text[-3000:]
+    rows = read_metrics(out)
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("val", 2)], rows
+    jsonl, csv = (out / "metrics.jsonl").read_text(), (out / "metrics.csv").read_text()
+    again = launch(args, nproc=1)
+    text = _finish([again])[0]
+    assert again.returncode == 0 and "resumed from step 2" in text, text[-3000:]
+    assert (out / "metrics.jsonl").read_text() == jsonl
+    assert (out / "metrics.csv").read_text() == csv
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Every checkpoint corrupt; a fresh start over an earlier run.
 # ----------------------------------------------------------------------------------------------------------------

@@ -219,7 +219,10 @@ class Trainer:
                         self.metrics.append(rec)
                         progress.update(self.step, rec)
                         self.acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
-                if self.step % self.plan.eval_every_steps == 0:
+                # The end-of-run validation comes before the last step's save, so the checkpoint records it
+                # (`last_eval`) and running the finished run again adds no second row.
+                last = self.step == self.plan.stop_step and self.cfg.eval.at_end
+                if self.step % self.plan.eval_every_steps == 0 or last:
                     self._log_val(self.evaluate())
                 every = self.cfg.checkpoint.every_n_steps
                 if res.stop or res.save_due or (every and self.step % every == 0):
