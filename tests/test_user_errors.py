@@ -340,3 +340,19 @@ def test_resume_never_over_an_earlier_run_keeps_its_metrics_and_says_where(tiny_
         rf"holds the metrics of an earlier run: kept as {re.escape(kept[1])} and {re.escape(kept[0])}", text
     )
     assert [(r["split"], r["step"]) for r in read_metrics(out)] == [("train", 1)]
+
+
+def test_a_batch_larger_than_the_dataset_trains_with_one_warning_naming_the_key_and_the_sizes(tiny_data, tmp_path):
+    """70 training images, 80 unique images per step: training works (the plan wraps inside the step), but a user
+    who meant another data.root or dataset must be told (issue 20)."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_data, out, "--data.batch_size=160", "--schedule.max_steps=1", "--eval.at_end=false")
+    proc = launch(args, nproc=1)
+    text = _finish([proc])[0]
+    assert proc.returncode == 0, text[-3000:]
+    warnings = [line for line in text.splitlines() if "more than the" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], text[-3000:]
+    assert (
+        "config key data.batch_size=160: a step reads 80 unique images (160 rows per rank / "
+        "mixmo.batch_repetitions=2 x 1 ranks), more than the 70 training images of data.root="
+    ) in warnings[0], warnings[0]

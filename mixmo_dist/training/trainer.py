@@ -41,7 +41,7 @@ from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
-from mixmo_dist.training.plan import build_plan, data_placement
+from mixmo_dist.training.plan import build_plan, data_placement, warn_if_batch_exceeds_data
 from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, metric_columns, run_info
 
 log = logging.getLogger("mixmo_dist")
@@ -90,6 +90,7 @@ class Trainer:
         self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.plan = build_plan(cfg, self.world, len(self.data.train))
+        warn_if_batch_exceeds_data(cfg, self.plan, self.data.num_train)
         self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
         self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
