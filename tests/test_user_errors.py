@@ -15,7 +15,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, launch, launch_two_machines, read_metrics, read_only_mount, tiny_args, train_cli
+from conftest import (
+    REPO,
+    launch,
+    launch_two_machines,
+    read_metrics,
+    read_only_mount,
+    tiny_args,
+    train_cli,
+    without_root_file_access,
+)
 
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import DataConfig
@@ -356,3 +365,31 @@ def test_a_batch_larger_than_the_dataset_trains_with_one_warning_naming_the_key_
         "config key data.batch_size=160: a step reads 80 unique images (160 rows per rank / "
         "mixmo.batch_repetitions=2 x 1 ranks), more than the 70 training images of data.root="
     ) in warnings[0], warnings[0]
+
+
+def test_an_unreadable_class_directory_is_named_unreadable_not_empty(data_copy, tmp_path):
+    """A class folder the training user may not list (chmod 000): the one line says it cannot be read, naming it, not
+    that it is empty (issue 20). The run is a child that has lost root's right to ignore file modes."""
+    locked = data_copy / "train" / sorted(p.name for p in (data_copy / "train").iterdir())[3]
+    locked.chmod(0)
+    try:
+        out = tmp_path / "run"
+        proc = launch(tiny_args(data_copy, out), nproc=1, preexec_fn=without_root_file_access)
+        line = _one_error(_finish([proc]), f"class directory {locked} cannot be read: Permission denied", "chmod")
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2 and "empty" not in line, line
+    assert not out.exists()
+
+
+def test_an_unreadable_image_stops_the_torch_backend_naming_it_unreadable(data_copy, tmp_path):
+    """The same file through the torch backend's DataLoader workers: the one line says permission, not damage."""
+    locked = sorted((data_copy / "train").rglob("*.JPEG"))[5]
+    locked.chmod(0)
+    try:
+        args = tiny_args(data_copy, tmp_path / "run", "--schedule.max_steps=18", "--eval.at_end=false")
+        proc = launch(args, nproc=1, preexec_fn=without_root_file_access)
+        line = _one_error(_finish([proc]), f"cannot read image {locked}: Permission denied", "chmod a+r")
+    finally:
+        locked.chmod(0o644)
+    assert proc.returncode == 2 and "decode" not in line and "Replace the file" not in line, line
