@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,39 @@ def test_an_unreadable_image_stops_the_torch_backend_naming_it_unreadable(data_c
     finally:
         locked.chmod(0o644)
     assert proc.returncode == 2 and "decode" not in line and "Replace the file" not in line, line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A full disk at the start of a run.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def nearly_full_mount(path: Path, free_pages: int):
+    """`path` as a small tmpfs with exactly `free_pages` pages left, for the block (unmounted afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path.mkdir(parents=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        st = os.statvfs(path)
+        (path / "filler").write_bytes(b"\0" * (st.f_bavail - free_pages) * st.f_bsize)
+        assert os.statvfs(path).f_bavail == free_pages
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_while_writing_config_yaml_is_one_line_naming_it(tiny_data, tmp_path):
+    """Two pages left: the run lock's owner record takes one, metrics.csv's header the other, then config.yaml finds
+    no space (ENOSPC, issue 20)."""
+    with nearly_full_mount(tmp_path / "disk", free_pages=2) as disk:
+        out = disk / "run"
+        proc = launch(tiny_args(tiny_data, out, "--schedule.max_steps=1"), nproc=1)
+        line = _one_error(
+            _finish([proc]), f"cannot write {out / 'config.yaml'}: No space left on device", "run.output_dir"
+        )
+        assert proc.returncode == 2, line
+        assert not (out / "config.yaml").exists() and not any(p.name.startswith(".config") for p in out.iterdir())

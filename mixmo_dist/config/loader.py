@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mixmo_dist.config.schema import Config, ConfigError, field_types, is_text_type, section_classes
-from mixmo_dist.runtime.files import write_text_atomic
+from mixmo_dist.runtime.files import naming_the_file, write_text_atomic
 
 __all__ = [
     "config_from_dict",
@@ -145,7 +145,8 @@ def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write `cfg` as YAML to `path` atomically (temporary file + rename); `--config path` reloads it exactly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, config_yaml(cfg, f"Resolved mixmo_dist config; reload with --config {path.name}"))
+    with naming_the_file(path):
+        write_text_atomic(path, config_yaml(cfg, f"Resolved mixmo_dist config; reload with --config {path.name}"))
 
 
 def _read_yaml(path: str) -> Any:

@@ -17,7 +17,7 @@ import torch
 
 from mixmo_dist import __version__
 from mixmo_dist.config import Config, config_to_dict
-from mixmo_dist.runtime.files import atomic_path, write_text_atomic
+from mixmo_dist.runtime.files import atomic_path, naming_the_file, write_text_atomic
 
 log = logging.getLogger("mixmo_dist")
 
@@ -94,8 +94,9 @@ class MetricsLog:
         return kept
 
     def _rewrite(self, records: list[dict]) -> None:
-        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
-        with atomic_path(self.csv) as tmp, tmp.open("w", newline="") as fh:
+        with naming_the_file(self.jsonl):
+            write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+        with naming_the_file(self.csv), atomic_path(self.csv) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for rec in records:

@@ -33,7 +33,7 @@ from mixmo_dist.model.weights import init_from_vanilla
 from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
 from mixmo_dist.runtime.collectives import Collectives
-from mixmo_dist.runtime.files import write_json_atomic
+from mixmo_dist.runtime.files import naming_the_file, write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
 from mixmo_dist.training.data_errors import DataGuard, build_data_on_every_rank
@@ -243,8 +243,9 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
         path = self.checkpoints.resume(self.cfg.checkpoint.resume)
-        if not self.acc.is_main_process:
-            return
+        self._main_writes(self._restart_metrics, path)
+
+    def _restart_metrics(self, path: Path | None) -> None:
         if path is None:
             self.metrics.set_aside()  # a start from step 0 keeps the rows already there, never drops them
         dropped = self.metrics.truncate_after(self.step)
@@ -438,13 +439,31 @@ class Trainer:
         )
         return status
 
+    def _main_writes(self, write, *args) -> None:
+        """Rank 0's files at the start of a run; a failed write (a full disk, a quota) stops every rank with one line
+        naming the file, so no rank is left waiting for rank 0 in the first step."""
+        error = None
+        if self.acc.is_main_process:
+            try:
+                write(*args)
+            except OSError as err:
+                error = (
+                    f"cannot write {err.filename or self.out}: {err.strerror or err}; free space there or choose "
+                    f"another run.output_dir (now {self.out})"
+                )
+        error = self.comm.broadcast_object(error)
+        if error is not None:
+            raise ValueError(error)
+
     def _write_run_json(self) -> None:
         hosts = self.comm.gather_objects(socket.gethostname())
-        if not self.acc.is_main_process:
-            return
+        self._main_writes(self._write_start_files, hosts)
+
+    def _write_start_files(self, hosts: list[str]) -> None:
         dump_config(self.cfg, self.out / "config.yaml")
         info = run_info(self.cfg, self.acc, self.raw, self.data, hosts, asdict(self.plan))
-        write_json_atomic(self.out / "run.json", info)
+        with naming_the_file(self.out / "run.json"):
+            write_json_atomic(self.out / "run.json", info)
         brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
         log.info("run: %s", json.dumps({k: info[k] for k in brief}))
         for change in self.cfg.adaptations:
