@@ -7,6 +7,7 @@ Read-only cases use a real read-only tmpfs mount (root ignores file modes), made
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from conftest import (
     without_root_file_access,
 )
 
+from mixmo_dist.checkpoint import CheckpointWarning
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import check_root, scan_split
@@ -293,6 +295,23 @@ def test_rerunning_a_run_whose_last_checkpoint_is_its_last_step_adds_no_rows(tin
     assert again.returncode == 0 and "resumed from step 2" in text, text[-3000:]
     assert (out / "metrics.jsonl").read_text() == jsonl
     assert (out / "metrics.csv").read_text() == csv
+    # A run finished by an older version: its last checkpoint was saved before the end-of-run validation, so its
+    # state.json has no last_eval (or an older one); metrics.jsonl's row at that step must count as done.
+    store = CheckpointStore(out / "checkpoints", keep_last=3)
+    step_dir = out / "checkpoints" / "step_00000002"
+    state = json.loads((step_dir / "state.json").read_text())
+    assert state.pop("last_eval") == 2
+    tmp = store.begin(2)
+    for file in step_dir.iterdir():
+        if file.name not in ("COMPLETE", "state.json"):
+            shutil.copy(file, tmp / file.name)
+    store.write_json(tmp, "state.json", state)
+    with pytest.warns(CheckpointWarning, match="replaces it"):
+        store.commit(tmp, 2)
+    old = launch(args, nproc=1)
+    text = _finish([old])[0]
+    assert old.returncode == 0 and "resumed from step 2" in text, text[-3000:]
+    assert (out / "metrics.jsonl").read_text() == jsonl
 
 
 # ----------------------------------------------------------------------------------------------------------------

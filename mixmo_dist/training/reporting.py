@@ -45,6 +45,7 @@ class MetricsLog:
         self.jsonl = output_dir / "metrics.jsonl"
         self.csv = output_dir / "metrics.csv"
         self.columns = columns
+        self.val_steps: set[int] = set()  # steps of the val rows kept by the last `truncate_after`
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with a step beyond `step` (a resumed run rewrites them); returns how many were dropped."""
@@ -62,6 +63,7 @@ class MetricsLog:
                     dropped += 1
                 else:
                     kept.append(rec)
+        self.val_steps = {rec.get("step") for rec in kept if rec.get("split") == "val"}
         self._rewrite(kept)
         return dropped
 

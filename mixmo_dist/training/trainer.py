@@ -244,11 +244,16 @@ class Trainer:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
         path = self.checkpoints.resume(self.cfg.checkpoint.resume)
         self._main_writes(self._restart_metrics, path)
+        self.last_eval = self.comm.broadcast_object(self.last_eval)  # rank 0 may have found the row (see below)
 
     def _restart_metrics(self, path: Path | None) -> None:
         if path is None:
             self.metrics.set_aside()  # a start from step 0 keeps the rows already there, never drops them
         dropped = self.metrics.truncate_after(self.step)
+        if self.step in self.metrics.val_steps:
+            # Runs finished by older versions saved the last step before its validation, so the checkpoint's
+            # last_eval misses the row metrics.jsonl holds: without this, every rerun validated and appended again.
+            self.last_eval = self.step
         if path is not None:
             (self.out / "PREEMPTED").unlink(missing_ok=True)
             log.info("resumed from step %d (%s); dropped %d metric lines past it", self.step, path, dropped)
