@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -78,6 +79,19 @@ def read_only_mount(path: Path, source: Path | None = None):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def without_root_file_access() -> None:
+    """A `preexec_fn`: the child, root here, loses the capabilities that let root ignore file modes
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a chmod 000 file or folder refuses it as it refuses any user.
+
+    Dropped from the bounding set before `exec`, they are absent from the new program's capabilities; the child
+    stays root and can still write its own (root-owned) temporary directories.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap})")
 
 
 def free_port() -> int:

@@ -671,3 +671,58 @@ def test_run_lock_on_a_file_system_without_locks_is_a_clear_error(tmp_path, monk
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.raises(CheckpointError, match=r"refuses file locks .*flock support"):
         RunLock(tmp_path / "run").acquire()
+
+
+def test_auto_refuses_when_every_checkpoint_is_corrupt_and_never_starts_fresh(tmp_path):
+    """A silent restart at step 0 would throw the run away (issue 20): refused, now and at the next start, while the
+    corrupt directories are kept (moved aside); `never` is how a user asks for the restart."""
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    _truncate(save(store, 1))
+    _drop_marker(save(store, 2))
+    refusal = (
+        r"no checkpoint under .* passes its sha256 check.*"
+        r"step_00000001\.corrupt-.*, step_00000002\.corrupt-.*--checkpoint\.resume=never"
+    )
+    with pytest.warns(CheckpointWarning, match="moved aside"), pytest.raises(CheckpointError, match=refusal):
+        store.resolve("auto")
+    assert store.step_dirs() == [] and len(list(store.root.glob("step_*.corrupt-*"))) == 2
+    with pytest.raises(CheckpointError, match=refusal):  # the next start finds only the moved-aside ones
+        store.resolve("auto")
+    assert store.resolve("never") is None
+    assert save(store, 1) and store.resolve("auto") == store.root / "step_00000001"  # a new checkpoint ends it
+
+
+def test_a_changed_class_list_is_named_by_its_difference_not_by_two_whole_lists(tmp_path):
+    """Resuming on data whose class folders changed: the counts and a few names of what was added and removed, on
+    one short line, not 2 x 1000 names (issue 20)."""
+    from mixmo_dist.checkpoint.state import CheckpointManager
+
+    classes = [f"n{i:08d}" for i in range(1000)]
+    now = [*classes[:10], "n_renamed_a", *classes[11:500], "n_renamed_b", *classes[501:], "n_new_1", "n_new_2"]
+    model = torch.nn.Linear(2, 2)
+    shape = {"arch": "resnet18", "num_members": 2, "num_classes": 1002, "rows_per_rank": 8, "world_size": 1}
+    manager = CheckpointManager(
+        CheckpointStore(tmp_path / "checkpoints", keep_last=1),
+        None,  # check_compatible runs no collective
+        rank=0,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ema=None,
+        scaler=None,
+        counters=model,
+        rank_states={},
+        shape={**shape, "classes": now},
+        describe=dict,
+    )
+    saved = {"shape": {**shape, "num_classes": 1000, "classes": classes}}
+    with pytest.raises(CheckpointError) as info:
+        manager.check_compatible(saved, tmp_path / "step_00000006")
+    message = str(info.value)
+    assert (
+        "classes: the checkpoint has 1000, the data 1002; 4 not in the checkpoint ('n_renamed_a', 'n_renamed_b', "
+        "'n_new_1', ... (1 more)); 2 missing from the data ('n00000010', 'n00000500')"
+    ) in message, message
+    assert "num_classes: checkpoint 1000 vs now 1002" in message and "\n" not in message and len(message) < 700
+    reordered = [now[1], now[0], *now[2:]]
+    with pytest.raises(CheckpointError, match=r"another order \(label 0: checkpoint 'n00000001', now 'n00000000'\)"):
+        manager.check_compatible({"shape": {**shape, "classes": reordered}}, "step")

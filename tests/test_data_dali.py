@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import without_root_file_access
 from PIL import Image
 
 pytest.importorskip("nvidia.dali")
@@ -424,3 +429,53 @@ def test_resume_on_another_world_size_reads_the_rest_of_the_epoch(noise_root, wo
     assert before + after == expected
     order = EpochPlan(10, unique_per_rank=glob, rank=0, world_size=1, seed=11).global_order(0).tolist()
     assert expected == [sorted(order[s * glob : (s + 1) * glob]) for s in range(len(expected))]
+
+
+def test_an_unreadable_file_is_named_unreadable_not_corrupt(tmp_path):
+    """A file the training user may not read (chmod 000) is intact: the error says permission, naming the file, not
+    "cannot decode" (issue 20). Run in a child that has lost root's right to ignore file modes."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{k}.JPEG")
+    bad = {split: tmp_path / split / "b" / "1.JPEG" for split in ("train", "val")}
+    for path in bad.values():
+        path.chmod(0)
+    child = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_data_dali import _build
+        from mixmo_dist.data.folder import CorruptImageError, load_rgb
+        data = _build({str(tmp_path)!r}, batch=2, val_batch=2)
+        for name, loader in (("train", data.train), ("val", data.val)):
+            try:
+                for _ in range(2):
+                    for _batch in loader:
+                        pass
+            except CorruptImageError as err:
+                print(name, type(err).__name__, err)
+        try:
+            load_rgb({str(bad["train"])!r})  # the torch backend's decoder
+        except CorruptImageError as err:
+            print("pillow", type(err).__name__, err)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", child],
+        preexec_fn=without_root_file_access,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and len(lines) == 3, res.stdout[-3000:] + res.stderr[-3000:]
+    for line, who, path in zip(
+        lines, ("train", "val", "pillow"), (bad["train"], bad["val"], bad["train"]), strict=True
+    ):
+        assert line.startswith(f"{who} UnreadableImageError cannot read image {path}: Permission denied"), line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,18 @@ def test_the_documented_python_example_runs_as_printed():
     with contextlib.redirect_stdout(printed):
         exec(compile(example, "docs/OUTPUTS.md", "exec"), {})  # noqa: S102 - the documented example itself
     assert printed.getvalue().splitlines() == ["True", *expected]
+
+
+def test_the_test_script_runs_only_the_test_paths_it_is_given():
+    """README: `bash scripts/test.sh ... tests/test_ops.py` runs that file, not the whole suite (issue 20)."""
+    assert "scripts/test.sh" in README.read_text() and "tests/test_ops.py" in README.read_text()
+    res = subprocess.run(
+        ["bash", "scripts/test.sh", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_ops.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ids = [line for line in res.stdout.splitlines() if "::" in line]
+    assert res.returncode == 0 and ids, res.stdout[-3000:] + res.stderr[-3000:]
+    assert {i.split("::")[0] for i in ids} == {"tests/test_ops.py"}, sorted({i.split("::")[0] for i in ids})

@@ -7,16 +7,28 @@ Read-only cases use a real read-only tmpfs mount (root ignores file modes), made
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, launch, launch_two_machines, read_metrics, read_only_mount, tiny_args
+from conftest import (
+    REPO,
+    launch,
+    launch_two_machines,
+    read_metrics,
+    read_only_mount,
+    tiny_args,
+    train_cli,
+    without_root_file_access,
+)
 
+from mixmo_dist.checkpoint import CheckpointWarning
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import check_root, scan_split
@@ -250,3 +262,190 @@ def test_a_missing_data_root_names_the_key_and_what_belongs_there(tmp_path, monk
         "\n## Training" in (REPO / "README.md").read_text()
         and "**Data.** `data.dataset`" in (REPO / "README.md").read_text()
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files the run cannot use: a config that is not UTF-8.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))  # saved by an editor in Latin-1
+    res = train_cli("--config", str(config))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        f"error: config file {config} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"
+    ], res.stderr[-3000:]
+
+
+def test_rerunning_a_run_whose_last_checkpoint_is_its_last_step_adds_no_rows(tiny_data, tmp_path):
+    """checkpoint.every_n_steps lands on the last step, which is no validation step: the end-of-run validation
+    must be in that checkpoint, or every rerun validates again and appends one more row (issue 20)."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_data, out, "--schedule.max_steps=2", "--checkpoint.every_n_steps=2")
+    first = launch(args, nproc=1)
+    text = _finish([first])[0]
+    assert first.returncode == 0, text[-3000:]
+    rows = read_metrics(out)
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("val", 2)], rows
+    jsonl, csv = (out / "metrics.jsonl").read_text(), (out / "metrics.csv").read_text()
+    again = launch(args, nproc=1)
+    text = _finish([again])[0]
+    assert again.returncode == 0 and "resumed from step 2" in text, text[-3000:]
+    assert (out / "metrics.jsonl").read_text() == jsonl
+    assert (out / "metrics.csv").read_text() == csv
+    # A run finished by an older version: its last checkpoint was saved before the end-of-run validation, so its
+    # state.json has no last_eval (or an older one); metrics.jsonl's row at that step must count as done.
+    store = CheckpointStore(out / "checkpoints", keep_last=3)
+    step_dir = out / "checkpoints" / "step_00000002"
+    state = json.loads((step_dir / "state.json").read_text())
+    assert state.pop("last_eval") == 2
+    tmp = store.begin(2)
+    for file in step_dir.iterdir():
+        if file.name not in ("COMPLETE", "state.json"):
+            shutil.copy(file, tmp / file.name)
+    store.write_json(tmp, "state.json", state)
+    with pytest.warns(CheckpointWarning, match="replaces it"):
+        store.commit(tmp, 2)
+    old = launch(args, nproc=1)
+    text = _finish([old])[0]
+    assert old.returncode == 0 and "resumed from step 2" in text, text[-3000:]
+    assert (out / "metrics.jsonl").read_text() == jsonl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every checkpoint corrupt; a fresh start over an earlier run.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _corrupt_checkpoint(out: Path, step: int) -> Path:
+    """A step directory whose marker is garbage: it fails verification and is moved aside by the trainer."""
+    step_dir = out / "checkpoints" / f"step_{step:08d}"
+    step_dir.mkdir(parents=True)
+    (step_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    (step_dir / "COMPLETE").write_bytes(b"\x00{not json")
+    return step_dir
+
+
+def test_every_checkpoint_corrupt_is_refused_not_a_silent_restart_at_step_0(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    bad = _corrupt_checkpoint(out, 6)
+    rows = '{"split": "train", "step": 6, "loss": 1.0}\n'
+    (out / "metrics.jsonl").write_text(rows)
+    args = tiny_args(tiny_data, out, "--schedule.max_steps=1", "--eval.at_end=false")
+    for attempt in range(2):  # the second start finds only the moved-aside directory, and still refuses
+        proc = launch(args, nproc=1)
+        line = _one_error(
+            _finish([proc]), "no checkpoint under", "passes its sha256 check", "--checkpoint.resume=never"
+        )
+        assert proc.returncode == 2, line
+        aside = [p for p in bad.parent.iterdir() if p.name.startswith("step_00000006.corrupt-")]
+        assert len(aside) == 1 and aside[0].name in line and not bad.exists(), (attempt, line)
+        assert (aside[0] / "COMPLETE").read_bytes() == b"\x00{not json"  # moved, never deleted
+        assert (out / "metrics.jsonl").read_text() == rows  # nothing lost
+    fresh = launch([*args, "--checkpoint.resume=never"], nproc=1)
+    text = _finish([fresh])[0]
+    assert fresh.returncode == 0, text[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_resume_never_over_an_earlier_run_keeps_its_metrics_and_says_where(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old_jsonl = '{"split": "train", "step": 1, "loss": 2.0}\n{"split": "val", "step": 1, "top1": 0.5}\n'
+    old_csv = "split,step\ntrain,1\nval,1\n"
+    (out / "metrics.jsonl").write_text(old_jsonl)
+    (out / "metrics.csv").write_text(old_csv)
+    proc = launch(
+        tiny_args(tiny_data, out, "--schedule.max_steps=1", "--eval.at_end=false", "--checkpoint.resume=never"), nproc=1
+    )
+    text = _finish([proc])[0]
+    assert proc.returncode == 0, text[-3000:]
+    kept = sorted(p.name for p in out.iterdir() if ".superseded-" in p.name)
+    assert [name.split(".superseded-")[0] for name in kept] == ["metrics.csv", "metrics.jsonl"], kept
+    assert (out / kept[1]).read_text() == old_jsonl and (out / kept[0]).read_text() == old_csv
+    assert re.search(
+        rf"holds the metrics of an earlier run: kept as {re.escape(kept[1])} and {re.escape(kept[0])}", text
+    )
+    assert [(r["split"], r["step"]) for r in read_metrics(out)] == [("train", 1)]
+
+
+def test_a_batch_larger_than_the_dataset_trains_with_one_warning_naming_the_key_and_the_sizes(tiny_data, tmp_path):
+    """70 training images, 80 unique images per step: training works (the plan wraps inside the step), but a user
+    who meant another data.root or dataset must be told (issue 20)."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_data, out, "--data.batch_size=160", "--schedule.max_steps=1", "--eval.at_end=false")
+    proc = launch(args, nproc=1)
+    text = _finish([proc])[0]
+    assert proc.returncode == 0, text[-3000:]
+    warnings = [line for line in text.splitlines() if "more than the" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], text[-3000:]
+    assert (
+        "config key data.batch_size=160: a step reads 80 unique images (160 rows per rank / "
+        "mixmo.batch_repetitions=2 x 1 ranks), more than the 70 training images of data.root="
+    ) in warnings[0], warnings[0]
+
+
+def test_an_unreadable_class_directory_is_named_unreadable_not_empty(data_copy, tmp_path):
+    """A class folder the training user may not list (chmod 000): the one line says it cannot be read, naming it, not
+    that it is empty (issue 20). The run is a child that has lost root's right to ignore file modes."""
+    locked = data_copy / "train" / sorted(p.name for p in (data_copy / "train").iterdir())[3]
+    locked.chmod(0)
+    try:
+        out = tmp_path / "run"
+        proc = launch(tiny_args(data_copy, out), nproc=1, preexec_fn=without_root_file_access)
+        line = _one_error(_finish([proc]), f"class directory {locked} cannot be read: Permission denied", "chmod")
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2 and "empty" not in line, line
+    assert not out.exists()
+
+
+def test_an_unreadable_image_stops_the_torch_backend_naming_it_unreadable(data_copy, tmp_path):
+    """The same file through the torch backend's DataLoader workers: the one line says permission, not damage."""
+    locked = sorted((data_copy / "train").rglob("*.JPEG"))[5]
+    locked.chmod(0)
+    try:
+        args = tiny_args(data_copy, tmp_path / "run", "--schedule.max_steps=18", "--eval.at_end=false")
+        proc = launch(args, nproc=1, preexec_fn=without_root_file_access)
+        line = _one_error(_finish([proc]), f"cannot read image {locked}: Permission denied", "chmod a+r")
+    finally:
+        locked.chmod(0o644)
+    assert proc.returncode == 2 and "decode" not in line and "Replace the file" not in line, line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A full disk at the start of a run.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def nearly_full_mount(path: Path, free_pages: int):
+    """`path` as a small tmpfs with exactly `free_pages` pages left, for the block (unmounted afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path.mkdir(parents=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        st = os.statvfs(path)
+        (path / "filler").write_bytes(b"\0" * (st.f_bavail - free_pages) * st.f_bsize)
+        assert os.statvfs(path).f_bavail == free_pages
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_while_writing_config_yaml_is_one_line_naming_it(tiny_data, tmp_path):
+    """Two pages left: the run lock's owner record takes one, metrics.csv's header the other, then config.yaml finds
+    no space (ENOSPC, issue 20)."""
+    with nearly_full_mount(tmp_path / "disk", free_pages=2) as disk:
+        out = disk / "run"
+        proc = launch(tiny_args(tiny_data, out, "--schedule.max_steps=1"), nproc=1)
+        line = _one_error(
+            _finish([proc]), f"cannot write {out / 'config.yaml'}: No space left on device", "run.output_dir"
+        )
+        assert proc.returncode == 2, line
+        assert not (out / "config.yaml").exists() and not any(p.name.startswith(".config") for p in out.iterdir())

@@ -237,12 +237,17 @@ class CheckpointManager:
         Raises:
             CheckpointError: an explicit path that does not verify, or a checkpoint of an incompatible run.
         """
-        path = None
+        path = error = None
         if self.rank == 0:
             self.store.cleanup_tmp()  # leftovers of saves killed mid-write
-            found = self.store.resolve(policy)
-            path = str(found) if found else None
-        path = self.comm.broadcast_object(path)
+            try:
+                found = self.store.resolve(policy)
+                path = str(found) if found else None
+            except CheckpointError as err:  # sent to every rank: none may be left waiting in the broadcast
+                error = str(err)
+        path, error = self.comm.broadcast_object((path, error))
+        if error is not None:
+            raise CheckpointError(error)
         if path is None:
             return None
         state = self.store.read_json(path, "state.json")
@@ -300,9 +305,10 @@ class CheckpointManager:
         world_keys = ("rows_per_rank", "world_size")
         diffs = []
         for key in SHAPE_KEYS:
-            if key not in world_keys and saved.get(key) != self.shape[key]:
-                shown = (saved.get(key), self.shape[key]) if key != "classes" else ("<list>", "<list>")
-                diffs.append(f"{key}: checkpoint {shown[0]!r} vs now {shown[1]!r}")
+            if key == "classes" and saved.get(key) != self.shape[key]:
+                diffs.append(class_difference(saved.get(key), self.shape[key]))
+            elif key not in world_keys and saved.get(key) != self.shape[key]:
+                diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs now {self.shape[key]!r}")
         same_world = all(saved.get(key) == self.shape[key] for key in world_keys)
         old_global = _global_rows(saved)
         new_global = _global_rows(self.shape)
@@ -365,6 +371,32 @@ def _where(root: Path) -> str:
 
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.1f} MB ({nbytes} bytes)"
+
+
+def class_difference(saved: Any, now: list[str], shown: int = 3) -> str:
+    """What changed between the checkpoint's class list and the data's, in one short clause.
+
+    Two whole lists (1000 ImageNet names each) bury the one renamed folder; the counts and a few names of the
+    classes added and removed say it, and a reordering names the first label that moved.
+    """
+    if not isinstance(saved, list):
+        return f"classes: the checkpoint stores no class list ({type(saved).__name__}), the data has {len(now)}"
+
+    def few(names: list[str]) -> str:
+        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+        return ", ".join(repr(n) for n in names[:shown]) + more
+
+    old, new = set(saved), set(now)
+    added, removed = [c for c in now if c not in old], [c for c in saved if c not in new]
+    text = f"classes: the checkpoint has {len(saved)}, the data {len(now)}"
+    if added:
+        text += f"; {len(added)} not in the checkpoint ({few(added)})"
+    if removed:
+        text += f"; {len(removed)} missing from the data ({few(removed)})"
+    moved = next((i for i, (a, b) in enumerate(zip(saved, now, strict=False)) if a != b), None)
+    if not added and not removed and moved is not None:
+        text += f", the same names in another order (label {moved}: checkpoint {saved[moved]!r}, now {now[moved]!r})"
+    return text
 
 
 def _global_rows(shape: Mapping[str, Any]) -> int | None:

@@ -53,6 +53,8 @@ LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp_(step_\d{8,})_(\d+)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# A checkpoint that failed verification and was moved aside (`move_aside`'s default tag).
+_CORRUPT_RE = re.compile(r"^step_\d{8,}\.corrupt-")
 # Keys of the marker that are not file names; file names may not take them.
 _RESERVED_NAMES = frozenset({MARKER, LATEST, "step"})
 
@@ -508,21 +510,26 @@ class CheckpointStore:
         """Apply the config value `checkpoint.resume`.
 
         Args:
-            resume: "auto" (resume from `find_latest()`, or start fresh when there is none), "never" (start
-                fresh), or the path of a checkpoint directory `.../step_<N>` (it must verify).
+            resume: "auto" (resume from `find_latest()`, or start fresh when there is none and none was ever moved
+                aside as corrupt), "never" (start fresh), or the path of a checkpoint directory `.../step_<N>` (it
+                must verify).
 
         Returns:
             The checkpoint directory to load, or None to start fresh.
 
         Raises:
-            CheckpointError: an explicit path that does not exist or does not verify (never ignored silently).
+            CheckpointError: an explicit path that does not exist or does not verify (never ignored silently); with
+                "auto", no checkpoint verifies but corrupt ones were moved aside (a silent restart would lose them).
         """
         if not isinstance(resume, (str, Path)):
             raise TypeError(f"checkpoint.resume must be 'auto', 'never' or a path, got {type(resume).__name__}")
         if resume == "never":
             return None
         if resume == "auto":
-            return self.find_latest()
+            found = self.find_latest()
+            if found is None:
+                self._refuse_a_silent_restart()
+            return found
         path = Path(resume).expanduser()
         if not path.exists():
             raise CheckpointError(f"checkpoint.resume={str(resume)!r}: {path} does not exist")
@@ -533,6 +540,19 @@ class CheckpointStore:
                 "pass another step directory, or 'auto' to take the newest one that verifies"
             )
         return path
+
+    def _refuse_a_silent_restart(self) -> None:
+        """No checkpoint verifies, but some were moved aside as corrupt (now or by an earlier start): starting at step
+        0 would silently throw the run's training away, so the user must ask for it (`checkpoint.resume=never`)."""
+        corrupt = sorted(p.name for p in self.root.iterdir() if _CORRUPT_RE.match(p.name)) if self.root.is_dir() else []
+        if not corrupt:
+            return
+        shown = ", ".join(corrupt[-3:]) + (f" and {len(corrupt) - 3} more" if len(corrupt) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint.resume=auto: no checkpoint under {self.root} passes its sha256 check; the corrupt ones are "
+            f"kept there, moved aside ({shown}), and the run was not restarted from step 0. Put back an intact copy "
+            "of a checkpoint, or start again from step 0 with --checkpoint.resume=never"
+        )
 
     # ----------------------------------------------------------------------------------------------- reading
 

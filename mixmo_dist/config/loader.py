@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mixmo_dist.config.schema import Config, ConfigError, field_types, is_text_type, section_classes
-from mixmo_dist.runtime.files import write_text_atomic
+from mixmo_dist.runtime.files import naming_the_file, write_text_atomic
 
 __all__ = [
     "config_from_dict",
@@ -145,14 +145,22 @@ def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write `cfg` as YAML to `path` atomically (temporary file + rename); `--config path` reloads it exactly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, config_yaml(cfg, f"Resolved mixmo_dist config; reload with --config {path.name}"))
+    with naming_the_file(path):
+        write_text_atomic(path, config_yaml(cfg, f"Resolved mixmo_dist config; reload with --config {path.name}"))
 
 
 def _read_yaml(path: str) -> Any:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # a ValueError, not an OSError: it used to escape as a traceback
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

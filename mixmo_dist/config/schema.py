@@ -575,8 +575,9 @@ class CheckpointConfig(_Section, section="checkpoint"):
     keep_last: int = 3
     """Number of complete checkpoints kept; older ones are deleted once a new one is complete."""
     resume: str = "auto"
-    """auto = resume from the newest complete checkpoint in output_dir, if any; never = start fresh; otherwise a
-    step_<N> directory to resume from."""
+    """auto = resume from the newest complete checkpoint in output_dir, if any (refused when every checkpoint there
+    is corrupt); never = start fresh at step 0 (earlier metrics are kept as metrics.jsonl.superseded-<time>);
+    otherwise a step_<N> directory to resume from."""
 
     def _validate(self) -> None:
         self._check("every_n_steps", self.every_n_steps is None or self.every_n_steps >= 1, ">= 1 or null")

@@ -36,7 +36,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Data
-from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split
+from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split, unreadable_image
 from mixmo_dist.data.placement import Placement
 from mixmo_dist.data.plan import EpochPlan
 from mixmo_dist.data.transforms import pad_random_views
@@ -297,6 +297,10 @@ class _Batches:
         unique = list(dict.fromkeys(int(i) for i in candidates))
         for i in unique:
             if self._paths[i] in message:
+                # DALI's reader fails on a file it may not open as on a damaged one: tell the two apart.
+                unreadable = unreadable_image(self._paths[i])
+                if unreadable is not None:
+                    return unreadable
                 return CorruptImageError(f"DALI cannot decode image {self._paths[i]}: {_dali_reason(message)}")
         for i in unique:
             try:

@@ -29,10 +29,38 @@ class CorruptImageError(ValueError):
     """An image file that cannot be decoded (truncated, corrupt, or not an image). The message names the file."""
 
 
+class UnreadableImageError(CorruptImageError):
+    """An image file this process has no permission to read: intact, so not called corrupt, but stopped for the same
+    way (a subclass, so every rank agrees on it as on a corrupt file). The message names the file."""
+
+
+def unreadable_image(path: str | Path) -> UnreadableImageError | None:
+    """The error for `path` when it cannot be opened for lack of permission, else None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except PermissionError as err:
+        return UnreadableImageError(
+            f"cannot read image {path}: {err.strerror} (a permission, not damage); make it readable by the user "
+            "running the training (e.g. chmod a+r)"
+        )
+    except OSError:
+        return None  # missing or another failure: the decoder's own error says what it is
+
+
 def _list_images(class_dir: Path) -> list[str]:
     """All image files below `class_dir` (recursively, following no symlinked dirs), as path strings."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+
+    def unreadable(err: OSError) -> None:
+        # os.walk skips a directory it cannot list by default: an unreadable class was then reported as empty.
+        where = "" if Path(err.filename) == class_dir else f" (its sub-directory {err.filename})"
+        raise ValueError(
+            f"class directory {class_dir} cannot be read{where}: {err.strerror}; make it readable by the user "
+            "running the training (e.g. chmod -R a+rX)"
+        )
+
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable):
         # Hidden folders (.ipynb_checkpoints, .AppleDouble) are never part of a dataset.
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
@@ -89,12 +117,15 @@ def load_rgb(path: str | Path) -> Image.Image:
     silently train on grey).
 
     Raises:
-        CorruptImageError: the file cannot be decoded; the message names the file.
+        CorruptImageError: the file cannot be decoded; the message names the file (`UnreadableImageError` when it
+            cannot be read for lack of permission).
     """
     try:
         with Image.open(path) as img:
             img.load()
             return _to_rgb(img)
+    except PermissionError:
+        raise unreadable_image(path) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
 

@@ -81,7 +81,7 @@ def _worker_message(err: CorruptImageError) -> str:
     """The worker's own message: the DataLoader re-raises a worker's error with the worker's whole traceback as its
     text, whose last line is `<module>.CorruptImageError: <message>`."""
     text = str(err)
-    marker = f"{CorruptImageError.__name__}: "
+    marker = f"{type(err).__name__}: "
     at = text.rfind(marker)
     return text[at + len(marker) :].strip() if at >= 0 else text
 
@@ -91,7 +91,7 @@ def _one_line_errors(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple
     try:
         yield from batches
     except CorruptImageError as err:
-        raise CorruptImageError(_worker_message(err)) from None
+        raise type(err)(_worker_message(err)) from None  # an UnreadableImageError stays one
 
 
 class TrainSet(Dataset):

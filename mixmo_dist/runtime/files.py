@@ -33,6 +33,16 @@ def is_part_name(name: str, of: str) -> bool:
 
 
 @contextmanager
+def naming_the_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError raised in the block carries `path` as its file name: a write or fsync that fails for lack of space
+    names no file (or only the hidden temporary one), and the line a user reads must say which file it was."""
+    try:
+        yield
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, os.fspath(path)) from err
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
     """Yields a temporary path to write `path`'s content to; on success it is fsynced and renamed onto `path`.
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mixmo_dist.data import CorruptImageError, Data, Placement, build_data
+from mixmo_dist.data.folder import UnreadableImageError
 from mixmo_dist.data.workers import WorkerTimeoutError
 from mixmo_dist.runtime.collectives import Collectives, StopAllRanks
 
@@ -43,6 +44,8 @@ def build_data_on_every_rank(cfg, place: Placement, comm: Collectives) -> Data:
 
 
 def _hint(err: Exception) -> str:
+    if isinstance(err, UnreadableImageError):  # intact: replacing it is not the fix
+        return f"{err}, and run the same command again: the run resumes from its last complete checkpoint"
     if isinstance(err, CorruptImageError):
         return (
             f"{err}. Replace the file with an intact copy and run the same command again: the run resumes from its "

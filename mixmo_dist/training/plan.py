@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ import torch
 from mixmo_dist.config import Config, ConfigError, DataConfig
 from mixmo_dist.data import Placement, timm_mean_std
 from mixmo_dist.training.optim import scaled_lr
+
+log = logging.getLogger("mixmo_dist")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,23 @@ def build_plan(cfg: Config, world_size: int, micro_batches_per_epoch: int) -> Pl
         unique_per_step=unique_per_step,
         lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_reference_batch, unique_per_step),
         eval_every_steps=max(1, round(cfg.eval.every_n_epochs * steps_per_epoch)),
+    )
+
+
+def warn_if_batch_exceeds_data(cfg: Config, plan: Plan, num_train: int) -> None:
+    """Warn when one step's batch holds more unique images than the training split: the epoch plan then wraps
+    inside the step, so the batch repeats images on top of `mixmo.batch_repetitions` (a small or wrong data.root,
+    or a batch size meant for another dataset); training works, so this is a warning, not an error."""
+    unique = plan.unique_per_rank * plan.world_size
+    if unique <= num_train:
+        return
+    key = "data.batch_size" if cfg.data.global_batch_size is None else "data.global_batch_size"
+    value = cfg.data.batch_size if cfg.data.global_batch_size is None else cfg.data.global_batch_size
+    log.warning(
+        "config key %s=%d: a step reads %d unique images (%d rows per rank / mixmo.batch_repetitions=%d x %d ranks), "
+        "more than the %d training images of data.root=%s: every step repeats images within its batch",
+        *(key, value, unique, plan.rows_per_rank, cfg.mixmo.batch_repetitions, plan.world_size),
+        *(num_train, cfg.data.root),
     )
 
 

@@ -6,16 +6,18 @@ import csv
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from mixmo_dist import __version__
 from mixmo_dist.config import Config, config_to_dict
-from mixmo_dist.runtime.files import atomic_path, write_text_atomic
+from mixmo_dist.runtime.files import atomic_path, naming_the_file, write_text_atomic
 
 log = logging.getLogger("mixmo_dist")
 
@@ -43,6 +45,7 @@ class MetricsLog:
         self.jsonl = output_dir / "metrics.jsonl"
         self.csv = output_dir / "metrics.csv"
         self.columns = columns
+        self.val_steps: set[int] = set()  # steps of the val rows kept by the last `truncate_after`
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with a step beyond `step` (a resumed run rewrites them); returns how many were dropped."""
@@ -60,12 +63,42 @@ class MetricsLog:
                     dropped += 1
                 else:
                     kept.append(rec)
+        self.val_steps = {rec.get("step") for rec in kept if rec.get("split") == "val"}
         self._rewrite(kept)
         return dropped
 
+    def set_aside(self) -> list[Path]:
+        """Before a start from step 0: keep the rows of an earlier run in this directory as
+        `metrics.jsonl.superseded-<UTC time>` (and the CSV beside it) instead of cutting them, with a warning.
+
+        A fresh start (`checkpoint.resume=never`, or no checkpoint yet) would otherwise drop every row, as a
+        resume drops the rows past its step; those rows may be the only record of the earlier run. Returns the
+        kept files.
+        """
+        try:
+            has_rows = any(line.strip() for line in self.jsonl.read_text().splitlines())
+        except FileNotFoundError:
+            return []
+        if not has_rows:
+            return []
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        kept = []
+        for path in (self.jsonl, self.csv):
+            if path.exists():
+                target = path.with_name(f"{path.name}.superseded-{stamp}")
+                os.rename(path, target)
+                kept.append(target)
+        log.warning(
+            "starting from step 0 in %s, which holds the metrics of an earlier run: kept as %s",
+            self.jsonl.parent,
+            " and ".join(p.name for p in kept),
+        )
+        return kept
+
     def _rewrite(self, records: list[dict]) -> None:
-        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
-        with atomic_path(self.csv) as tmp, tmp.open("w", newline="") as fh:
+        with naming_the_file(self.jsonl):
+            write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+        with naming_the_file(self.csv), atomic_path(self.csv) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for rec in records:

@@ -34,7 +34,7 @@ from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
 from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.faults import Watchdog, record_and_requeue, set_collective_timeout
-from mixmo_dist.runtime.files import write_json_atomic
+from mixmo_dist.runtime.files import naming_the_file, write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
 from mixmo_dist.training.data_errors import DataGuard, build_data_on_every_rank
@@ -42,7 +42,7 @@ from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
 from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
-from mixmo_dist.training.plan import build_plan, data_placement
+from mixmo_dist.training.plan import build_plan, data_placement, warn_if_batch_exceeds_data
 from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, metric_columns, run_info
 
 log = logging.getLogger("mixmo_dist")
@@ -103,6 +103,7 @@ class Trainer:
         self.faults = self.comm.faults
         self.faults.stacks_dir = self.out / "stacks"
         self.plan = build_plan(cfg, self.world, len(self.data.train))
+        warn_if_batch_exceeds_data(cfg, self.plan, self.data.num_train)
         self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
         with self.faults.during("start-up (DDP broadcasts rank 0's weights)"):
@@ -250,7 +251,10 @@ class Trainer:
                         self.metrics.append(rec)
                         progress.update(self.step, rec)
                         self.acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
-                if self.step % self.plan.eval_every_steps == 0:
+                # The end-of-run validation comes before the last step's save, so the checkpoint records it
+                # (`last_eval`) and running the finished run again adds no second row.
+                last = self.step == self.plan.stop_step and self.cfg.eval.at_end
+                if self.step % self.plan.eval_every_steps == 0 or last:
                     self._log_val(self.evaluate())
                 every = self.cfg.checkpoint.every_n_steps
                 if res.stop or res.save_due or (every and self.step % every == 0):
@@ -301,9 +305,17 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
         path = self.checkpoints.resume(self.cfg.checkpoint.resume)
-        if not self.acc.is_main_process:
-            return
+        self._main_writes(self._restart_metrics, path)
+        self.last_eval = self.comm.broadcast_object(self.last_eval)  # rank 0 may have found the row (see below)
+
+    def _restart_metrics(self, path: Path | None) -> None:
+        if path is None:
+            self.metrics.set_aside()  # a start from step 0 keeps the rows already there, never drops them
         dropped = self.metrics.truncate_after(self.step)
+        if self.step in self.metrics.val_steps:
+            # Runs finished by older versions saved the last step before its validation, so the checkpoint's
+            # last_eval misses the row metrics.jsonl holds: without this, every rerun validated and appended again.
+            self.last_eval = self.step
         if path is not None:
             (self.out / "PREEMPTED").unlink(missing_ok=True)
             log.info("resumed from step %d (%s); dropped %d metric lines past it", self.step, path, dropped)
@@ -497,13 +509,31 @@ class Trainer:
         )
         return status
 
+    def _main_writes(self, write, *args) -> None:
+        """Rank 0's files at the start of a run; a failed write (a full disk, a quota) stops every rank with one line
+        naming the file, so no rank is left waiting for rank 0 in the first step."""
+        error = None
+        if self.acc.is_main_process:
+            try:
+                write(*args)
+            except OSError as err:
+                error = (
+                    f"cannot write {err.filename or self.out}: {err.strerror or err}; free space there or choose "
+                    f"another run.output_dir (now {self.out})"
+                )
+        error = self.comm.broadcast_object(error)
+        if error is not None:
+            raise ValueError(error)
+
     def _write_run_json(self) -> None:
         hosts = self.comm.gather_objects(socket.gethostname())
-        if not self.acc.is_main_process:
-            return
+        self._main_writes(self._write_start_files, hosts)
+
+    def _write_start_files(self, hosts: list[str]) -> None:
         dump_config(self.cfg, self.out / "config.yaml")
         info = run_info(self.cfg, self.acc, self.raw, self.data, hosts, asdict(self.plan))
-        write_json_atomic(self.out / "run.json", info)
+        with naming_the_file(self.out / "run.json"):
+            write_json_atomic(self.out / "run.json", info)
         brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
         log.info("run: %s", json.dumps({k: info[k] for k in brief}))
         for change in self.cfg.adaptations:
