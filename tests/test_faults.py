@@ -402,3 +402,51 @@ def test_sigterm_to_the_process_group_always_ends_in_the_agreed_save(tiny_data, 
     preempted = json.loads((out / "PREEMPTED").read_text())
     assert preempted["step"] == stopped and preempted["signal"] == "SIGTERM"
     assert (out / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()
+
+
+def _fill(disk: Path) -> None:
+    """Fill the file system of `disk` to the last byte: zeros written until ENOSPC, in ever smaller writes."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 8, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+
+
+def test_a_disk_that_fills_mid_run_stops_every_rank_at_the_next_step_with_no_half_line(tiny_data, tmp_path):
+    """The metrics files fill the disk's last page: rank 0's append fails, every rank stops at the next step's
+    agreement with rank 0's one line (exit 2), and both files hold whole lines only."""
+    with _small_disk(tmp_path / "disk", 8) as disk:
+        out = disk / "run"
+        args = tiny_args(tiny_data, out, "--schedule.epochs=6", "--checkpoint.every_n_minutes=null")
+        args = [a for a in args if not a.startswith("--checkpoint.every_n_steps")]
+        proc = launch(args)
+        seen: list[str] = []
+        try:
+            _wait_line(proc, r"step 2/", 300, seen)
+            _fill(disk)
+            rest, _ = proc.communicate(timeout=300)
+            ended = time.monotonic()
+            while run_processes(proc.run_tag) and time.monotonic() - ended < 30:
+                time.sleep(0.5)
+            left = run_processes(proc.run_tag)
+        finally:
+            if proc.poll() is None or run_processes(proc.run_tag):
+                kill_run(proc)
+        log = "".join(seen) + rest
+        assert not left, f"processes left: {sorted(left)}"
+        errors = [line for line in log.splitlines() if line.startswith("error: cannot append to")]
+        assert len(errors) == 1, log[-3000:]
+        assert re.search(r"metrics\.(jsonl|csv): No space left on device at step \d+", errors[0]), errors[0]
+        assert "mixmo_dist/" not in log.split("error: cannot append", 1)[1], log[-3000:]  # no rank's traceback
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        assert all(json.loads(row) for row in rows) and rows[-1].endswith("}")
+        assert (out / "metrics.csv").read_text().endswith("\n")
+        failed_at = int(re.search(r"at step (\d+)", errors[0]).group(1))
+        last_step = max(int(k) for k in re.findall(r"step (\d+)/54", log))
+        assert 2 < failed_at and last_step <= failed_at + 1, (failed_at, last_step)  # stopped at the next step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -105,10 +106,33 @@ class MetricsLog:
                 writer.writerow(_flatten(rec))
 
     def append(self, record: dict) -> None:
-        with self.jsonl.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        with self.csv.open("a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerow(_flatten(record))
+        """Append one record to both files, each line whole or not at all (a full disk leaves no half line).
+
+        Raises:
+            OSError: naming the file that could not be written.
+        """
+        buf = io.StringIO(newline="")
+        csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore").writerow(_flatten(record))
+        _append_whole(self.jsonl, json.dumps(record) + "\n")
+        _append_whole(self.csv, buf.getvalue())
+
+
+def _append_whole(path: Path, text: str) -> None:
+    """Append `text` to `path`; on a failed write (ENOSPC mid-line) the file is cut back to its previous end."""
+    data = text.encode()
+    with naming_the_file(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 class BestValidation:

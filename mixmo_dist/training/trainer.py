@@ -32,7 +32,7 @@ from mixmo_dist.model.sync_bn import use_sync_batchnorm
 from mixmo_dist.model.weights import init_from_vanilla
 from mixmo_dist.ops import cut_probability, sample_mixing
 from mixmo_dist.ops.input_cutmix import input_cutmix
-from mixmo_dist.runtime.collectives import Collectives
+from mixmo_dist.runtime.collectives import Collectives, StopAllRanks
 from mixmo_dist.runtime.faults import Watchdog, record_and_requeue, set_collective_timeout
 from mixmo_dist.runtime.files import naming_the_file, write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
@@ -119,6 +119,7 @@ class Trainer:
         self.last_eval = -1  # the step of the last validation row; restored, so a finished run is not evaluated twice
         self.fault_nan = _fault_nan_steps(self.rank)
         self.fault_stall = _fault_stall(self.rank)
+        self.write_error: str | None = None  # rank 0's failed metrics write, until every rank agrees to stop
         fault = cfg.fault
         # Until the first step, the watchdog allows what start-up may take (resume, compile, a cold first batch).
         startup_limit = max(fault.watchdog_s, fault.startup_timeout_s) if fault.watchdog_s else 0.0
@@ -248,7 +249,7 @@ class Trainer:
                     rec = self._train_record(res, window_rows / max(t2 - window_t0, 1e-9), t1 - t0, t2 - t1)
                     window_t0, window_rows = time.monotonic(), 0
                     if self.acc.is_main_process:
-                        self.metrics.append(rec)
+                        self._append_metrics(rec)
                         progress.update(self.step, rec)
                         self.acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
                 # The end-of-run validation comes before the last step's save, so the checkpoint records it
@@ -266,6 +267,7 @@ class Trainer:
                 self._log_val(self.evaluate())
             if saved_at != self.step:
                 self._save()
+            self.comm.agree(self.write_error)  # a metrics row lost after the last step's agreement
             return "completed"
         finally:
             self.watchdog.stop()
@@ -291,8 +293,24 @@ class Trainer:
                     fault.startup_timeout_s,
                 )
 
+    def _append_metrics(self, rec: dict) -> None:
+        """Rank 0 appends a metrics row; a failed write (a full disk) is kept and stops every rank at the next
+        step's agreement, instead of a traceback on rank 0 while the others wait for it."""
+        if self.write_error is not None:
+            return
+        try:
+            self.metrics.append(rec)
+        except OSError as err:
+            self.write_error = (
+                f"cannot append to {err.filename}: {err.strerror or err} at step {self.step}; the rows before it are "
+                f"whole and the last complete checkpoint ({self.checkpoints.latest or 'none yet'}) is intact: free "
+                "space and run the same command again to resume"
+            )
+
     def _save(self) -> None:
         with self.faults.during("checkpoint save"):
+            # A checkpoint must not be committed after a lost metrics row: it would record that step as done.
+            self.comm.agree(self.write_error)
             self.checkpoints.save(on_file=self.watchdog.beat)
         self.faults.checkpoint_step = self.step
         self.watchdog.beat()
@@ -344,9 +362,12 @@ class Trainer:
                 torch.tensor(self.stop_signal.flag, device=self.device),
                 torch.tensor(float(save_due), device=self.device),
                 torch.tensor(self.guard.flag(), device=self.device),
+                torch.tensor(float(self.write_error is not None), device=self.device),
             ]
         )
-        bad, stop, due, data_failed = self.comm.max(local).tolist()  # the one host sync of a step
+        bad, stop, due, data_failed, write_failed = self.comm.max(local).tolist()  # the one host sync of a step
+        if write_failed:
+            raise StopAllRanks(self.write_error or "", report=self.write_error is not None)
         grad_norm = None
         if data_failed:
             self.optimizer.zero_grad(set_to_none=True)
@@ -482,7 +503,7 @@ class Trainer:
         rec = {"split": "val", "step": self.step, "epoch": round(self.epoch, 4)}
         rec.update({k: v for k, v in result.items() if k != "reliability"})
         rec.update(self.best.record())
-        self.metrics.append(rec)
+        self._append_metrics(rec)
         members = " ".join(f"{v:.3f}" for v in result["member_top1"])
         log.info(
             "val step %d: top1 %.4f top5 %.4f nll %.4f ece %.4f members %s (best %.4f at step %d, %s split)",
