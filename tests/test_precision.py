@@ -52,6 +52,8 @@ def test_launcher_bf16_under_auto_trains_in_bf16(bf16_runs, reference_run):
     mixing draws), by less than bf16's rounding could explain away."""
     run = json.loads((bf16_runs["a"] / "run.json").read_text())
     assert run["mixed_precision"] == "bf16" and run["config"]["run"]["mixed_precision"] == "auto"
+    # run.tf32=auto: TF32 on for a bf16 run, off for the fp32 reference (fp32 means fp32 on GPUs)
+    assert run["tf32"] is True and json.loads((reference_run / "run.json").read_text())["tf32"] is False
     bf16, fp32 = _step_loss(bf16_runs["a"], 1), _step_loss(reference_run, 1)
     assert bf16 != fp32, "the bf16 run computed exactly the float32 loss: autocast did nothing"
     assert abs(bf16 - fp32) < 0.05 * abs(fp32), (bf16, fp32)
@@ -124,3 +126,21 @@ def test_compile_trains_through_inductor(tiny_data, tmp_path):
     for step in (1, 2):
         got, want = _step_loss(compiled, step), _step_loss(eager, step)
         assert abs(got - want) <= 1e-4 * abs(want), (step, got, want)
+
+
+@pytest.mark.parametrize(
+    ("mode", "precision", "on"),
+    [("auto", "no", False), ("auto", "bf16", True), ("auto", "fp16", True), ("on", "no", True), ("off", "bf16", False)],
+)
+def test_tf32_follows_the_key_and_the_precision(mode, precision, on):
+    """`run.tf32` sets torch's two TF32 switches (matmuls and cuDNN convolutions) together; each case starts from the
+    opposite state, so a switch left alone is seen."""
+    from mixmo_dist.runtime.accelerator import use_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not on
+        assert use_tf32(mode, precision) is on
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

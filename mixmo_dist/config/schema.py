@@ -311,6 +311,10 @@ class RunConfig(_Section, section="run"):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast dtype: auto follows the launcher's --mixed_precision; an explicit value wins over the launcher. fp16
     needs CUDA."""
+    tf32: Literal["auto", "on", "off"] = "auto"
+    """TF32 for float32 matmuls and convolutions on Ampere and later GPUs (10-bit mantissa, faster). auto: on for
+    bf16/fp16 runs, off for fp32 runs, so that fp32 means fp32 as in the authors' runs (torch itself enables TF32 for
+    convolutions by default). No effect without CUDA."""
 
     def _validate(self) -> None:
         self._check("name", bool(self.name.strip()), "a non-empty string")

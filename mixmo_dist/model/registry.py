@@ -14,8 +14,9 @@
 Both expose timm's interface (`forward_features`, `forward_head(x, pre_logits=True)`, `get_classifier`,
 `reset_classifier`) and a `pretrained_cfg` whose `first_conv` ("conv1", bias-free) and `classifier` ("fc") name the
 layers MixMo duplicates. Their `mean`/`std` are the reference's normalisation of the dataset each was made for (the
-trainer normalises with the arch's statistics). Initialisation follows timm's ResNets (He normal, fan_out) rather
-than the reference's truncated He fan_in, as the project decided for every backbone.
+trainer normalises with the arch's statistics). Built alone they get timm's ResNet initialisation (He normal,
+fan_out; `_init_weights`); the CIFAR and Tiny ImageNet recipes set `model.init: reference`, which re-initialises every
+conv and head as the authors do (truncated He fan_in, `model/init.py`), so the recipes train the reference's init.
 
 Importing this module registers the names; `mixmo_dist.model` imports it.
 

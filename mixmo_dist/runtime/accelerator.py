@@ -29,7 +29,14 @@ def die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG: ranks may outlive a killed launcher")
 
 
-def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: bool, startup_timeout_s: float = 1800.0):
+def build_accelerator(
+    mixed_precision: str,
+    *,
+    output_dir: str,
+    tensorboard: bool,
+    startup_timeout_s: float = 1800.0,
+    tf32: str = "auto",
+):
     """Accelerator for DDP (NCCL on GPU, gloo on CPU) and AMP.
 
     The process group starts with `startup_timeout_s` as its collective timeout (the trainer shortens it after the
@@ -75,7 +82,23 @@ def build_accelerator(mixed_precision: str, *, output_dir: str, tensorboard: boo
         ],
     )
     check_world(accelerator.num_processes, os.environ)
+    use_tf32(tf32, accelerator.mixed_precision)
     return accelerator
+
+
+def use_tf32(mode: str, precision: str) -> bool:
+    """Set torch's TF32 switches for matmuls and cuDNN convolutions (`run.tf32`); returns whether TF32 is on.
+
+    torch enables TF32 for convolutions by default on Ampere and later GPUs, so an fp32 run there is not fp32 unless
+    the switch is turned off; "auto" keeps it for mixed-precision runs (whose matmuls are bf16/fp16 anyway) and turns
+    it off for fp32 ones. The switches are process-wide and harmless without CUDA.
+    """
+    on = mode == "on" or (mode == "auto" and precision in ("bf16", "fp16"))
+    with warnings.catch_warnings():  # newer torch prefers fp32_precision; these names work on 2.11 and 2.14
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return on
 
 
 def check_tensorboard() -> None:

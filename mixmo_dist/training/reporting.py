@@ -257,6 +257,8 @@ def run_info(cfg: Config, accelerator, model: torch.nn.Module, data, hosts: list
         "hosts": hosts,
         "device": str(device) + cuda_name,
         "mixed_precision": str(accelerator.mixed_precision),
+        # What the GPU computes float32 matmuls and convolutions in (run.tf32): fp32 means fp32 only when this is off.
+        "tf32": bool(torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32),
         "num_params": sum(p.numel() for p in model.parameters()),
         "version": __version__,
         "git_commit": git_commit(),

@@ -37,6 +37,7 @@ def run(argv: list[str]) -> str:
         output_dir=cfg.run.output_dir,
         tensorboard=cfg.log.tensorboard,
         startup_timeout_s=cfg.fault.startup_timeout_s,
+        tf32=cfg.run.tf32,
     )
     setup_logging(accelerator.is_main_process)
     # Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
