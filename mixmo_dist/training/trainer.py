@@ -102,6 +102,8 @@ class Trainer:
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.faults = self.comm.faults
         self.faults.stacks_dir = self.out / "stacks"
+        if self.device.type == "cuda":  # NCCL's flight recorder dumps there on a timeout (runtime/faults.py)
+            self.faults.stacks_dir.mkdir(exist_ok=True)
         self.plan = build_plan(cfg, self.world, len(self.data.train))
         warn_if_batch_exceeds_data(cfg, self.plan, self.data.num_train)
         self.best = BestValidation(self.data.val_split)
