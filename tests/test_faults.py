@@ -450,3 +450,21 @@ def test_a_disk_that_fills_mid_run_stops_every_rank_at_the_next_step_with_no_hal
         failed_at = int(re.search(r"at step (\d+)", errors[0]).group(1))
         last_step = max(int(k) for k in re.findall(r"step (\d+)/54", log))
         assert 2 < failed_at and last_step <= failed_at + 1, (failed_at, last_step)  # stopped at the next step
+
+
+def test_a_rank_aborted_by_the_backend_leaves_its_python_stacks(tmp_path):
+    """NCCL's watchdog ends a rank whose collective timed out with SIGABRT, before any Python handler runs (CUDA
+    only, so shown here with the signal itself): the rank's stacks still reach stacks/rank_<R>.txt."""
+    code = (
+        "from pathlib import Path; import os, signal\n"
+        "from mixmo_dist.runtime.faults import FaultState\n"
+        f"st = FaultState(rank=3, stacks_dir=Path({str(tmp_path)!r}) / 'stacks')\n"
+        "st.enable_crash_stacks()\n"
+        "def waiting_in_a_collective():\n"
+        "    os.kill(os.getpid(), signal.SIGABRT)\n"
+        "waiting_in_a_collective()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=train_env(), capture_output=True, text=True)
+    assert res.returncode == -signal.SIGABRT
+    stacks = (tmp_path / "stacks" / "rank_3.txt").read_text()
+    assert "Fatal Python error: Aborted" in stacks and "waiting_in_a_collective" in stacks

@@ -156,6 +156,15 @@ class FaultState:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             return None
 
+    def enable_crash_stacks(self) -> None:
+        """Have faulthandler append every thread's stack to `stacks/rank_<R>.txt` if the process dies of SIGABRT,
+        SIGSEGV, SIGBUS, SIGFPE or SIGILL (NCCL's watchdog aborts a rank whose collective timed out)."""
+        if self.stacks_dir is None:
+            return
+        self.stacks_dir.mkdir(parents=True, exist_ok=True)
+        self._crash_file = open(self.stacks_dir / f"rank_{self.rank}.txt", "a")  # noqa: SIM115 (open for life)
+        faulthandler.enable(file=self._crash_file, all_threads=True)
+
     @contextmanager
     def during(self, op: str, *, always: bool = False) -> Iterator[None]:
         """Run a block that holds collectives as operation `op`: a broken process group inside it becomes PeerLost.

@@ -102,8 +102,10 @@ class Trainer:
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.faults = self.comm.faults
         self.faults.stacks_dir = self.out / "stacks"
-        if self.device.type == "cuda":  # NCCL's flight recorder dumps there on a timeout (runtime/faults.py)
-            self.faults.stacks_dir.mkdir(exist_ok=True)
+        if self.device.type == "cuda":
+            # NCCL's watchdog ends a rank whose collective timed out with SIGABRT, before any Python handler runs:
+            # its flight recorder dumps into stacks/, and faulthandler adds the rank's Python stacks beside it.
+            self.faults.enable_crash_stacks()
         self.plan = build_plan(cfg, self.world, len(self.data.train))
         warn_if_batch_exceeds_data(cfg, self.plan, self.data.num_train)
         self.best = BestValidation(self.data.val_split)
