@@ -1,7 +1,7 @@
 """Entry point `python -m mixmo_dist.evaluate`: checkpoint(s) -> one JSON object of metrics.
 
     python -m mixmo_dist.evaluate --checkpoint DIR [--checkpoint DIR2 ...] [--section.key=value ...] [--out FILE]
-        [--temperature-scale] [--corruptions DIR] [--split val]
+        [--temperature-scale] [--corruptions DIR] [--ood DIR] [--split val]
     accelerate launch [--multi_gpu] --num_processes N -m mixmo_dist.evaluate ...   (same result, N ranks)
 
 Each DIR is a step directory or a run output directory (its newest complete checkpoint). Each network is rebuilt
@@ -17,7 +17,11 @@ order, so the halves do not depend on the number of ranks) and adds `temperature
 `calibrated_nll`, `calibrated_ece` (T fitted on one half, reported on the other, swapped). `--corruptions DIR` reads
 ImageNet-C style folders `DIR/<corruption>/<severity>/<class>/` with the torch validation transform and adds
 `corruptions: {name: {severity: {top1, nll, ece}}}` and `corruption_mean_top1/nll/ece` (means over every
-corruption and severity).
+corruption and severity). Every evaluation adds selective prediction on the evaluated split: `aurc` and
+`risk_at_80` (samples ranked by the ensemble's max softmax). `--ood DIR` (an image folder of classes outside the
+training set, read with the torch validation transform) adds `ood: {dir, num_images, msp|entropy|disagreement:
+{auroc, aupr, fpr95}}`, OOD as the positive class (`evaluation/ood.py` defines each score and metric). Both gather
+one row of 4 scores per sample, so they are exact under several ranks too.
 
 The JSON goes to stdout (rank 0 only; logs go to stderr) and to `--out`; nothing is written anywhere else, so the
 run directories read may be read-only. A corrupt checkpoint of a run directory is skipped with a warning naming
@@ -71,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         help="add temperature-scaled NLL/ECE (fit on one half, report on the other, swapped)",
     )
     parser.add_argument("--corruptions", help="ImageNet-C style DIR/<corruption>/<severity>/<class>/ to evaluate")
+    parser.add_argument(
+        "--ood", help="image folder DIR/<class>/<image> of classes outside the training set: OOD detection metrics"
+    )
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
     return parser
 

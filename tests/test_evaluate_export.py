@@ -501,3 +501,40 @@ def test_init_from_errors_name_file_and_key(run_a, exported, tmp_path):
     text.write_text("hello")
     with pytest.raises(ValueError, match="unsupported file type '.txt'"):
         init_from_vanilla(build_model("resnet18", 2, 10), str(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OOD detection and selective prediction (issue 23).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ood_dir(tmp_path_factory) -> Path:
+    """An image folder of 2 classes outside the training set: 7 uniform-noise JPEGs each (14 images, not a multiple
+    of 2 ranks' batches)."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("ood") / "noise"
+    rng = np.random.default_rng(0)
+    for name in ("noise_a", "noise_b"):
+        (root / name).mkdir(parents=True)
+        for i in range(7):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.JPEG", quality=90)
+    return root
+
+
+def test_ood_and_selective_metrics_are_exact_over_ranks(run_a, ood_dir):
+    one = _evaluate("--checkpoint", str(run_a), "--ood", str(ood_dir))
+    two = _evaluate("--checkpoint", str(run_a), "--ood", str(ood_dir), nproc=2)
+    assert one["ood"]["num_images"] == 14 and one["ood"]["dir"] == str(ood_dir)
+    for score in ("msp", "entropy", "disagreement"):
+        for metric in ("auroc", "aupr", "fpr95"):
+            assert 0.0 <= one["ood"][score][metric] <= 1.0, (score, metric)
+            assert two["ood"][score][metric] == pytest.approx(one["ood"][score][metric], abs=1e-9), (score, metric)
+    for metric in ("aurc", "risk_at_80"):
+        assert 0.0 <= one[metric] <= 1.0
+        assert two[metric] == pytest.approx(one[metric], abs=1e-9)
+    # msp and entropy rank differently, so their figures are two measurements, not one copied
+    assert one["ood"]["msp"] != one["ood"]["entropy"] or one["ood"]["msp"] != one["ood"]["disagreement"]
+    assert "ood" not in _evaluate("--checkpoint", str(run_a))  # only with --ood

@@ -24,6 +24,7 @@ from mixmo_dist.data import Placement, build_data, scan_split
 from mixmo_dist.data.torch_loader import PathTable, TorchValLoader, ValSet
 from mixmo_dist.evaluation.calibration import temperature_scaled_metrics
 from mixmo_dist.evaluation.metrics import EvalAccumulator
+from mixmo_dist.evaluation.ood import ood_metrics, selective_metrics, uncertainty_scores
 from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
 from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.logs import setup_logging
@@ -108,17 +109,24 @@ class _Evaluator:
             return torch.cat([net(images_BCHW).float() for net in self.networks])
 
     def run(self, loader: Iterable, keep_logits: bool) -> tuple[dict, Tensor | None, Tensor | None]:
-        """Metrics over all ranks, plus this rank's mean logits [N_r,K] and labels [N_r] when `keep_logits`."""
+        """Metrics over all ranks, plus this rank's mean logits [N_r,K] and labels [N_r] when `keep_logits`.
+
+        Also keeps this rank's per-sample uncertainty scores [N_r,4] (`evaluation.ood.uncertainty_scores`) in
+        `self.scores`, for selective prediction and OOD detection.
+        """
         acc = EvalAccumulator(self.num_members, self.num_classes, self.device)
-        kept_logits, kept_labels = [], []
+        kept_logits, kept_labels, kept_scores = [], [], []
         for images_BCHW, labels_B in loader:
             logits_MBK = self.logits(images_BCHW)
             acc.update(logits_MBK, labels_B)
+            kept_scores.append(uncertainty_scores(logits_MBK, labels_B))
             if keep_logits:
                 kept_logits.append(logits_MBK.mean(0))
                 kept_labels.append(labels_B.to(self.device, torch.long))
         # compute() raises on an empty split; here the emptiness must be global, not one rank's (N < world size).
         result = acc.compute(reduce=self.comm.sum if self.world > 1 else None)
+        empty_scores = torch.zeros((0, 4), dtype=torch.float64, device=self.device)
+        self.scores = torch.cat(kept_scores) if kept_scores else empty_scores
         if not keep_logits:
             return result, None, None
         empty = torch.zeros((0, self.num_classes), device=self.device)
@@ -192,6 +200,23 @@ def _evaluate_corruptions(evaluator: _Evaluator, root: Path, first: LoadedCheckp
     return out
 
 
+def _evaluate_ood(evaluator: _Evaluator, root: Path, first: LoadedCheckpoint, place, in_scores_N4: Tensor) -> dict:
+    """OOD detection against the image folder `root/<class>/<image>` (classes outside the training set)."""
+    if not root.is_dir():
+        raise ValueError(f"--ood {root}: not a directory (expected DIR/<class>/<image>, classes outside training)")
+    classes, samples = scan_split(root.parent, root.name)
+    loader = TorchValLoader(ValSet(PathTable(samples), first.config.data), first.config.data, place)
+    evaluator.run(loader, keep_logits=False)
+    out_scores_N4 = gather_rows(evaluator.scores, evaluator.world, strided=True).cpu()
+    metrics = ood_metrics(in_scores_N4, out_scores_N4)
+    log.info(
+        "ood %s (%d images, %d classes): auroc msp %.4f entropy %.4f disagreement %.4f",
+        *(root, len(samples), len(classes), metrics["msp"]["auroc"], metrics["entropy"]["auroc"]),
+        metrics["disagreement"]["auroc"],
+    )
+    return {"ood": {"dir": str(root), "num_images": len(samples), **metrics}}
+
+
 def run(args: argparse.Namespace, overrides: dict) -> dict:
     """Evaluate as `args` says (on every rank); returns the result dict (the same on every rank).
 
@@ -227,6 +252,10 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
         *(len(loaded), evaluator.num_members, args.split, accelerator.num_processes),
     )
     result, logits_NK, labels_N = evaluator.run(loader, keep_logits=args.temperature_scale)
+    in_scores_N4 = gather_rows(evaluator.scores, accelerator.num_processes, strided).cpu()
+    result.update(selective_metrics(in_scores_N4))
+    if getattr(args, "ood", None):
+        result.update(_evaluate_ood(evaluator, Path(args.ood), first, place, in_scores_N4))
     if args.temperature_scale:
         all_logits_NK = gather_rows(logits_NK, accelerator.num_processes, strided)
         all_labels_N = gather_rows(labels_N, accelerator.num_processes, strided)
