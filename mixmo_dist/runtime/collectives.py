@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 from torch import nn
 
@@ -58,6 +59,19 @@ class Collectives:
             return [obj]
         with self.faults.during(f"gather in {self.faults.op}", always=True):
             return list(gather_object([obj]))
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` (any picklable value), by global rank, on rank 0 only; None on the other ranks.
+
+        What only a writer needs travels to the writer: a rank sends its object once and receives nothing, so the
+        bytes a rank other than 0 moves do not grow with the world (an all-gather grows them W-fold).
+        """
+        if self.world_size == 1:
+            return [obj]
+        with self.faults.during(f"gather to rank 0 in {self.faults.op}", always=True):
+            out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(obj, out, dst=0)
+            return out
 
     def agree(self, error: str | None) -> None:
         """Stop every rank when any rank has an `error` (a message; None when this rank is fine).
