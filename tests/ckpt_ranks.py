@@ -1,6 +1,8 @@
 """One rank of a real gloo group that saves or resumes a `CheckpointManager` (run by tests/test_checkpoint_ranks.py).
 
-    python -m ckpt_ranks save <root> [desync]    every rank saves step 7 at data position (epoch 1, batch 3)
+    python -m ckpt_ranks save <root> [desync|unwritable]
+                                                 every rank saves step 7 at data position (epoch 1, batch 3); desync:
+                                                 rank 1's replica differs; unwritable: rank 1's state is not JSON
     python -m ckpt_ranks resume <root>           every rank resumes the latest checkpoint (elastic)
 
 Every rank writes `<root>/../<mode>-rank<r>.json` (long lines printed by several ranks interleave): its rank, the
@@ -22,7 +24,7 @@ from accelerate import Accelerator
 from mixmo_dist.checkpoint.state import CheckpointManager
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.data.plan import EpochPlan
-from mixmo_dist.runtime.collectives import Collectives
+from mixmo_dist.runtime.collectives import Collectives, StopAllRanks
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 
 GLOBAL_UNIQUE = 12
@@ -51,6 +53,13 @@ class CountingCollectives(Collectives):
 
     def max(self, t):
         return self._count("max", super().max(t))
+
+
+class Unwritable:
+    """A per-rank state JSON cannot hold (a set)."""
+
+    def state_dict(self):
+        return {1, 2}
 
 
 class Counters:
@@ -90,10 +99,13 @@ def main(mode: str, root: str, *flags: str) -> None:
             with torch.no_grad():
                 model.weight[0, 0] += 1.0
         report["state"] = {"rng": rng.state_dict(), "data": plan.state_dict()}
+        if "unwritable" in flags and rank == 1:
+            manager.rank_states["bad"] = Unwritable()
         try:
             report["path"] = str(manager.save())
-        except RuntimeError as err:
+        except (RuntimeError, StopAllRanks) as err:
             report["error"] = str(err)
+            report["reports"] = getattr(err, "report", None)
     else:
         report["path"] = str(manager.resume("auto"))
         report["data"] = plan.state_dict()

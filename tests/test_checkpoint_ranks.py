@@ -67,6 +67,18 @@ def test_replicas_that_differ_stop_every_rank_and_commit_nothing(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_rank_that_cannot_write_its_file_stops_every_rank_with_one_message(saved, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(saved[0], root)
+    reports = _ranks("save", root, 3, "unwritable")  # step 7 again: the committed step 7 must stay as it is
+    message = "checkpoint save at step 7 failed: rank 1 could not write rank_1.json: cannot write "
+    assert all(r["error"].startswith(message) for r in reports), [r["error"] for r in reports]
+    assert "not JSON serializable" in reports[0]["error"]
+    assert [r["reports"] for r in reports] == [True, False, False]  # rank 0 prints it; the others stop quietly
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000007"]  # no temporary directory left
+    assert CheckpointStore(root, keep_last=2).verify(root / "step_00000007") is None
+
+
 def test_same_world_resume_restores_each_ranks_own_streams(saved, tmp_path):
     root, before = saved
     after = _ranks("resume", root, 3)

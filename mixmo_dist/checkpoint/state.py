@@ -158,7 +158,7 @@ class CheckpointManager:
         step = counters["step"]
         own = self._rank_state()
         self._check_replicas(own["param_fingerprint"], step)
-        tmp, needed, shared_bytes, path, error = None, 0, 0, None, None
+        tmp, needed, shared_bytes, path, error, failure = None, 0, 0, None, None, None
         if self.rank == 0:
             try:
                 tmp, needed = self._begin(step)
@@ -168,14 +168,11 @@ class CheckpointManager:
         if name is not None:
             report = self._write_rank_file(self.store.root / name, own)
             if self.rank == 0:
-                try:
-                    shared_bytes = self._write_shared(tmp, counters, own, needed, on_file)
-                except SaveError as err:
-                    error = str(err)
+                shared_bytes, failure = self._write_shared(tmp, counters, own, on_file)
             reports = self.comm.gather_to_main(report)
             if self.rank == 0:
                 try:
-                    path = self._commit(tmp, step, reports, needed, shared_bytes, error)
+                    path = self._commit(tmp, step, reports, needed, shared_bytes, failure)
                     log.info("saved checkpoint %s", path)
                 except SaveError as err:
                     error = str(err)
@@ -213,17 +210,21 @@ class CheckpointManager:
             opt_tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         return model_sd, opt_tensors, opt_meta
 
-    def _write_rank_file(self, tmp: Path, own: dict) -> tuple[str | None, int, str | None]:
-        """This rank's `rank_<r>.json` into the temporary directory: (sha256, bytes, None), or (None, 0, error)."""
+    def _write_rank_file(self, tmp: Path, own: dict) -> tuple[str | None, int, tuple[int | None, str] | None]:
+        """This rank's `rank_<r>.json` into the temporary directory: (sha256, bytes, None), or (None, 0, (errno,
+        message)) for rank 0 to report."""
         try:
             file, digest = self.store.write_json_digest(tmp, f"rank_{self.rank}.json", own)
             return digest, file.stat().st_size, None
-        except (OSError, CheckpointError) as err:
-            return None, 0, f"rank {self.rank} could not write rank_{self.rank}.json: {' '.join(str(err).split())}"
+        except (OSError, CheckpointError, TypeError, ValueError) as err:  # a state JSON cannot hold is a failure too
+            code = getattr(err, "errno", None) or getattr(err.__cause__, "errno", None)
+            return None, 0, (code, f"rank {self.rank} could not write rank_{self.rank}.json: {err}")
 
-    def _write_shared(self, tmp: Path, counters: dict, own: dict, needed: int, on_file: Callable[[], None]) -> int:
-        """Rank 0: the tensors and state.json, while the other ranks write their own files; returns their bytes."""
-        step = counters["step"]
+    def _write_shared(
+        self, tmp: Path, counters: dict, own: dict, on_file: Callable[[], None]
+    ) -> tuple[int, BaseException | None]:
+        """Rank 0: the tensors and state.json, while the other ranks write their own files: (their bytes, None), or
+        (0, the error)."""
         try:
             model_sd, opt_tensors, opt_meta = self._tensors()
             self.store.write_tensors(tmp, "model.safetensors", model_sd)
@@ -243,26 +244,26 @@ class CheckpointManager:
             self.store.write_json(tmp, "state.json", state)
             on_file()
             shared = ("model.safetensors", "trainer.safetensors", "state.json")
-            return sum((tmp / name).stat().st_size for name in shared)
+            return sum((tmp / name).stat().st_size for name in shared), None
         except (OSError, CheckpointError) as err:
-            raise SaveError(self._failure(step, err, needed)) from err
+            return 0, err
 
-    def _commit(self, tmp: Path, step: int, reports: list, needed: int, shared: int, error: str | None) -> Path:
-        """Rank 0: commit the temporary directory with the ranks' digests, or remove it when anything failed."""
-        failed = [message for _, _, message in reports if message is not None]
-        try:
-            if error is not None:
-                raise SaveError(error)
-            if failed:
-                raise SaveError(f"checkpoint save at step {step} failed: {failed[0]}. {self._kept()}")
-            digests = {f"rank_{r}.json": digest for r, (digest, _, _) in enumerate(reports)}
+    def _commit(
+        self, tmp: Path, step: int, reports: list, needed: int, shared: int, failure: BaseException | None
+    ) -> Path:
+        """Rank 0: commit the temporary directory with the ranks' digests, or remove it when any write failed."""
+        failed = [error for _, _, error in reports if error is not None]
+        if failure is None and failed:
+            code, message = failed[0]
+            failure = OSError(code, message) if code else OSError(message)
+        if failure is None:
             try:
-                final = self.store.commit(tmp, step, digests)
+                final = self.store.commit(tmp, step, {f"rank_{r}.json": d for r, (d, _, _) in enumerate(reports)})
             except (OSError, CheckpointError) as err:
-                raise SaveError(self._failure(step, err, needed)) from err
-        except SaveError:
+                failure = err
+        if failure is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # no 44 MB of a dead save left until the next start
-            raise
+            raise SaveError(self._failure(step, failure, needed)) from failure
         # Sizes from what was written and reported: no stat of thousands of rank files.
         self.latest, self.latest_bytes = final, shared + sum(size for _, size, _ in reports)
         return final
