@@ -20,8 +20,9 @@ from torch import Tensor
 from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.checkpoint.reader import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
 from mixmo_dist.config import ConfigError, DataConfig
-from mixmo_dist.data import Placement, build_data, scan_split
-from mixmo_dist.data.torch_loader import PathTable, TorchValLoader, ValSet
+from mixmo_dist.data import Placement, build_data
+from mixmo_dist.data.index import split_table
+from mixmo_dist.data.torch_loader import TorchValLoader, ValSet
 from mixmo_dist.evaluation.calibration import temperature_scaled_metrics
 from mixmo_dist.evaluation.metrics import EvalAccumulator
 from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
@@ -57,8 +58,11 @@ def build_folder_val_loader(
     Raises:
         ValueError: a missing split folder, an empty class folder or another class set (the message names the path).
     """
-    _, samples = scan_split(root, split, classes, reference="the checkpoint")
-    return TorchValLoader(ValSet(PathTable(samples), data_cfg), data_cfg, place)
+    first = place.rank == 0
+    _, table = split_table(
+        root, split, classes, reference="the checkpoint", cache_dir=data_cfg.index_dir, full_check=first
+    )
+    return TorchValLoader(ValSet(table, data_cfg), data_cfg, place)
 
 
 def gather_rows(t_NX: Tensor, world_size: int, strided: bool) -> Tensor:
@@ -141,6 +145,28 @@ def _broadcast_from_main(comm: Collectives, main: bool, fn: Callable[[], Any]) -
     return value
 
 
+def _first_then_others(comm: Collectives, main: bool, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0, then (once it succeeded) on the other ranks; a user error of rank 0's stops every rank.
+
+    For what reads the dataset index: rank 0 checks or builds it (one scan per evaluation) while the others wait,
+    then they read it.
+    """
+    value, error = None, None
+    if main:
+        try:
+            value = fn()
+        except (ConfigError, CheckpointError, ValueError) as err:
+            error = str(err)
+            raise
+        finally:
+            comm.broadcast_object(error)
+        return value
+    error = comm.broadcast_object(None)
+    if error is not None:
+        raise ValueError(error)
+    return fn()
+
+
 def _corruption_dirs(root: Path) -> list[tuple[str, str, Path]]:
     """(corruption, severity, severity dir) of an ImageNet-C style tree, sorted; ValueError when there is none."""
     if not root.is_dir():
@@ -220,7 +246,9 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
         mean=first.mean,
         std=first.std,
     )
-    loader, strided = _val_loader(first, classes, args.split, place)
+    loader, strided = _first_then_others(
+        comm, accelerator.is_main_process, lambda: _val_loader(first, classes, args.split, place)
+    )
     evaluator = _Evaluator(loaded, accelerator, comm)
     log.info(
         "evaluating %d network(s), %d members, split %s on %d rank(s)",
