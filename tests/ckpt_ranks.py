@@ -4,6 +4,7 @@
                                                  every rank saves step 7 at data position (epoch 1, batch 3); desync:
                                                  rank 1's replica differs; unwritable: rank 1's state is not JSON
     python -m ckpt_ranks resume <root>           every rank resumes the latest checkpoint (elastic)
+    python -m ckpt_ranks rows <root>             rank r sends r + 1 rows to rank 0 (`gather_rows_to_main`)
 
 Every rank writes `<root>/../<mode>-rank<r>.json` (long lines printed by several ranks interleave): its rank, the
 bytes the collectives handed back to it, and what it saved or restored. The global batch is 12 unique images at
@@ -92,7 +93,11 @@ def main(mode: str, root: str, *flags: str) -> None:
         describe=dict, elastic=True,
     )  # fmt: skip
     report: dict = {"rank": rank}
-    if mode == "save":
+    if mode == "rows":
+        rows = torch.arange(3 * (rank + 1), dtype=torch.float32).reshape(rank + 1, 3) + 100 * rank
+        parts = comm.gather_rows_to_main(rows)
+        report["parts"] = None if parts is None else [part.tolist() for part in parts]
+    elif mode == "save":
         counters.step = 7
         plan.load_state_dict({"epoch": 1, "batch": 3})
         if "desync" in flags and rank == 1:

@@ -351,7 +351,7 @@ class DataConfig(_Section, section="data"):
     """Where the index of an image-folder dataset (its file list, built by one scan and reused by every rank and
     start) is kept: null = `<data.root>/.mixmo_index/` when data.root is writable, else no index is kept and every
     rank scans at every start (with a warning naming this key); a path = a folder every node sees, holding one
-    sub-folder per dataset. See Data in README.md."""
+    sub-folder per dataset. See docs/DESIGN.md, Data."""
     rescan: bool = False
     """Scan the image folders again even when the dataset index looks current (its check compares each folder's
     mtime, which misses a change made within the same timestamp tick on a file system with coarse timestamps)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather, pad_across_processes
 from torch import Tensor
 
 from mixmo_dist.checkpoint import CheckpointError
@@ -65,26 +64,24 @@ def build_folder_val_loader(
     return TorchValLoader(ValSet(table, data_cfg), data_cfg, place)
 
 
-def gather_rows(t_NX: Tensor, world_size: int, strided: bool) -> Tensor:
-    """All ranks' rows of `t_NX` on every rank, in dataset order (a collective: every rank calls it).
+def rows_on_main(comm: Collectives, t_NX: Tensor, strided: bool) -> Tensor | None:
+    """All ranks' rows of `t_NX` in dataset order, on rank 0 only (None elsewhere; a collective: every rank calls
+    it). Only the rank that fits the temperature holds the N x K logits: an all-gather put them on every rank
+    (200 MB per rank on ImageNet val).
 
-    Ranks may hold different numbers of rows, so each pads to the largest count (Accelerate's
-    `pad_across_processes`) and the padding is cut off again. `strided`: rank r holds samples r::world_size
-    (torch-style sharding), so rows are interleaved back; otherwise rank r holds a contiguous block (DALI) and the
-    parts are concatenated.
+    `strided`: rank r holds samples r::world_size (torch-style sharding), so rows are interleaved back; otherwise
+    rank r holds a contiguous block (DALI) and the parts are concatenated.
     """
-    if world_size == 1:
-        return t_NX
-    sizes = gather(torch.tensor([t_NX.shape[0]], device=t_NX.device)).tolist()
-    parts = gather(pad_across_processes(t_NX, dim=0)).split(max(sizes))
-    parts = [part[:size] for part, size in zip(parts, sizes)]
+    parts = comm.gather_rows_to_main(t_NX)
+    if parts is None:
+        return None
     if not strided:
         return torch.cat(parts)
-    total = sum(sizes)
-    assert all(size == len(range(r, total, world_size)) for r, size in enumerate(sizes)), sizes
+    world, total = len(parts), sum(len(part) for part in parts)
+    assert all(len(part) == len(range(r, total, world)) for r, part in enumerate(parts)), [len(p) for p in parts]
     out = t_NX.new_empty((total, *t_NX.shape[1:]))
     for r, part in enumerate(parts):
-        out[r::world_size] = part
+        out[r::world] = part
     return out
 
 
@@ -256,9 +253,10 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
     )
     result, logits_NK, labels_N = evaluator.run(loader, keep_logits=args.temperature_scale)
     if args.temperature_scale:
-        all_logits_NK = gather_rows(logits_NK, accelerator.num_processes, strided)
-        all_labels_N = gather_rows(labels_N, accelerator.num_processes, strided)
-        result.update(temperature_scaled_metrics(all_logits_NK[None], all_labels_N))
+        all_logits_NK = rows_on_main(comm, logits_NK, strided)
+        all_labels_N = rows_on_main(comm, labels_N, strided)
+        fitted = None if all_logits_NK is None else temperature_scaled_metrics(all_logits_NK[None], all_labels_N)
+        result.update(comm.broadcast_object(fitted))  # a few numbers: every rank returns the same result
     if args.corruptions:
         result.update(_evaluate_corruptions(evaluator, Path(args.corruptions), first, classes, place))
     result.update(
