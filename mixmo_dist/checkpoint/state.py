@@ -138,7 +138,7 @@ class CheckpointManager:
         """Write a checkpoint of the current state; returns its directory on rank 0, None elsewhere.
 
         What travels is independent of the world size: the ranks agree on their replica fingerprint with one
-        all-reduce of 64 bytes; rank 0 opens the step's temporary directory and names it to the others; each rank
+        all-reduce of 128 bytes; rank 0 opens the step's temporary directory and names it to the others; each rank
         writes its own `rank_<r>.json` there (its RNG streams are never sent anywhere) while rank 0 writes the
         tensors and state.json; each rank then sends rank 0 its file's sha256 (or its error), and rank 0 commits.
         Every rank then shares rank 0's outcome: a save that fails (a full disk, a quota, EIO, a permission, on any
