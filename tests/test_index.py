@@ -132,6 +132,13 @@ def test_an_explicit_index_dir_and_a_read_only_root(tree, tmp_path, caplog):
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warned) == 1 and "data.index_dir" in warned[0], warned
         assert [label for _, label in _rows(table)] == [label for _, label in _expected(tree)]
+    split_table(tree, "train")  # written next to the data, then the data is mounted read-only elsewhere
+    with read_only_mount(tmp_path / "ro2", source=tree) as ro:
+        caplog.clear()
+        _, table = split_table(ro, "train")
+        assert not [r for r in caplog.records if r.levelno >= logging.INFO], [r.getMessage() for r in caplog.records]
+        assert _rows(table) == [(str(ro / Path(p).relative_to(tree.resolve())), c) for p, c in _expected(tree)]
+        del table  # its memory map holds the mount busy
 
 
 _RACER = """

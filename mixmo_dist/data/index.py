@@ -9,10 +9,12 @@ file system, and every rank of every start used to do it. The index keeps the sc
     <dir>/<split>.idx.lock the lock that makes one process scan while the others wait
 
 `<dir>` is `data.index_dir/<hash of the split folder>/` when that key is set, else `<data.root>/.mixmo_index/` (next
-to the data) when the root is writable; otherwise nothing is cached and every start scans (with a warning naming the
-key). The header records, for every folder the scan listed, its mtime and inode as seen *before* listing it: adding,
-removing or renaming a file changes its folder's mtime, so a later check (one stat per folder: 1,001 at ImageNet) finds
-the index stale and scans again. A header that does not parse, a file of the wrong size, another class list or
+to the data) when it exists (it is then read even on a read-only mount) or the root is writable; otherwise nothing
+is cached and every start scans (with a warning naming the key). The header records, for every folder the scan
+listed, its mtime and inode as seen *before* listing it: adding, removing or renaming a file changes its folder's
+mtime, so a later check (one stat per folder: 1,001 at ImageNet) finds the index stale and scans again; a copy of
+the tree elsewhere has other inodes, while the same tree mounted at another path keeps them (the paths are joined
+to the folder the index is read for, so it stays valid there). A header that does not parse, a file of the wrong size, another class list or
 extension set, or (on the process that checks fully) a CRC-32 that does not match the arrays also mean a new scan:
 the index is never trusted blindly. `data.rescan` forces a scan.
 
@@ -169,7 +171,8 @@ def index_dir(root: Path | str, split: str, cache_dir: str | None) -> Path | Non
     if cache_dir is not None:
         return Path(cache_dir).expanduser() / hashlib.sha256(os.fsencode(split_dir)).hexdigest()[:16]
     here = Path(root).resolve() / ".mixmo_index"
-    if here.is_dir() and os.access(here, os.W_OK):
+    # An index someone wrote next to a dataset that is now read-only (a shared mount) is still read.
+    if here.is_dir():
         return here
     return here if os.access(Path(root).resolve(), os.W_OK) else None
 
@@ -230,8 +233,6 @@ def read_index(file: Path, split_dir: Path, classes: list[str] | None, *, full: 
         stored_classes = list(header["classes"])
         if header["format"] != FORMAT:
             raise StaleIndex(f"format {header['format']!r}, this version reads {FORMAT}")
-        if header["split_dir"] != str(split_dir):
-            raise StaleIndex(f"made for {header['split_dir']}")
         if header["extensions"] != sorted(IMAGE_EXTENSIONS):
             raise StaleIndex("made with another set of image extensions")
     except (KeyError, TypeError, ValueError) as err:
@@ -304,7 +305,7 @@ def split_table(
     """
     split_dir = (Path(root) / split).resolve()
     where = index_dir(root, split, cache_dir)
-    if where is not None:
+    if where is not None and not where.is_dir():
         try:
             where.mkdir(parents=True, exist_ok=True)
         except OSError as err:
