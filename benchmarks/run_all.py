@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("bench_ops", "bench_model", "bench_data", "bench_views")
+MODULES = ("bench_ops", "bench_model", "bench_data", "bench_views", "bench_scale")
 # key -> (comparison, goal): "<=" lower is better, ">=" higher is better.
 GOALS = {
     "mask_speedup": (">=", 10.0),
@@ -29,6 +29,11 @@ GOALS = {
     "per_copy_cost_pad_random_dali": ("<=", 1.5),
     "per_copy_cost_random_resized_torch": ("<=", 3.0),
     "per_copy_cost_random_resized_dali": ("<=", 3.0),
+    # ImageNet on hundreds of ranks, by simulation (issue 21): at 1.28M files, and at 4096 against 8 ranks.
+    "scale_hit_s_largest": ("<=", 1.0),
+    "scale_worker_private_mb_largest": ("<=", 10.0),
+    "scale_save_rank0_wmax_vs_w8": ("<=", 2.0),
+    "scale_bytes_per_rank_wmax_vs_w8": ("<=", 1.05),
 }
 
 

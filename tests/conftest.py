@@ -132,12 +132,18 @@ def train_env(**extra: str) -> dict:
 
 
 def launch(
-    args: list[str], nproc: int = 2, env: dict | None = None, mixed_precision: str = "no", **popen
+    args: list[str],
+    nproc: int = 2,
+    env: dict | None = None,
+    mixed_precision: str = "no",
+    module: str = "mixmo_dist.train",
+    **popen,
 ) -> subprocess.Popen:
     """`accelerate launch --multi_gpu --num_processes N --mixed_precision P -m mixmo_dist.train ARGS` as a real
-    process group (N = 1: plain `python -m mixmo_dist.train ARGS`, which has no launcher precision)."""
+    process group (N = 1: plain `python -m mixmo_dist.train ARGS`, which has no launcher precision); `module` runs
+    another module (the tests' own rank programs, e.g. `ckpt_ranks` from this folder) the same way."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "mixmo_dist.train", *args]
+        cmd = [sys.executable, "-m", module, *args]
     else:
         cmd = [
             str(VENV_BIN / "accelerate"),
@@ -154,7 +160,7 @@ def launch(
             "--main_process_port",
             str(free_port()),
             "-m",
-            "mixmo_dist.train",
+            module,
             *args,
         ]
     popen.setdefault("cwd", REPO)
@@ -210,9 +216,15 @@ def kill_run(proc: subprocess.Popen) -> str:
 
 
 def run_train(
-    args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600, mixed_precision: str = "no"
+    args: list[str],
+    nproc: int = 2,
+    env: dict | None = None,
+    timeout: float = 600,
+    mixed_precision: str = "no",
+    module: str = "mixmo_dist.train",
 ) -> tuple[int, str]:
-    proc = launch(args, nproc, env, mixed_precision)
+    popen = {"cwd": REPO / "tests"} if module != "mixmo_dist.train" else {}
+    proc = launch(args, nproc, env, mixed_precision, module, **popen)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -43,6 +43,8 @@ def test_quick_benchmark_suite_reports_every_ratio(tmp_path):
         "synthetic_vs_real",
         "rrc_decode_per_view_vs_once_torch",
         "rrc_decode_per_view_vs_once_dali",
+        "scale_scan_vs_hit_largest",
+        "scale_save_rank0_before_wmax_vs_w8",
     ]
     for key in ratios:
         value = results.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from mixmo_dist.data.folder import scan_split
+from mixmo_dist.data.index import folder_tables
 from mixmo_dist.data.prepare_imagenet import MARKER, labels_from_csv, labels_from_devkit, main
 
 # ILSVRC2012_ID -> WNID of the miniature; ID 4 is a non-leaf synset no image uses (as in the real meta.mat).
@@ -89,7 +91,7 @@ def test_devkit_and_csv_give_the_same_labels(mini, devkit):
 
 
 @pytest.mark.parametrize("source", ["devkit", "csv"])
-def test_moves_into_synset_folders_then_refuses_a_second_run(mini, source, capsys, request):
+def test_moves_into_synset_folders_then_refuses_a_second_run(mini, source, capsys, caplog, request):
     val = mini / "imagenet" / "val"
     before = {p.name: p.read_bytes() for p in val.iterdir()}
     flag = (
@@ -99,7 +101,14 @@ def test_moves_into_synset_folders_then_refuses_a_second_run(mini, source, capsy
     )
     args = ["--val-dir", str(val), *flag, "--train-dir", str(mini / "imagenet" / "train")]
     assert main(args) == 0
-    assert "moved 7 of 7 images into 3 synset folders" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "moved 7 of 7 images into 3 synset folders" in out
+    root = mini / "imagenet"
+    assert "7 val images of 3 classes in " in out and (root / ".mixmo_index" / "val.idx").is_file(), out
+    # The index it wrote is current: the loaders read it without scanning, with the train split's class order.
+    with caplog.at_level(logging.INFO, logger="mixmo_dist"):
+        classes_i, train_i, val_i = folder_tables(root, None, first=True)
+    assert not [r for r in caplog.records if "scanning" in r.getMessage()]
     assert _layout(val) == _expected()
     assert all((val / wnid / name).read_bytes() == before[name] for name, wnid in _expected().items())
     assert (val / MARKER).is_file()
@@ -107,6 +116,9 @@ def test_moves_into_synset_folders_then_refuses_a_second_run(mini, source, capsy
     classes, samples = scan_split(mini / "imagenet", "train")
     _, val_samples = scan_split(mini / "imagenet", "val", classes)
     assert sorted((Path(p).name, classes[c]) for p, c in val_samples) == sorted(_expected().items())
+    assert classes_i == classes and [(Path(p).name, c) for p, c in val_samples] == [
+        (Path(val_i.path(i)).name, val_i.label(i)) for i in range(len(val_i))
+    ]
 
     assert main(args) == 2
     assert "already prepared" in capsys.readouterr().err

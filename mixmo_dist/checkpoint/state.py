@@ -5,8 +5,13 @@ A checkpoint directory (written through `CheckpointStore`, so atomic and sha256-
     model.safetensors     the network's state_dict (rank 0's, after the ranks' buffers were synchronised)
     trainer.safetensors   the optimizer's tensors (`optimizer/<param index>/<key>`) and the EMA's (`ema/<name>`)
     state.json            counters (step, ...), the optimizer's non-tensor state and param groups, the scaler, the
-                          shape-defining settings, and what the loop describes (config, plan, schedule, epoch)
-    rank_<r>.json         per rank: its RNG streams, its data position, a fingerprint of its replica
+                          shape-defining settings, what the loop describes (config, plan, schedule, epoch), and
+                          `reshard`: rank 0's per-rank state, which a resume on another world size restores from
+    rank_<r>.json         per rank, written by that rank: its RNG streams, its data position, a fingerprint of its
+                          replica
+
+Nothing of a rank's state travels to another rank, and a resume reads one small file per rank, so a save's and a
+resume's traffic per rank do not grow with the world size (rank 0 alone handles W digests of 64 bytes).
 
 No pickle anywhere: tensors in safetensors, everything else in JSON, so loading never executes code. The manager
 never imports the trainer: the loop hands it the state objects and the collectives it needs (like torchtitan's
@@ -82,7 +87,8 @@ class CheckpointManager:
     Args:
         store: where checkpoints go.
         comm: the run's `Collectives` (broadcast, gather, buffer sync, barrier).
-        rank: this process's global rank; rank 0 writes, every rank reads its own `rank_<r>.json`.
+        rank: this process's global rank; rank 0 writes the shared files, every rank writes and reads its own
+            `rank_<r>.json`.
         model: the unwrapped network.
         optimizer: its optimizer.
         ema: an EMA with tensor `state_dict()`, or None.
@@ -92,8 +98,8 @@ class CheckpointManager:
         shape: the shape-defining settings of this run (`SHAPE_KEYS`); a checkpoint that differs is refused.
         describe: returns informational entries for state.json (config, plan, epoch, ...); never restored.
         elastic: the run may resume a checkpoint of another world size with the same global batch (set when
-            `data.global_batch_size` is): every per-rank object is then restored with `load_resharded(states of
-            the old ranks, step)` instead of `load_state_dict`.
+            `data.global_batch_size` is): every per-rank object is then restored with `load_resharded([old rank
+            0's state], step)` instead of `load_state_dict` (every old rank held the same data position).
     """
 
     def __init__(
@@ -131,45 +137,96 @@ class CheckpointManager:
     def save(self, on_file: Callable[[], None] | None = None) -> Path | None:
         """Write a checkpoint of the current state; returns its directory on rank 0, None elsewhere.
 
-        Rank 0 writes while the others wait for its outcome, which every rank then shares: a save that fails (a
-        full disk, a quota, EIO, a permission) stops every rank together with rank 0's one-line message, instead of
-        leaving the others in a barrier. A failed save removes its temporary directory; the newest complete
-        checkpoint stays the latest.
+        What travels is independent of the world size: the ranks agree on their replica fingerprint with one
+        all-reduce of 128 bytes; rank 0 opens the step's temporary directory and names it to the others; each rank
+        writes its own `rank_<r>.json` there (its RNG streams are never sent anywhere) while rank 0 writes the
+        tensors and state.json; each rank then sends rank 0 its file's sha256 (or its error), and rank 0 commits.
+        Every rank then shares rank 0's outcome: a save that fails (a full disk, a quota, EIO, a permission, on any
+        rank) stops every rank together with one one-line message, instead of leaving the others in a barrier. A
+        failed save removes its temporary directory; the newest complete checkpoint stays the latest.
 
         Args:
             on_file: called after each file is written (the hang watchdog's heartbeat).
 
         Raises:
             RuntimeError: the replicas differ across ranks (a desync worth stopping for: DDP keeps them equal).
-            StopAllRanks: on every rank, when rank 0 could not write the checkpoint.
+            StopAllRanks: on every rank, when the checkpoint could not be written.
         """
+        on_file = on_file or (lambda: None)
         self.comm.sync_buffers(self.model)
-        states = self.comm.gather_objects(self._rank_state())
-        prints = {st["param_fingerprint"] for st in states}
         counters = self.counters.state_dict()
-        if len(prints) > 1:
-            raise RuntimeError(f"model replicas differ across ranks at step {counters['step']}: {sorted(prints)}")
-        path, error = None, None
+        step = counters["step"]
+        own = self._rank_state()
+        self._check_replicas(own["param_fingerprint"], step)
+        tmp, needed, shared_bytes, path, error, failure = None, 0, 0, None, None, None
         if self.rank == 0:
             try:
-                path = self._write(counters, states, on_file or (lambda: None))
-                log.info("saved checkpoint %s", path)
+                tmp, needed = self._begin(step)
             except SaveError as err:
                 error = str(err)
+        name = self.comm.broadcast_object(None if tmp is None else tmp.name)
+        if name is not None:
+            report = self._write_rank_file(self.store.root / name, own)
+            if self.rank == 0:
+                shared_bytes, failure = self._write_shared(tmp, counters, own, on_file)
+            reports = self.comm.gather_to_main(report)
+            if self.rank == 0:
+                try:
+                    path = self._commit(tmp, step, reports, needed, shared_bytes, failure)
+                    log.info("saved checkpoint %s", path)
+                except SaveError as err:
+                    error = str(err)
         self.comm.agree(error)  # the barrier of the save: every rank learns rank 0's outcome
         return path
 
-    def _write(self, counters: dict, states: list[dict], on_file: Callable[[], None]) -> Path:
-        step = counters["step"]
+    def _check_replicas(self, mine: str, step: int) -> None:
+        """Stop every rank when the ranks' fingerprints differ, from one all-reduce (max) of the hash and its
+        negation: equal maximum and minimum word by word means one hash everywhere (a gather would grow with W)."""
+        words = [int(mine[i : i + 8], 16) for i in range(0, len(mine), 8)]
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))  # NCCL reduces on the GPU
+        hash_H = torch.tensor(words, dtype=torch.int64, device=device)
+        both = self.comm.max(torch.cat([hash_H, -hash_H]))
+        if not torch.equal(both[: len(words)], -both[len(words) :]):
+            raise RuntimeError(
+                f"model replicas differ across ranks at step {step}: this rank's parameter fingerprint is {mine}, "
+                "and at least one other rank's is not"
+            )
+
+    def _begin(self, step: int) -> tuple[Path, int]:
+        """Rank 0: check the free space, then open the step's temporary directory."""
+        model_sd, opt_tensors, _ = self._tensors()
+        needed = self.latest_bytes or _nbytes(model_sd) + _nbytes(opt_tensors)
+        self._check_space(step, needed)
+        try:
+            return self.store.begin(step), needed
+        except OSError as err:
+            raise SaveError(self._failure(step, err, needed)) from err
+
+    def _tensors(self) -> tuple[dict, dict, dict]:
+        """(model state_dict, optimizer and EMA tensors, optimizer metadata), as saved."""
         model_sd = self.model.state_dict()
         opt_tensors, opt_meta = optimizer_tensors(self.optimizer.state_dict())
         if self.ema is not None:
             opt_tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
-        needed = self.latest_bytes or _nbytes(model_sd) + _nbytes(opt_tensors)
-        self._check_space(step, needed)
-        tmp = None
+        return model_sd, opt_tensors, opt_meta
+
+    def _write_rank_file(self, tmp: Path, own: dict) -> tuple[str | None, int, tuple[int | None, str] | None]:
+        """This rank's `rank_<r>.json` into the temporary directory: (sha256, bytes, None), or (None, 0, (errno,
+        message)) for rank 0 to report."""
         try:
-            tmp = self.store.begin(step)
+            file, digest = self.store.write_json_digest(tmp, f"rank_{self.rank}.json", own)
+            return digest, file.stat().st_size, None
+        except (OSError, CheckpointError, TypeError, ValueError) as err:  # a state JSON cannot hold is a failure too
+            code = getattr(err, "errno", None) or getattr(err.__cause__, "errno", None)
+            return None, 0, (code, f"rank {self.rank} could not write rank_{self.rank}.json: {err}")
+
+    def _write_shared(
+        self, tmp: Path, counters: dict, own: dict, on_file: Callable[[], None]
+    ) -> tuple[int, BaseException | None]:
+        """Rank 0: the tensors and state.json, while the other ranks write their own files: (their bytes, None), or
+        (0, the error)."""
+        try:
+            model_sd, opt_tensors, opt_meta = self._tensors()
             self.store.write_tensors(tmp, "model.safetensors", model_sd)
             on_file()
             self.store.write_tensors(tmp, "trainer.safetensors", opt_tensors)
@@ -180,17 +237,35 @@ class CheckpointManager:
                 "shape": self.shape,
                 "optimizer": opt_meta,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                # What a resume on another world size restores from (every rank stands at the same data position):
+                # the new ranks read it here instead of every old rank's file.
+                "reshard": {key: value for key, value in own.items() if key != "param_fingerprint"},
             }
             self.store.write_json(tmp, "state.json", state)
-            for r, rank_state in enumerate(states):
-                self.store.write_json(tmp, f"rank_{r}.json", rank_state)
             on_file()
-            final = self.store.commit(tmp, step)
+            shared = ("model.safetensors", "trainer.safetensors", "state.json")
+            return sum((tmp / name).stat().st_size for name in shared), None
         except (OSError, CheckpointError) as err:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)  # no 44 MB of a dead save left until the next start
-            raise SaveError(self._failure(step, err, needed)) from err
-        self.latest, self.latest_bytes = final, _dir_bytes(final)
+            return 0, err
+
+    def _commit(
+        self, tmp: Path, step: int, reports: list, needed: int, shared: int, failure: BaseException | None
+    ) -> Path:
+        """Rank 0: commit the temporary directory with the ranks' digests, or remove it when any write failed."""
+        failed = [error for _, _, error in reports if error is not None]
+        if failure is None and failed:
+            code, message = failed[0]
+            failure = OSError(code, message) if code else OSError(message)
+        if failure is None:
+            try:
+                final = self.store.commit(tmp, step, {f"rank_{r}.json": d for r, (d, _, _) in enumerate(reports)})
+            except (OSError, CheckpointError) as err:
+                failure = err
+        if failure is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # no 44 MB of a dead save left until the next start
+            raise SaveError(self._failure(step, failure, needed)) from failure
+        # Sizes from what was written and reported: no stat of thousands of rank files.
+        self.latest, self.latest_bytes = final, shared + sum(size for _, size, _ in reports)
         return final
 
     def _check_space(self, step: int, needed: int) -> None:
@@ -267,9 +342,12 @@ class CheckpointManager:
             for key in keys:
                 self.rank_states[key].load_state_dict(rank_state[key])
         else:
-            olds = [self.store.read_json(path, f"rank_{r}.json") for r in range(old_world)]
+            # One state for the whole old world: every old rank stood at the same data position, and the RNG
+            # streams are derived afresh. Checkpoints written before state.json held it give rank 0's file (one
+            # read per rank, not one per old rank).
+            shared = state.get("reshard") or self.store.read_json(path, "rank_0.json")
             for key in keys:
-                self.rank_states[key].load_resharded([old[key] for old in olds], state["step"])
+                self.rank_states[key].load_resharded([shared[key]], state["step"])
         return Path(path)
 
     def _load_tensors(self, path: str, state: dict) -> None:

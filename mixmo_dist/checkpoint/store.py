@@ -27,6 +27,7 @@ written as a hidden temporary file, fsynced, then `os.replace`d, so a name that 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -255,16 +256,21 @@ class CheckpointStore:
 
     def write_json(self, tmp_dir: str | Path, name: str, obj: Any) -> Path:
         """Write `obj` as the JSON file `tmp_dir/name` (sorted keys), atomically; `name` ends in `.json`."""
+        return self.write_json_digest(tmp_dir, name, obj)[0]
+
+    def write_json_digest(self, tmp_dir: str | Path, name: str, obj: Any) -> tuple[Path, str]:
+        """`write_json`, also returning the sha256 of the bytes written (for `commit(digests=...)`)."""
         tmp, _ = self._check_tmp(tmp_dir)
         file = tmp / _check_file_name(name, ".json")
         try:
             text = json.dumps(obj, indent=1, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise TypeError(f"cannot write {file}: {err}; checkpoint JSON holds only plain Python data") from err
-        write_bytes_atomic(file, text.encode() + b"\n")
-        return file
+        data = text.encode() + b"\n"
+        write_bytes_atomic(file, data)
+        return file, hashlib.sha256(data).hexdigest()
 
-    def commit(self, tmp_dir: str | Path, step: int) -> Path:
+    def commit(self, tmp_dir: str | Path, step: int, digests: Mapping[str, str] | None = None) -> Path:
         """Turn a finished temporary directory into the committed checkpoint `root/step_<N>` (global rank 0 only).
 
         Call it after a barrier that follows every rank's writes. Order: fsync every file, write `COMPLETE`
@@ -273,6 +279,11 @@ class CheckpointStore:
         checkpoint forks the run, and the later ones belong to the abandoned branch); rename into place; fsync
         the root; replace `latest`; prune to the newest `keep_last` complete checkpoints (never this one).
 
+        Args:
+            digests: {file name: sha256} of files that other ranks wrote (fsynced, `write_json`'s digest): they
+                are listed as given and neither reread nor fsynced here, so the committing rank's work does not
+                grow with the number of writers. Each must be in the directory.
+
         Returns:
             The committed directory `root/step_<N>`.
         """
@@ -280,19 +291,29 @@ class CheckpointStore:
         name = self.step_dir_name(step)
         if tmp_name != name:
             raise CheckpointError(f"{tmp} was made by begin() for {tmp_name}, not for step {step}")
-        entries = sorted(tmp.iterdir())
-        unfinished = [p.name for p in entries if p.name.startswith(".")]
+        digests = dict(digests or {})
+        # scandir's entry types come with the listing: no stat per file, which at thousands of rank files counts.
+        with os.scandir(tmp) as it:
+            entries = sorted((e for e in it), key=lambda e: e.name)
+        unfinished = [e.name for e in entries if e.name.startswith(".")]
         if unfinished:
             raise CheckpointError(f"{tmp} holds unfinished writes {unfinished}: commit only after every rank wrote")
-        bad = [p.name for p in entries if p.is_symlink() or not p.is_file() or p.name in _RESERVED_NAMES]
+        bad = [e.name for e in entries if e.is_symlink() or not e.is_file() or e.name in _RESERVED_NAMES]
         if bad:
             raise CheckpointError(f"{tmp} holds entries that cannot be checkpoint files: {bad}")
         if not entries:
             raise CheckpointError(f"{tmp} is empty: nothing was written for step {step}")
+        missing = sorted(set(digests) - {e.name for e in entries})
+        if missing:
+            raise CheckpointError(f"{tmp} lacks files its writers reported: {missing[:5]}")
         marker: dict[str, Any] = {"step": step}
-        for path in entries:
+        for entry in entries:
+            if entry.name in digests:
+                marker[entry.name] = digests[entry.name]
+                continue
+            path = Path(entry.path)
             fsync_file(path)
-            marker[path.name] = sha256_file(path)
+            marker[entry.name] = sha256_file(path)
         write_bytes_atomic(tmp / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode() + b"\n")
         fsync_dir(tmp)
 

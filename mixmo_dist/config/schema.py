@@ -351,6 +351,14 @@ class DataConfig(_Section, section="data"):
     worker_timeout_s: float = 600.0
     """Torch backend: longest wait for one batch from the workers before the run stops with an error naming this
     key (a stuck worker, e.g. on a hung file system, would otherwise hang every rank); 0 waits forever."""
+    index_dir: str | None = None
+    """Where the index of an image-folder dataset (its file list, built by one scan and reused by every rank and
+    start) is kept: null = `<data.root>/.mixmo_index/` when data.root is writable, else no index is kept and every
+    rank scans at every start (with a warning naming this key); a path = a folder every node sees, holding one
+    sub-folder per dataset. See docs/DESIGN.md, Data."""
+    rescan: bool = False
+    """Scan the image folders again even when the dataset index looks current (its check compares each folder's
+    mtime, which misses a change made within the same timestamp tick on a file system with coarse timestamps)."""
     train_crop: Literal["random_resized", "pad_random"] = "random_resized"
     """Training crop: RandomResizedCrop (ImageNet) or pad-4 random crop (CIFAR / Tiny ImageNet recipes)."""
     min_crop_scale: float = 0.25
@@ -380,6 +388,7 @@ class DataConfig(_Section, section="data"):
         self._check("val_batch_size", self.val_batch_size is None or self.val_batch_size >= 1, ">= 1 or null")
         self._check("num_workers", self.num_workers >= 0, ">= 0")
         self._check("worker_timeout_s", self.worker_timeout_s >= 0, ">= 0 (0 waits forever)")
+        self._check("index_dir", self.index_dir is None or bool(self.index_dir.strip()), "a non-empty path or null")
         self._check("min_crop_scale", 0 < self.min_crop_scale <= 1, "in (0, 1]")
         self._check("dali_threads", self.dali_threads >= 1, ">= 1")
         self._check("dali_prefetch", self.dali_prefetch >= 1, ">= 1")

@@ -36,7 +36,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Data
-from mixmo_dist.data.folder import CorruptImageError, load_rgb, scan_split, unreadable_image
+from mixmo_dist.data.folder import CorruptImageError, load_rgb, unreadable_image
+from mixmo_dist.data.index import PathTable, folder_tables
 from mixmo_dist.data.placement import Placement
 from mixmo_dist.data.plan import EpochPlan
 from mixmo_dist.data.transforms import pad_random_views
@@ -197,8 +198,7 @@ class _Batches:
     def __init__(
         self,
         *,
-        paths: Sequence[str],
-        labels: Sequence[int],
+        table: PathTable,
         aug: _Augment,
         batch_size: int,
         rank: int,
@@ -207,9 +207,11 @@ class _Batches:
         prefetch: int,
         device: torch.device,
     ) -> None:
-        self._paths = list(paths)
+        # The shared file table (memory-mapped from the dataset index): each epoch's pipeline gets a list of this
+        # rank's files only, never one of the whole split.
+        self._paths = table.paths
         # index -> class, on the device, so the label lookup happens where the labels are consumed.
-        self._class_of_N = torch.as_tensor(list(labels), dtype=torch.int64, device=device)
+        self._class_of_N = torch.as_tensor(np.array(table.labels()), dtype=torch.int64, device=device)
         self._aug = aug
         self._batch_size = batch_size
         self._rank = rank
@@ -222,7 +224,7 @@ class _Batches:
         )
 
     @property
-    def paths(self) -> list[str]:
+    def paths(self) -> Sequence[str]:
         """The split's sample paths; `iter_with_indices` yields indices into this list."""
         return self._paths
 
@@ -553,11 +555,10 @@ def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
             f"data.backend dali-gpu decodes on a CUDA device, but the device is {place.device} "
             f"(CUDA available: {torch.cuda.is_available()}); use dali-cpu or torch"
         )
-    classes, train_samples = scan_split(cfg.root, "train")
-    _, val_samples = scan_split(cfg.root, "val", classes)
-    if len(val_samples) < place.world_size:
+    classes, train_table, val_table = folder_tables(cfg.root, cfg.index_dir, rescan=cfg.rescan, first=place.rank == 0)
+    if len(val_table) < place.world_size:
         raise ValueError(
-            f"{cfg.root}/val holds {len(val_samples)} images, fewer than the {place.world_size} ranks: every rank "
+            f"{cfg.root}/val holds {len(val_table)} images, fewer than the {place.world_size} ranks: every rank "
             "needs one"
         )
     aug = _Augment(
@@ -582,17 +583,15 @@ def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
         seed=place.seed,
     )
     train = DaliTrainLoader(
-        paths=[p for p, _ in train_samples],
-        labels=[c for _, c in train_samples],
+        table=train_table,
         batch_size=place.unique_per_rank,
-        num_samples=len(train_samples),
+        num_samples=len(train_table),
         **common,
     )
     val = DaliValLoader(
-        paths=[p for p, _ in val_samples],
-        labels=[c for _, c in val_samples],
+        table=val_table,
         batch_size=place.val_batch_size,
-        num_samples=len(val_samples),
+        num_samples=len(val_table),
         **common,
     )
     return Data(
@@ -601,7 +600,7 @@ def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
         classes=classes,
         mean=place.mean,
         std=place.std,
-        num_train=len(train_samples),
-        num_val=len(val_samples),
+        num_train=len(train_table),
+        num_val=len(val_table),
         backend="dali-gpu" if gpu else "dali-cpu",
     )

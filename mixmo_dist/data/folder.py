@@ -48,31 +48,84 @@ def unreadable_image(path: str | Path) -> UnreadableImageError | None:
         return None  # missing or another failure: the decoder's own error says what it is
 
 
-def _list_images(class_dir: Path) -> list[str]:
-    """All image files below `class_dir` (recursively, following no symlinked dirs), as path strings."""
-    found = []
+def _list_class(split_dir: str, class_name: str, files: list[str], dirs: list[list]) -> None:
+    """Image files below `split_dir/class_name` as paths relative to `split_dir` (recursively; hidden entries
+    skipped, symlinked folders not followed, as os.walk), and every folder listed as [relative path, mtime_ns,
+    inode], stat'ed *before* it is listed: a change during the listing leaves the folder newer than recorded."""
+    pending = [class_name]
+    while pending:
+        rel = pending.pop()
+        full = os.path.join(split_dir, rel)
+        st = os.stat(full)
+        dirs.append([rel, st.st_mtime_ns, st.st_ino])
+        try:
+            entries = os.scandir(full)
+        except PermissionError as err:
+            # Skipped silently, an unreadable class would be reported as empty: name it as unreadable instead.
+            class_dir = os.path.join(split_dir, class_name)
+            where = "" if rel == class_name else f" (its sub-directory {full})"
+            raise ValueError(
+                f"class directory {class_dir} cannot be read{where}: {err.strerror}; make it readable by the user "
+                "running the training (e.g. chmod -R a+rX)"
+            ) from None
+        with entries:
+            for entry in entries:
+                # Hidden folders (.ipynb_checkpoints, .AppleDouble) and files are never part of a dataset.
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if not entry.is_symlink():
+                        pending.append(os.path.join(rel, entry.name))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    files.append(os.path.join(rel, entry.name))
 
-    def unreadable(err: OSError) -> None:
-        # os.walk skips a directory it cannot list by default: an unreadable class was then reported as empty.
-        where = "" if Path(err.filename) == class_dir else f" (its sub-directory {err.filename})"
-        raise ValueError(
-            f"class directory {class_dir} cannot be read{where}: {err.strerror}; make it readable by the user "
-            "running the training (e.g. chmod -R a+rX)"
-        )
 
-    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable):
-        # Hidden folders (.ipynb_checkpoints, .AppleDouble) are never part of a dataset.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, name))
-    return found
+def scan(
+    root: Path | str, split: str, classes: list[str] | None = None, *, reference: str = "train"
+) -> tuple[list[str], list[str], np.ndarray, list[list]]:
+    """Scans `root/<split>`: (classes, paths relative to the split folder sorted, int64 labels [N], folders).
+
+    The folders are [relative path, mtime_ns, inode] of every folder listed (the split folder first, as ""): what
+    a dataset index (data/index.py) checks to know it still describes the files. One listing per folder; no stat
+    per file.
+
+    Raises:
+        ValueError: as `scan_split`.
+    """
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise ValueError(f"dataset split not found: {split_dir} is not a directory (expected <class>/<image> in it)")
+    st = os.stat(split_dir)
+    dirs: list[list] = [["", st.st_mtime_ns, st.st_ino]]
+    with os.scandir(split_dir) as entries:
+        found = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+    if not found:
+        raise ValueError(f"no class directories in {split_dir} (expected {split_dir}/<class>/<img>)")
+    if classes is not None and found != sorted(classes):
+        extra = sorted(set(found) - set(classes))
+        missing = sorted(set(classes) - set(found))
+        raise ValueError(f"{split_dir}: {split} has classes not in {reference}: {extra}; missing: {missing}")
+    class_list = found if classes is None else list(classes)
+    label_of = {name: label for label, name in enumerate(class_list)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for name in found:
+        files: list[str] = []
+        _list_class(str(split_dir), name, files, dirs)
+        if not files:
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            raise ValueError(f"empty class directory: {split_dir / name} holds no image file ({exts})")
+        paths.extend(files)
+        labels.extend([label_of[name]] * len(files))
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    return class_list, [paths[i] for i in order], np.asarray(labels, dtype=np.int64)[order], dirs
 
 
 def scan_split(
     root: Path | str, split: str, classes: list[str] | None = None, *, reference: str = "train"
 ) -> tuple[list[str], list[tuple[str, int]]]:
-    """Lists the classes and samples of `root/<split>`.
+    """Lists the classes and samples of `root/<split>` (a fresh scan; the loaders read a cached index instead, see
+    data/index.py).
 
     Args:
         root: dataset root holding one folder per split.
@@ -86,27 +139,9 @@ def scan_split(
         ValueError: the split folder is missing, holds no class folder, a class folder holds no image, or the
             class set differs from `classes` (the message names the path and the difference).
     """
-    split_dir = Path(root) / split
-    if not split_dir.is_dir():
-        raise ValueError(f"dataset split not found: {split_dir} is not a directory (expected <class>/<image> in it)")
-    found = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if not found:
-        raise ValueError(f"no class directories in {split_dir} (expected {split_dir}/<class>/<img>)")
-    if classes is not None and found != sorted(classes):
-        extra = sorted(set(found) - set(classes))
-        missing = sorted(set(classes) - set(found))
-        raise ValueError(f"{split_dir}: {split} has classes not in {reference}: {extra}; missing: {missing}")
-    class_list = found if classes is None else list(classes)
-    label_of = {name: label for label, name in enumerate(class_list)}
-    samples: list[tuple[str, int]] = []
-    for name in found:
-        files = _list_images(split_dir / name)
-        if not files:
-            exts = " ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(f"empty class directory: {split_dir / name} holds no image file ({exts})")
-        samples.extend((path, label_of[name]) for path in files)
-    samples.sort(key=lambda sample: sample[0])
-    return class_list, samples
+    class_list, paths, labels, _ = scan(root, split, classes, reference=reference)
+    split_dir = str(Path(root) / split)
+    return class_list, [(os.path.join(split_dir, p), label) for p, label in zip(paths, labels.tolist(), strict=True)]
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -9,6 +9,10 @@ The 50,000 files `ILSVRC2012_val_XXXXXXXX.JPEG` move to `DIR/<wnid>/`. The label
 Kaggle's `LOC_val_solution.csv` (columns ImageId, PredictionString; the first token of PredictionString is the
 synset; no extra dependency).
 
+With --train-dir ROOT/train and --val-dir ROOT/val, it then writes the dataset index of ROOT (one scan of both
+splits, kept where `data.index_dir` says: `--index-dir`, else ROOT/.mixmo_index/), so the first training run and
+`evaluate` start without scanning.
+
 Everything is checked before the first file moves: the images present must be exactly the labelled ones, the
 synsets must equal the train class folders when --train-dir is given, and a directory already prepared (marker file,
 or images already in synset folders) is refused. An interrupted run (some images moved, no marker yet) is finished
@@ -27,6 +31,8 @@ import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from .index import folder_tables, index_dir
 
 __all__ = ["MARKER", "labels_from_csv", "labels_from_devkit", "main", "prepare_val"]
 
@@ -207,6 +213,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--devkit", type=Path, help="ILSVRC2012_devkit_t12.tar.gz (needs scipy)")
     source.add_argument("--labels-csv", type=Path, help="Kaggle's LOC_val_solution.csv")
     parser.add_argument("--train-dir", type=Path, help="train split: its class folders must equal the val synsets")
+    parser.add_argument(
+        "--index-dir", help="where the dataset index goes (data.index_dir of the runs); default: ROOT/.mixmo_index/"
+    )
     return parser.parse_args(argv)
 
 
@@ -224,6 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     moved, images, classes = summary["moved"], summary["images"], summary["classes"]
     print(f"moved {moved} of {images} images into {classes} synset folders of {args.val_dir}")
+    root = Path(args.val_dir).resolve().parent
+    if args.train_dir is not None and Path(args.train_dir).resolve() == root / "train" and args.val_dir.name == "val":
+        try:
+            names, train, val = folder_tables(root, args.index_dir, rescan=True)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        where = index_dir(root, "train", args.index_dir)
+        print(f"indexed {len(train)} train and {len(val)} val images of {len(names)} classes in {where or 'memory'}")
+    else:
+        print("no dataset index written: it needs --train-dir ROOT/train next to --val-dir ROOT/val")
     return 0
 
 

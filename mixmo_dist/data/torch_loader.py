@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.seeds import derive_seed
 
-from .folder import CorruptImageError, load_rgb, scan_split
+from .folder import CorruptImageError
+from .index import PathTable, folder_tables
 from .placement import Placement
 from .plan import EpochPlan
 from .transforms import pad_random_draws, pad_random_views, random_resized_views, resized, val_transform
@@ -48,33 +49,6 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> tuple[Image.Image, int]: ...
-
-
-class PathTable:
-    """Sample paths and labels stored in flat numpy arrays.
-
-    A list of N Python strings in a Dataset gets its pages copied into every forked worker as soon as the
-    workers touch the refcounts; flat arrays stay shared (this matters at ImageNet's 1.28M paths).
-    """
-
-    def __init__(self, samples: Sequence[tuple[str, int]]) -> None:
-        encoded = [path.encode("utf-8") for path, _ in samples]
-        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-        self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
-        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self._labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, index: int) -> tuple[str, int]:
-        start, stop = self._offsets[index], self._offsets[index + 1]
-        return self._blob[start:stop].tobytes().decode("utf-8"), int(self._labels[index])
-
-    def load(self, index: int) -> tuple[Image.Image, int]:
-        """Sample `index` decoded to RGB (a `Source`); a corrupt file raises CorruptImageError naming it."""
-        path, label = self[index]
-        return load_rgb(path), label
 
 
 def _worker_message(err: CorruptImageError) -> str:
@@ -256,6 +230,5 @@ def torch_data(
 
 def build_torch_data(cfg: DataConfig, place: Placement) -> Data:
     """Builds the torch backend for an ImageNet-layout folder `cfg.root` (train/ and val/ splits)."""
-    classes, train_samples = scan_split(cfg.root, "train")
-    _, val_samples = scan_split(cfg.root, "val", classes)
-    return torch_data(cfg, PathTable(train_samples), PathTable(val_samples), classes, place)
+    classes, train, val = folder_tables(cfg.root, cfg.index_dir, rescan=cfg.rescan, first=place.rank == 0)
+    return torch_data(cfg, train, val, classes, place)

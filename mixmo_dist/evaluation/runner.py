@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather, pad_across_processes
 from torch import Tensor
 
 from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.checkpoint.reader import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
 from mixmo_dist.config import ConfigError, DataConfig
-from mixmo_dist.data import Placement, build_data, scan_split
-from mixmo_dist.data.torch_loader import PathTable, TorchValLoader, ValSet
+from mixmo_dist.data import Placement, build_data
+from mixmo_dist.data.folder import scan_split
+from mixmo_dist.data.index import PathTable, split_table
+from mixmo_dist.data.torch_loader import TorchValLoader, ValSet
 from mixmo_dist.evaluation.calibration import temperature_scaled_metrics
 from mixmo_dist.evaluation.metrics import EvalAccumulator
 from mixmo_dist.evaluation.ood import ood_metrics, selective_metrics, uncertainty_scores
@@ -58,30 +59,31 @@ def build_folder_val_loader(
     Raises:
         ValueError: a missing split folder, an empty class folder or another class set (the message names the path).
     """
-    _, samples = scan_split(root, split, classes, reference="the checkpoint")
-    return TorchValLoader(ValSet(PathTable(samples), data_cfg), data_cfg, place)
+    first = place.rank == 0
+    _, table = split_table(
+        root, split, classes, reference="the checkpoint", cache_dir=data_cfg.index_dir, full_check=first
+    )
+    return TorchValLoader(ValSet(table, data_cfg), data_cfg, place)
 
 
-def gather_rows(t_NX: Tensor, world_size: int, strided: bool) -> Tensor:
-    """All ranks' rows of `t_NX` on every rank, in dataset order (a collective: every rank calls it).
+def rows_on_main(comm: Collectives, t_NX: Tensor, strided: bool) -> Tensor | None:
+    """All ranks' rows of `t_NX` in dataset order, on rank 0 only (None elsewhere; a collective: every rank calls
+    it). Only the rank that fits the temperature holds the N x K logits: an all-gather put them on every rank
+    (200 MB per rank on ImageNet val).
 
-    Ranks may hold different numbers of rows, so each pads to the largest count (Accelerate's
-    `pad_across_processes`) and the padding is cut off again. `strided`: rank r holds samples r::world_size
-    (torch-style sharding), so rows are interleaved back; otherwise rank r holds a contiguous block (DALI) and the
-    parts are concatenated.
+    `strided`: rank r holds samples r::world_size (torch-style sharding), so rows are interleaved back; otherwise
+    rank r holds a contiguous block (DALI) and the parts are concatenated.
     """
-    if world_size == 1:
-        return t_NX
-    sizes = gather(torch.tensor([t_NX.shape[0]], device=t_NX.device)).tolist()
-    parts = gather(pad_across_processes(t_NX, dim=0)).split(max(sizes))
-    parts = [part[:size] for part, size in zip(parts, sizes)]
+    parts = comm.gather_rows_to_main(t_NX)
+    if parts is None:
+        return None
     if not strided:
         return torch.cat(parts)
-    total = sum(sizes)
-    assert all(size == len(range(r, total, world_size)) for r, size in enumerate(sizes)), sizes
+    world, total = len(parts), sum(len(part) for part in parts)
+    assert all(len(part) == len(range(r, total, world)) for r, part in enumerate(parts)), [len(p) for p in parts]
     out = t_NX.new_empty((total, *t_NX.shape[1:]))
     for r, part in enumerate(parts):
-        out[r::world_size] = part
+        out[r::world] = part
     return out
 
 
@@ -149,6 +151,28 @@ def _broadcast_from_main(comm: Collectives, main: bool, fn: Callable[[], Any]) -
     return value
 
 
+def _first_then_others(comm: Collectives, main: bool, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0, then (once it succeeded) on the other ranks; a user error of rank 0's stops every rank.
+
+    For what reads the dataset index: rank 0 checks or builds it (one scan per evaluation) while the others wait,
+    then they read it.
+    """
+    value, error = None, None
+    if main:
+        try:
+            value = fn()
+        except (ConfigError, CheckpointError, ValueError) as err:
+            error = str(err)
+            raise
+        finally:
+            comm.broadcast_object(error)
+        return value
+    error = comm.broadcast_object(None)
+    if error is not None:
+        raise ValueError(error)
+    return fn()
+
+
 def _corruption_dirs(root: Path) -> list[tuple[str, str, Path]]:
     """(corruption, severity, severity dir) of an ImageNet-C style tree, sorted; ValueError when there is none."""
     if not root.is_dir():
@@ -207,8 +231,9 @@ def _evaluate_ood(evaluator: _Evaluator, root: Path, first: LoadedCheckpoint, pl
     classes, samples = scan_split(root.parent, root.name)
     loader = TorchValLoader(ValSet(PathTable(samples), first.config.data), first.config.data, place)
     evaluator.run(loader, keep_logits=False)
-    out_scores_N4 = gather_rows(evaluator.scores, evaluator.world, strided=True).cpu()
-    metrics = ood_metrics(in_scores_N4, out_scores_N4)
+    out_scores_N4 = rows_on_main(evaluator.comm, evaluator.scores, strided=True)
+    metrics = None if out_scores_N4 is None else ood_metrics(in_scores_N4, out_scores_N4.cpu())
+    metrics = evaluator.comm.broadcast_object(metrics)  # computed on rank 0, a few numbers for every rank
     log.info(
         "ood %s (%d images, %d classes): auroc msp %.4f entropy %.4f disagreement %.4f",
         *(root, len(samples), len(classes), metrics["msp"]["auroc"], metrics["entropy"]["auroc"]),
@@ -245,21 +270,26 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
         mean=first.mean,
         std=first.std,
     )
-    loader, strided = _val_loader(first, classes, args.split, place)
+    loader, strided = _first_then_others(
+        comm, accelerator.is_main_process, lambda: _val_loader(first, classes, args.split, place)
+    )
     evaluator = _Evaluator(loaded, accelerator, comm)
     log.info(
         "evaluating %d network(s), %d members, split %s on %d rank(s)",
         *(len(loaded), evaluator.num_members, args.split, accelerator.num_processes),
     )
     result, logits_NK, labels_N = evaluator.run(loader, keep_logits=args.temperature_scale)
-    in_scores_N4 = gather_rows(evaluator.scores, accelerator.num_processes, strided).cpu()
-    result.update(selective_metrics(in_scores_N4))
+    # One row of 4 scores per sample, on rank 0 only; the few figures go back to every rank.
+    in_scores_N4 = rows_on_main(comm, evaluator.scores, strided)
+    in_scores_N4 = None if in_scores_N4 is None else in_scores_N4.cpu()
+    result.update(comm.broadcast_object(None if in_scores_N4 is None else selective_metrics(in_scores_N4)))
     if getattr(args, "ood", None):
         result.update(_evaluate_ood(evaluator, Path(args.ood), first, place, in_scores_N4))
     if args.temperature_scale:
-        all_logits_NK = gather_rows(logits_NK, accelerator.num_processes, strided)
-        all_labels_N = gather_rows(labels_N, accelerator.num_processes, strided)
-        result.update(temperature_scaled_metrics(all_logits_NK[None], all_labels_N))
+        all_logits_NK = rows_on_main(comm, logits_NK, strided)
+        all_labels_N = rows_on_main(comm, labels_N, strided)
+        fitted = None if all_logits_NK is None else temperature_scaled_metrics(all_logits_NK[None], all_labels_N)
+        result.update(comm.broadcast_object(fitted))  # a few numbers: every rank returns the same result
     if args.corruptions:
         result.update(_evaluate_corruptions(evaluator, Path(args.corruptions), first, classes, place))
     result.update(

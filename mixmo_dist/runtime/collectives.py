@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 from torch import nn
 
@@ -59,6 +60,36 @@ class Collectives:
         with self.faults.during(f"gather in {self.faults.op}", always=True):
             return list(gather_object([obj]))
 
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` (any picklable value), by global rank, on rank 0 only; None on the other ranks.
+
+        What only a writer needs travels to the writer: a rank sends its object once and receives nothing, so the
+        bytes a rank other than 0 moves do not grow with the world (an all-gather grows them W-fold).
+        """
+        if self.world_size == 1:
+            return [obj]
+        with self.faults.during(f"gather to rank 0 in {self.faults.op}", always=True):
+            out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(obj, out, dst=0)
+            return out
+
+    def gather_rows_to_main(self, t_NX: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's rows of `t_NX` (any number per rank, the same trailing shape and dtype), by global rank, on
+        rank 0 only; None on the other ranks, which send their rows once and receive nothing but the row count."""
+        if self.world_size == 1:
+            return [t_NX]
+        rows = torch.tensor([t_NX.shape[0]], dtype=torch.int64, device=t_NX.device)
+        most = int(self.max(rows).item())  # every rank pads to it: a tensor gather takes equal shapes
+        counts = self.gather_to_main(int(t_NX.shape[0]))
+        padded = t_NX.new_zeros((most, *t_NX.shape[1:]))
+        padded[: t_NX.shape[0]] = t_NX
+        with self.faults.during(f"gather of rows to rank 0 in {self.faults.op}", always=True):
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+            dist.gather(padded, parts, dst=0)
+        if parts is None:
+            return None
+        return [part[:count] for part, count in zip(parts, counts, strict=True)]
+
     def agree(self, error: str | None) -> None:
         """Stop every rank when any rank has an `error` (a message; None when this rank is fine).
 
@@ -66,10 +97,21 @@ class Collectives:
             StopAllRanks: on every rank when at least one rank passed an error; the message is the lowest failing
                 rank's, and that rank alone has `report` set.
         """
-        errors = self.gather_objects(error)
-        failed = [r for r, e in enumerate(errors) if e is not None]
-        if failed:
-            raise StopAllRanks(errors[failed[0]], report=self.rank == failed[0])
+        if self.world_size == 1:
+            if error is not None:
+                raise StopAllRanks(error, report=True)
+            return
+        # One all-reduce of a flag, and a message only when there is one: the bytes a rank moves do not grow with
+        # the world (an all-gather of every rank's None made it W-fold, at every save).
+        device = getattr(self.accelerator, "device", "cpu")
+        flag = torch.tensor([0 if error is None else self.world_size - self.rank], dtype=torch.int64, device=device)
+        lowest = int(self.max(flag).item())
+        if lowest == 0:
+            return
+        first = self.world_size - lowest
+        with self.faults.during(f"broadcast from rank {first} in {self.faults.op}", always=True):
+            message = broadcast_object_list([error], from_process=first)[0]
+        raise StopAllRanks(message, report=self.rank == first)
 
     def max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (a new tensor)."""

@@ -27,19 +27,25 @@ DATA_ERRORS = (CorruptImageError, WorkerTimeoutError)
 
 
 def build_data_on_every_rank(cfg, place: Placement, comm: Collectives) -> Data:
-    """`build_data` on every rank; when it fails on any rank (missing split, unreadable folder), every rank stops.
+    """`build_data` on rank 0, then on the other ranks; when it fails on any rank (missing split, unreadable
+    folder), every rank stops.
+
+    Rank 0 goes first because it checks the dataset index, or scans the folders and writes it (data/index.py),
+    while the others wait: one scan per start, not one per rank; they then only read it.
 
     Raises:
         StopAllRanks: on every rank, with the lowest failing rank's message (it reports it).
     """
     data, error = None, None
-    try:
-        data = build_data(cfg, place)
-    except ValueError as err:
-        error = str(err)
-    except OSError as err:
-        error = f"cannot read data.root={cfg.root}: {err}"
-    comm.agree(error)
+    for turn in (place.rank == 0, place.rank != 0):
+        if turn:
+            try:
+                data = build_data(cfg, place)
+            except ValueError as err:
+                error = str(err)
+            except OSError as err:
+                error = f"cannot read data.root={cfg.root}: {err}"
+        comm.agree(error)
     return data
 
 
