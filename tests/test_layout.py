@@ -13,7 +13,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mixmo_dist"
 
-ENTRY_POINTS = {"train", "evaluate", "export", "plot", "submit", "slurm_launch"}
+ENTRY_POINTS = {"train", "evaluate", "export", "plot", "submit", "slurm_launch", "compare"}
 TOP_LEVEL = ENTRY_POINTS | {"__init__"}
 
 # part -> the parts of mixmo_dist it may import (besides itself). "checkpoint.base" is the package's errors, its

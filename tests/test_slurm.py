@@ -25,7 +25,7 @@ from mixmo_dist import slurm_launch, submit
 from mixmo_dist.cluster import slurm as slurm_plan
 from mixmo_dist.cluster import submitit_job
 from mixmo_dist.cluster.slurm import build_argv, job_hosts, launch_env, plan_from_env, procs_per_node_from_env
-from mixmo_dist.config import load_config
+from mixmo_dist.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_HOSTS = ["gpu07", "gpu08"]
@@ -344,3 +344,91 @@ def test_submit_local_executor_runs_the_trainer(tiny_data, tmp_path):
     assert f"job {job_id}: completed" in res.stdout
     assert [r["step"] for r in train_records(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sweeps (issue 23).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sweep_words_give_the_grid_in_order_with_named_directories():
+    from mixmo_dist.cluster.sweep import parse_sweeps, point_argv, point_name, sweep_points
+
+    points = sweep_points(parse_sweeps(["run.seed=1,2,3", "--mixmo.num_members=1,2"]))
+    assert [(p["run.seed"], p["mixmo.num_members"]) for p in points] == [
+        ("1", "1"), ("1", "2"), ("2", "1"), ("2", "2"), ("3", "1"), ("3", "2")
+    ]  # fmt: skip
+    assert point_name(points[3]) == "run.seed-2_mixmo.num_members-2"
+    argv = point_argv(["--config", "c.yaml", "--run.seed=9"], points[3], "runs/grid")
+    assert argv == ["--config", "c.yaml", "--run.seed=9", "--run.seed=2", "--mixmo.num_members=2",
+                    f"--run.output_dir={Path('runs/grid/run.seed-2_mixmo.num_members-2')}"]  # fmt: skip
+    assert point_name({"data.root": "/data/x y"}) == "data.root-_data_x_y"
+    for bad, message in [
+        (["run.seed"], "expected section.key=V1,V2"),
+        (["seed=1,2"], "expected section.key=V1,V2"),
+        (["run.seed=1,,2"], "empty value"),
+        (["run.seed=1,1"], "repeated"),
+        (["run.seed=1", "run.seed=2"], "given twice"),
+        (["run.output_dir=a,b"], "derived from run.output_dir"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_sweeps(bad)
+
+
+def test_a_sweep_with_a_bad_key_or_value_submits_nothing(tmp_path, capsys):
+    base = [f"--run.output_dir={tmp_path}", "--cluster=local"]
+    assert submit.main([*base, "--sweep", "run.sed=1,2"]) == 2
+    assert "run.sed" in capsys.readouterr().err
+    assert submit.main([*base, "--sweep", "mixmo.num_members=2,zero"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep point mixmo.num_members-zero" in err and "mixmo.num_members" in err
+    assert not (tmp_path / "submitit").exists()  # nothing was submitted
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_point_locally_and_reports_the_failed_ones(tiny_data, tmp_path):
+    """2 seeds x 2 data roots, one of them missing: 4 local jobs; the 2 points without data fail, the other 2 train
+    into their own directories with their own seeds, and --wait names the failed points."""
+    base = tmp_path / "grid"
+    missing = tmp_path / "nodata"
+    args = tiny(tiny_data, base, "--schedule.epochs=1", "--schedule.max_steps=2", "--slurm.timeout_min=10")
+    sweeps = ["--sweep", "run.seed=1,2", "--sweep", f"data.root={tiny_data},{missing}"]
+    res = subprocess.run(
+        [sys.executable, "-m", "mixmo_dist.submit", "--cluster=local", "--wait", *sweeps, *args],
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert len(re.findall(r"submitted job \S+ \(local, 1 tasks\) for run\.seed-\d_data\.root-", out)) == 4, out
+    good = {seed: base / f"run.seed-{seed}_data.root-{str(tiny_data).replace('/', '_')}" for seed in (1, 2)}
+    bad = [f"run.seed-{seed}_data.root-{str(missing).replace('/', '_')}" for seed in (1, 2)]
+    assert f"2 of 4 sweep points failed: {bad[0]}, {bad[1]}" in out
+    for seed, run in good.items():
+        assert [r["step"] for r in train_records(run)] == [1, 2], out
+        assert load_config(["--config", str(run / "config.yaml")]).run.seed == seed
+    losses = [train_records(good[s])[0]["loss"] for s in (1, 2)]
+    assert losses[0] != losses[1]  # two seeds, two runs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sweep_on_slurm_is_one_job_array(slurm_cluster, tiny_data, tmp_path):
+    """`--sweep run.seed=1,2` on the two-node SLURM: one `sbatch --array=0-1` (at most slurm.array_parallelism at
+    once), each array task a run of its own that completes in its own directory."""
+    base = tmp_path / "grid"
+    args = tiny(tiny_data, base, "--schedule.epochs=1", "--schedule.max_steps=2", "--slurm.timeout_min=10")
+    args += ["--slurm.cpus_per_task=1", "--slurm.array_parallelism=2"]
+    res = subprocess.run(
+        [sys.executable, "-m", "mixmo_dist.submit", "--cluster=slurm", "--wait", "--sweep", "run.seed=1,2", *args],
+        cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    ids = re.findall(r"submitted job (\d+)_(\d) \(slurm, 1 tasks\) for run\.seed-(\d)", out)
+    assert [(task, seed) for _, task, seed in ids] == [("0", "1"), ("1", "2")] and ids[0][0] == ids[1][0], out
+    script = next((base / "submitit").glob("*_submission.sh")).read_text()
+    assert "#SBATCH --array=0-1%2" in script
+    for seed in (1, 2):
+        run = base / f"run.seed-{seed}"
+        assert [r["step"] for r in train_records(run)] == [1, 2]
+        assert (run / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

@@ -138,8 +138,9 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
     return {key: value for key, value in params.items() if value is not None}
 
 
-def build_executor(cfg: Config, cluster: str) -> submitit.AutoExecutor:
-    """A configured executor whose folder is `<run.output_dir>/submitit`.
+def build_executor(cfg: Config, cluster: str, *, array: bool = False) -> submitit.AutoExecutor:
+    """A configured executor whose folder is `<run.output_dir>/submitit` (`array`: a sweep's job array, with at most
+    `slurm.array_parallelism` of its jobs running at once on SLURM).
 
     Raises:
         ValueError: the local executor is asked for more than one node.
@@ -155,18 +156,27 @@ def build_executor(cfg: Config, cluster: str) -> submitit.AutoExecutor:
         local_max_num_timeout=cfg.slurm.max_requeues,
     )
     executor.update_parameters(**executor_parameters(cfg))
+    if array and cluster == "slurm":
+        executor.update_parameters(slurm_array_parallelism=cfg.slurm.array_parallelism)
     return executor
 
 
-def submit_clean(executor: submitit.AutoExecutor, job_fn: TrainJob) -> submitit.Job:
-    """Submit outside the submitter's own SLURM/torch.distributed environment, keeping SLURM_CONF."""
+def submit_clean(executor: submitit.AutoExecutor, job_fns: list[TrainJob]) -> list[submitit.Job]:
+    """Submit outside the submitter's own SLURM/torch.distributed environment, keeping SLURM_CONF; several jobs go
+    as one job array (submitit's batch: one `sbatch --array`)."""
     # A submitter inside an allocation would leak SLURM_* / MASTER_* variables into the job; clean_env hides them
     # all, including SLURM_CONF, without which sbatch cannot find a cluster that is not configured in /etc/slurm.
     slurm_conf = os.environ.get("SLURM_CONF")
     with submitit.helpers.clean_env():
         if slurm_conf is not None:
             os.environ["SLURM_CONF"] = slurm_conf
-        return executor.submit(job_fn)
+        if len(job_fns) == 1:
+            return [executor.submit(job_fns[0])]
+        jobs = []
+        with executor.batch():
+            for fn in job_fns:
+                jobs.append(executor.submit(fn))
+        return jobs
 
 
 def _squeue_state(job_id: str) -> str | None:

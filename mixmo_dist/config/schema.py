@@ -694,6 +694,8 @@ class SlurmConfig(_Section, section="slurm"):
     timeout_min (left at its default with timeout_min <= 2, it becomes half the time limit)."""
     max_requeues: int = 20
     """submitit's limit on requeues after timeouts (preemptions are not counted)."""
+    array_parallelism: int = 64
+    """A sweep's job array (`submit --sweep`): at most this many of its points run at once."""
     job_name: str | None = None
     """SLURM job name; null = run.name."""
 
@@ -705,6 +707,7 @@ class SlurmConfig(_Section, section="slurm"):
         self._check("mem_gb", self.mem_gb is None or self.mem_gb >= 1, ">= 1 or null")
         self._check("timeout_min", self.timeout_min >= 1, ">= 1")
         self._check("max_requeues", self.max_requeues >= 0, ">= 0")
+        self._check("array_parallelism", self.array_parallelism >= 1, ">= 1")
         self._check("signal_delay_s", self.signal_delay_s >= 0, ">= 0")
         for name in ("partition", "account", "qos", "constraint", "job_name"):
             value = getattr(self, name)
