@@ -310,12 +310,17 @@ class RunConfig(_Section, section="run"):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast dtype: auto follows the launcher's --mixed_precision; an explicit value wins over the launcher. fp16
     needs CUDA."""
+    num_threads: int = 0
+    """Intra-op CPU threads of each rank (torch.set_num_threads); 0 = OMP_NUM_THREADS where the user set it (a value
+    the launcher set by itself does not count), else the CPUs of the rank's affinity divided by the ranks on its
+    node. DataLoader workers keep one thread each."""
 
     def _validate(self) -> None:
         self._check("name", bool(self.name.strip()), "a non-empty string")
         self._check("output_dir", bool(self.output_dir.strip()), "a non-empty path")
         # Per-rank seeds are seed + rank and numpy-style seeders take 32 bits.
         self._check("seed", 0 <= self.seed < 2**31, "in [0, 2**31)")
+        self._check("num_threads", self.num_threads >= 0, ">= 0 (0 = auto)")
 
 
 @dataclass(frozen=True, kw_only=True)

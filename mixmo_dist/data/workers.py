@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.signals import die_with
+from mixmo_dist.runtime.startup import STARTUP
 
 from .forkserver_guard import PARENT_ENV
 from .placement import Placement
@@ -189,6 +190,7 @@ class Decoder:
         loader.batch_sampler.batches = batches
         delivered = 0
         batches_it = iter(loader)
+        STARTUP.mark("loader start")  # the workers are started; the first batch is being decoded
         try:
             for images_B3SS, labels_B in batches_it:
                 delivered += 1

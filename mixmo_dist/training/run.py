@@ -9,6 +9,8 @@ from mixmo_dist.config import load_config
 from mixmo_dist.model.sync_bn import require_cuda_for_sync_bn
 from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
 from mixmo_dist.runtime.logs import setup_logging
+from mixmo_dist.runtime.startup import STARTUP
+from mixmo_dist.runtime.threads import set_intra_op_threads
 from mixmo_dist.training.trainer import Trainer
 
 
@@ -21,12 +23,15 @@ def run(argv: list[str]) -> str:
         StopAllRanks: a user error one rank may meet alone (missing data, a corrupt image), agreed by every rank;
             its `report` is set on the one rank that should print it.
     """
+    STARTUP.mark("imports")
     cfg = load_config(argv)
     die_with_parent()
     accelerator = build_accelerator(
         cfg.run.mixed_precision, output_dir=cfg.run.output_dir, tensorboard=cfg.log.tensorboard
     )
+    set_intra_op_threads(cfg.run.num_threads)  # after the Accelerator, which may set its own count
     setup_logging(accelerator.is_main_process)
+    STARTUP.mark("runtime")
     # Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
     # shutdown after an error every rank agreed on, gloo's threads can outlive it and abort the rank ("terminate
     # called without an active exception", exit -6) after its one-line error was printed.

@@ -36,6 +36,7 @@ from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.files import write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
+from mixmo_dist.runtime.startup import STARTUP
 from mixmo_dist.training.data_errors import DataGuard, build_data_on_every_rank
 from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
@@ -87,6 +88,7 @@ class Trainer:
         self.place = data_placement(cfg, self.rank, self.world, self.device)
         # The data first: a run whose data is missing must leave nothing behind (no output directory, no lock).
         self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
+        STARTUP.mark("dataset index")
         self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.plan = build_plan(cfg, self.world, len(self.data.train))
@@ -94,6 +96,7 @@ class Trainer:
         self.num_classes = self._num_classes()
         self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
         self.raw = accelerator.unwrap_model(self.model)
+        STARTUP.mark("model build")
         if cfg.model.compile:
             self.raw.forward_train = torch.compile(self.raw.forward_train)
         self.schedule = build_schedule(cfg.schedule, self.plan.lr, self.plan.steps_per_epoch, self.plan.total_steps)
@@ -191,6 +194,7 @@ class Trainer:
         "interrupted" (Ctrl-C: the checkpoint is saved, nothing is requeued)."""
         self.resume()
         self._write_run_json()
+        STARTUP.mark("resume")
         self.stop_signal.install()
         progress = Progress(self.plan.stop_step, self.step, self.cfg.log.progress, self.cfg.log.every_n_steps)
         batches = self._micro_batches()
@@ -202,6 +206,7 @@ class Trainer:
             while self.step < self.plan.stop_step:
                 t0 = time.monotonic()
                 micro = self.guard.take(batches, self.plan.grad_accum_steps)
+                STARTUP.mark("first batch")
                 t1 = time.monotonic()
                 if unsettled:  # resumed on 3+ ranks: DDP buckets as after an uninterrupted run's step 0
                     settle_buckets(self.raw, self.optimizer, self.generator, partial(self._settle, micro[0]))
@@ -210,6 +215,7 @@ class Trainer:
                     time.monotonic() - last_save >= 60 * self.cfg.checkpoint.every_n_minutes
                 )
                 res = self.train_step(micro, save_due=due)
+                STARTUP.finish("first step")
                 t2 = time.monotonic()
                 window_rows += self.plan.rows_per_rank * self.world * self.plan.grad_accum_steps
                 if self.step % self.cfg.log.every_n_steps == 0 or res.stop:
@@ -433,13 +439,13 @@ class Trainer:
         return status
 
     def _write_run_json(self) -> None:
-        hosts = self.comm.gather_objects(socket.gethostname())
+        hosts, threads = zip(*self.comm.gather_objects((socket.gethostname(), torch.get_num_threads())))
         if not self.acc.is_main_process:
             return
         dump_config(self.cfg, self.out / "config.yaml")
-        info = run_info(self.cfg, self.acc, self.raw, self.data, hosts, asdict(self.plan))
+        info = run_info(self.cfg, self.acc, self.raw, self.data, list(hosts), asdict(self.plan), list(threads))
         write_json_atomic(self.out / "run.json", info)
-        brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
+        brief = ("world_size", "device", "mixed_precision", "num_threads", "num_threads_from", "num_params", "backend")
         log.info("run: %s", json.dumps({k: info[k] for k in brief}))
         for change in self.cfg.adaptations:
             log.info("config: %s", change)
