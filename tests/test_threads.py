@@ -116,3 +116,27 @@ def test_thread_choice_order():
     assert choose_threads(0, {"OMP_NUM_THREADS": "2"}, 8, None).num_threads == 2
     assert choose_threads(0, env, 8, ({}, [])).num_threads == 2
     assert choose_threads(0, env, 2, ({}, [])).num_threads == 1
+
+
+def test_the_workers_forkserver_starts_before_torch_is_imported(tiny_data):
+    """train.py starts the DataLoader workers' forkserver before it imports torch (the forkserver's own torch import
+    then overlaps the rank's); only for runs whose loader will use worker processes."""
+    probe = (
+        "import sys\n"
+        "from multiprocessing import forkserver\n"
+        "from mixmo_dist.data.forkserver import start_early\n"
+        "started = start_early(sys.argv[1:])\n"
+        "print(started, forkserver._forkserver._forkserver_pid is not None, 'torch' in sys.modules)\n"
+    )
+    env = train_env()
+
+    def probe_with(*words: str) -> str:
+        res = subprocess.run([sys.executable, "-c", probe, f"--data.root={tiny_data}", *words], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout.strip()
+
+    assert probe_with("--data.backend=torch", "--data.num_workers=2") == "True True False"
+    assert probe_with("--data.backend=torch", "--data.num_workers=0") == "False False False"
+    assert probe_with("--data.backend=synthetic") == "False False False"
+    assert probe_with("--data.backend=torch", "--optim.lr=-1") == "False False False"  # the run reports the error
