@@ -51,7 +51,7 @@ _WORKERS = 2
 _LR = 0.2  # the trainer's default: optim.lr 0.8 for 256 unique images, scaled to 64
 _WARMUP_EPOCHS = 1.0
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the trainer's imagefolder normalisation (ImageNet)
-_FIRST_STEP_MARK = {"trainer": " INFO startup: ", "bare": "first step done"}
+_FIRST_STEP_MARK = {"trainer": " INFO startup: ", "trainer_python": " INFO startup: ", "bare": "first step done"}
 
 __all__ = ["run"]
 
@@ -63,6 +63,7 @@ def bare_main(argv: list[str]) -> int:
     p.add_argument("--root", required=True)
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--num-threads", type=int, default=0)
     args = p.parse_args(argv)
     import timm
     import torch
@@ -74,7 +75,7 @@ def bare_main(argv: list[str]) -> int:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(max(len(os.sched_getaffinity(0)) // local_world, 1))
+    torch.set_num_threads(args.num_threads or max(len(os.sched_getaffinity(0)) // local_world, 1))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -155,11 +156,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _trainer_cmd(python: str, ranks: int, data: Path, out: Path, epochs: int) -> list[str]:
+def _trainer_cmd(python: str, ranks: int, data: Path, out: Path, epochs: int, launcher: bool = True,
+                 threads: int = 0) -> list[str]:  # fmt: skip
     launch = [python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--num_processes", str(ranks)]  # fmt: skip
     if ranks > 1:
         launch += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    if not launcher:  # one process without `accelerate launch`: what the launcher's own start costs
+        launch = [python]
     return [
         *launch,
         "-m",
@@ -175,11 +179,13 @@ def _trainer_cmd(python: str, ranks: int, data: Path, out: Path, epochs: int) ->
         f"--schedule.warmup_epochs={_WARMUP_EPOCHS}",
         "--log.progress=lines",
         f"--run.output_dir={out}",
+        f"--run.num_threads={threads}",
     ]
 
 
-def _bare_cmd(python: str, ranks: int, data: Path, out: Path, epochs: int) -> list[str]:
-    args = ["-m", "benchmarks.bench_overhead", "--bare", f"--root={data}", f"--epochs={epochs}", f"--out={out}"]
+def _bare_cmd(python: str, ranks: int, data: Path, out: Path, epochs: int, threads: int = 0) -> list[str]:
+    args = ["-m", "benchmarks.bench_overhead", "--bare", f"--root={data}", f"--epochs={epochs}", f"--out={out}",
+            f"--num-threads={threads}"]  # fmt: skip
     if ranks == 1:
         return [python, *args]
     return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
@@ -225,7 +231,7 @@ def _timed_run(side: str, cmd: list[str], device: str, timeout_s: float) -> dict
 
 def _step_times(side: str, out: Path, steps: list[int]) -> list[float]:
     """The in-process time (batch wait + step) of each of `steps`."""
-    if side == "trainer":
+    if side.startswith("trainer"):
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         per_step = {r["step"]: r["data_time"] + r["compute_time"] for r in recs if r["split"] == "train"}
     else:
@@ -233,31 +239,66 @@ def _step_times(side: str, out: Path, steps: list[int]) -> list[float]:
     return [per_step[s] for s in steps]
 
 
-def measure(ranks: int, rounds: int, epochs: int, data: Path, work: Path, device: str = "cpu",
+def measure(ranks: int, rounds: int, epochs: int, data: Path, work: Path, device: str = "cpu", threads: int = 0,
             python: str = sys.executable) -> dict:  # fmt: skip
     """Trainer and bare loop on `ranks` processes, taking turns for `rounds` rounds."""
-    sides: dict[str, list[dict]] = {"trainer": [], "bare": []}
+    # One process: also the trainer started with plain `python -m mixmo_dist.train`, which a one-process run may use
+    # instead of `accelerate launch`, to tell the launcher's own start from the trainer's.
+    names = ("trainer", "bare", "trainer_python") if ranks == 1 else ("trainer", "bare")
+    sides: dict[str, list[dict]] = {name: [] for name in names}
     steps_per_epoch = (len(list((data / "train").rglob("*.JPEG"))) // _GLOBAL_BATCH) or 1
     logged = list(range(10, steps_per_epoch * epochs + 1, 10))  # the trainer's default log.every_n_steps
     for round_ in range(rounds):
-        for side in ("trainer", "bare"):
+        for side in names:
             out = work / f"{side}_{ranks}_{round_}"
             out = out.with_suffix(".json") if side == "bare" else out
-            make = _trainer_cmd if side == "trainer" else _bare_cmd
-            res = _timed_run(side, make(python, ranks, data, out, epochs), device, timeout_s=600)
+            if side == "bare":
+                cmd = _bare_cmd(python, ranks, data, out, epochs, threads)
+            else:
+                cmd = _trainer_cmd(python, ranks, data, out, epochs, launcher=side == "trainer", threads=threads)
+            res = _timed_run(side, cmd, device, timeout_s=600)
             res["step_s"] = statistics.median(_step_times(side, out, logged))
             sides[side].append(res)
-            print(f"  {ranks} rank(s) round {round_ + 1} {side:7s}: wall {res['wall_s']:6.2f} s, first step "
+            print(f"  {ranks} rank(s) round {round_ + 1} {side:14s}: wall {res['wall_s']:6.2f} s, first step "
                   f"{res['first_step_s']:5.2f} s, step {res['step_s'] * 1e3:6.1f} ms", flush=True)  # fmt: skip
     result: dict = {"rounds": sides}
     for key in ("wall_s", "first_step_s", "step_s"):
         med = {side: statistics.median(r[key] for r in runs) for side, runs in sides.items()}
         result[key] = med
-        # Ratios per round (the two turns of a round ran under the same load), then their median.
-        result[key.removesuffix("_s") + "_ratio"] = statistics.median(
-            t[key] / b[key] for t, b in zip(sides["trainer"], sides["bare"])
-        )
+        # Ratios per round (the turns of a round ran under the same load), then their median.
+        for side in (name for name in names if name != "bare"):
+            suffix = "" if side == "trainer" else "_python"
+            result[key.removesuffix("_s") + "_ratio" + suffix] = statistics.median(
+                t[key] / b[key] for t, b in zip(sides[side], sides["bare"])
+            )
     return result
+
+
+# The trainer as submitit's job runs it: `training.run` without train.py, so the forkserver starts with the first
+# loader (after the model build), as before the early start.
+_LATE_FORKSERVER = "import sys; from mixmo_dist.training.run import run; run(sys.argv[1:])"
+
+
+def forkserver_ab(rounds: int, quick: bool = False, python: str = sys.executable) -> dict:
+    """Time to the first step of one process (`python -m mixmo_dist.train`, the workers' forkserver started before
+    torch is imported) against the same run with the forkserver started by the first loader; A B turns, 2 epochs."""
+    times: dict[str, list[float]] = {"early": [], "late": []}
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
+        work = Path(tmp)
+        data = make_data(work / "data", quick)
+        for round_ in range(rounds):
+            for side in ("early", "late"):
+                out = work / f"{side}_{round_}"
+                cmd = _trainer_cmd(python, 1, data, out, 2, launcher=False)
+                if side == "late":
+                    cmd[1:3] = ["-c", _LATE_FORKSERVER]
+                res = _timed_run("trainer", cmd, "cpu", timeout_s=600)
+                times[side].append(res["first_step_s"])
+                print(f"  forkserver {side:5s} round {round_ + 1}: first step {res['first_step_s']:.2f} s", flush=True)
+    ratio = statistics.median(e / late for e, late in zip(times["early"], times["late"]))
+    print(f"time to the first step, early / late forkserver start: {ratio:.3f}", flush=True)
+    return {"forkserver_early_first_step_ratio": ratio, "forkserver_early_first_step_s": statistics.median(
+        times["early"]), "forkserver_late_first_step_s": statistics.median(times["late"])}  # fmt: skip
 
 
 def make_data(root: Path, quick: bool) -> Path:
@@ -268,24 +309,32 @@ def make_data(root: Path, quick: bool) -> Path:
 
 
 def run(quick: bool = False, ranks: tuple[int, ...] = (1, 2), rounds: int | None = None, device: str = "cpu",
-        json_path: str | None = None) -> dict:  # fmt: skip
+        json_path: str | None = None, threads: int = 0) -> dict:  # fmt: skip
     """Measures each world size in `ranks`. Returns flat keys for `make bench`: overhead_{wall,first_step,step}_
     ratio_{N}r (trainer / bare loop) and the trainer's and loop's medians; `json_path` is rewritten after every
     world size (a run cut off by a budget keeps what was measured)."""
     rounds = rounds or (1 if quick else 3)
     epochs = 2 if quick else 10
-    flat: dict = {"overhead_device": device, "overhead_rounds": rounds, "overhead_epochs": epochs}
+    flat: dict = {"overhead_device": device, "overhead_rounds": rounds, "overhead_epochs": epochs,
+                  "overhead_num_threads": threads}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
         work = Path(tmp)
         data = make_data(work / "data", quick)
         for n in ranks:
-            res = measure(n, rounds, epochs, data, work, device)
+            res = measure(n, rounds, epochs, data, work, device, threads)
             for key in ("wall", "first_step", "step"):
                 flat[f"overhead_{key}_ratio_{n}r"] = res[f"{key}_ratio"]
-                for side in ("trainer", "bare"):
-                    flat[f"overhead_{key}_s_{side}_{n}r"] = res[f"{key}_s"][side]
+                if f"{key}_ratio_python" in res:
+                    flat[f"overhead_{key}_ratio_python_{n}r"] = res[f"{key}_ratio_python"]
+                for side, value in res[f"{key}_s"].items():
+                    flat[f"overhead_{key}_s_{side}_{n}r"] = value
             print(f"{n} rank(s): trainer / bare loop: wall {res['wall_ratio']:.3f}, first step "
                   f"{res['first_step_ratio']:.3f}, step {res['step_ratio']:.3f}", flush=True)  # fmt: skip
+            if "wall_ratio_python" in res:
+                print(f"{n} rank(s): trainer without accelerate launch / bare loop: wall "
+                      f"{res['wall_ratio_python']:.3f}, "
+                      f"first step {res['first_step_ratio_python']:.3f}, step {res['step_ratio_python']:.3f}",
+                      flush=True)  # fmt: skip
             if json_path:
                 Path(json_path).write_text(json.dumps(flat, indent=2) + "\n")
     return flat
@@ -302,10 +351,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: both sides on the GPU (one rank per GPU)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="intra-op threads per rank on both sides (0: the trainer's auto rule); 1 keeps a loaded "
+                        "machine from stalling OpenMP's barriers")  # fmt: skip
+    parser.add_argument("--forkserver-ab", action="store_true",
+                        help="only the start-up A/B: early against late forkserver start, one process")  # fmt: skip
     args = parser.parse_args(argv)
     # SIGTERM (a runbook's stage budget) as an exception, so the running launch is killed with this process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    run(quick=args.quick, ranks=tuple(args.ranks), rounds=args.rounds, device=args.device, json_path=args.json)
+    if args.forkserver_ab:
+        result = forkserver_ab(args.rounds or (1 if args.quick else 4), args.quick)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    run(
+        quick=args.quick,
+        ranks=tuple(args.ranks),
+        rounds=args.rounds,
+        device=args.device,
+        json_path=args.json,
+        threads=args.num_threads,
+    )
     return 0
 
 
