@@ -279,7 +279,7 @@ def measure(ranks: int, rounds: int, epochs: int, data: Path, work: Path, device
 _LATE_FORKSERVER = "import sys; from mixmo_dist.training.run import run; run(sys.argv[1:])"
 
 
-def forkserver_ab(rounds: int, quick: bool = False, python: str = sys.executable) -> dict:
+def forkserver_ab(rounds: int, quick: bool = False, threads: int = 0, python: str = sys.executable) -> dict:
     """Time to the first step of one process (`python -m mixmo_dist.train`, the workers' forkserver started before
     torch is imported) against the same run with the forkserver started by the first loader; A B turns, 2 epochs."""
     times: dict[str, list[float]] = {"early": [], "late": []}
@@ -289,7 +289,7 @@ def forkserver_ab(rounds: int, quick: bool = False, python: str = sys.executable
         for round_ in range(rounds):
             for side in ("early", "late"):
                 out = work / f"{side}_{round_}"
-                cmd = _trainer_cmd(python, 1, data, out, 2, launcher=False)
+                cmd = _trainer_cmd(python, 1, data, out, 2, launcher=False, threads=threads)
                 if side == "late":
                     cmd[1:3] = ["-c", _LATE_FORKSERVER]
                 res = _timed_run("trainer", cmd, "cpu", timeout_s=600)
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a runbook's stage budget) as an exception, so the running launch is killed with this process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.forkserver_ab:
-        result = forkserver_ab(args.rounds or (1 if args.quick else 4), args.quick)
+        result = forkserver_ab(args.rounds or (1 if args.quick else 4), args.quick, args.num_threads)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
