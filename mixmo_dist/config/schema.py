@@ -313,7 +313,8 @@ class RunConfig(_Section, section="run"):
     num_threads: int = 0
     """Intra-op CPU threads of each rank (torch.set_num_threads); 0 = OMP_NUM_THREADS where the user set it (a value
     the launcher set by itself does not count), else the CPUs of the rank's affinity divided by the ranks on its
-    node. DataLoader workers keep one thread each."""
+    node. DataLoader workers keep one thread each. On a machine shared with other jobs, 1 avoids OpenMP threads
+    waiting at every barrier for a core another process holds (10x slower steps were measured)."""
 
     def _validate(self) -> None:
         self._check("name", bool(self.name.strip()), "a non-empty string")
