@@ -33,7 +33,9 @@ _choice: ThreadChoice | None = None
 def set_intra_op_threads(configured: int) -> ThreadChoice:
     """Set torch's intra-op threads for this rank (see `choose_threads`) and remember the choice for `run.json`."""
     global _choice
-    choice = choose_threads(configured, os.environ, len(os.sched_getaffinity(0)), _launcher_start())
+    # The affinity, not os.cpu_count(): a container's or a scheduler's CPU set is what the rank may run on.
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    choice = choose_threads(configured, os.environ, affinity, _launcher_start())
     torch.set_num_threads(choice.num_threads)
     _choice = choice
     return choice
