@@ -5,11 +5,12 @@ Stages, in order (budget in seconds; the whole run ends by itself within `TOTAL_
 | stage | budget | what |
 |---|---|---|
 | environment | 20 | GPU name, versions; stops the run when torch sees no CUDA |
-| pytest_gpu | 90 | `pytest -m gpu` on every test file that has `gpu`-marked tests |
+| pytest_gpu | 75 | `pytest -m gpu` on every test file that has `gpu`-marked tests |
 | trainer_bf16 | 45 | `python -m mixmo_dist.train`: synthetic data, bf16, channels_last, one process |
-| trainer_fp16_resume | 85 | fp16 + GradScaler: SIGKILL mid-run, resume, compare with an uninterrupted run |
+| trainer_fp16_resume | 80 | fp16 + GradScaler: SIGKILL mid-run, resume, compare with an uninterrupted run |
 | bench_ops | 30 | the mixing block on the GPU against `a + b` (`benchmarks.bench_ops --gpu-only`) |
-| bench_gpu | 70 + time left over | MixMo vs vanilla train steps, folded inference (`benchmarks.bench_gpu`) |
+| bench_overhead | 40 | the trainer (`accelerate launch`) against a bare loop, one process, A B (`--quick`) |
+| bench_gpu | 50 + time left over | MixMo vs vanilla train steps, folded inference (`benchmarks.bench_gpu`) |
 
 The trainer stages are `benchmarks.gpu_trainer`. Each stage is a child process in its own process group: at its
 budget it gets SIGTERM, 3 s later SIGKILL (with every process it started), and the next stage starts on time. A
@@ -130,6 +131,7 @@ def build_stages(out: Path, dry_run: bool, python: str = sys.executable) -> list
                      "--compile", "off"]  # fmt: skip
     else:
         bench_gpu = []
+    overhead = ["--quick", "--ranks", "1", "--device", "cpu" if dry_run else "cuda"]
     return [
         Stage(
             "environment",
@@ -137,7 +139,7 @@ def build_stages(out: Path, dry_run: bool, python: str = sys.executable) -> list
             [python, "-c", _ENVIRONMENT, "1" if dry_run else "0", str(out / "environment.json")],
             result_file="environment.json",
         ),
-        Stage("pytest_gpu", 90, pytest, parse_log=_pytest_summary),
+        Stage("pytest_gpu", 75, pytest, parse_log=_pytest_summary),
         Stage(
             "trainer_bf16",
             45,
@@ -146,7 +148,7 @@ def build_stages(out: Path, dry_run: bool, python: str = sys.executable) -> list
         ),
         Stage(
             "trainer_fp16_resume",
-            85,
+            80,
             [python, "-m", "benchmarks.gpu_trainer", "fp16-resume", "--out", str(out), *dry],
             result_file="trainer_fp16_resume.json",
         ),
@@ -159,10 +161,17 @@ def build_stages(out: Path, dry_run: bool, python: str = sys.executable) -> list
             result_file="bench_ops.json",
             skip_reason="CUDA only (dry run)",
         ),  # fmt: skip
+        # The trainer against a bare loop on one GPU (a CPU dry run: the same on CPU); quick: one A B turn, 2 epochs.
+        Stage(
+            "bench_overhead",
+            40,
+            [python, "-m", "benchmarks.bench_overhead", *overhead, "--json", str(out / "bench_overhead.json")],
+            result_file="bench_overhead.json",
+        ),
         # --budget-s is filled in at start time from the stage's own budget.
         Stage(
             "bench_gpu",
-            70,
+            50,
             [python, "-m", "benchmarks.bench_gpu", "--out", str(out), *bench_gpu],
             result_file="bench_gpu.json",
             takes_slack=True,

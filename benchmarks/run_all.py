@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("bench_ops", "bench_model", "bench_data", "bench_views", "bench_scale")
+MODULES = ("bench_ops", "bench_model", "bench_data", "bench_views", "bench_scale", "bench_overhead")
 # key -> (comparison, goal): "<=" lower is better, ">=" higher is better.
 GOALS = {
     "mask_speedup": (">=", 10.0),
@@ -34,6 +34,9 @@ GOALS = {
     "scale_worker_private_mb_largest": ("<=", 10.0),
     "scale_save_rank0_wmax_vs_w8": ("<=", 2.0),
     "scale_bytes_per_rank_wmax_vs_w8": ("<=", 1.05),
+    # The trainer launched as a user launches it against a bare loop doing the same work, wall time (issue 27).
+    "overhead_wall_ratio_1r": ("<=", 1.05),
+    "overhead_wall_ratio_2r": ("<=", 1.05),
 }
 
 

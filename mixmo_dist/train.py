@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     info_status = answer_without_training(argv, prog=PROG)
     if info_status is not None:
         return info_status
+    # Before torch is imported: the DataLoader workers' forkserver imports it on another core meanwhile.
+    from mixmo_dist.data.forkserver import start_early
+
+    start_early(argv)
     # Imported here, not at the top: `--help` and `--print-config` answer in a fraction of a second without torch.
     from mixmo_dist.checkpoint import CheckpointError
     from mixmo_dist.runtime.collectives import StopAllRanks

@@ -26,7 +26,7 @@ def test_quick_benchmark_suite_reports_every_ratio(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=840,  # under pytest's 900 s; bench_overhead's 5 launches took the suite to ~480 s at load 7
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -84,7 +84,7 @@ def test_dry_run_writes_json_per_stage_and_cuts_off_a_stage_over_budget(tmp_path
     stages = report["stages"]
     assert report["dry_run"] is True and report["finished"] is True
     assert list(stages) == ["environment", "pytest_gpu", "trainer_bf16", "trainer_fp16_resume", "bench_ops",
-                            "bench_gpu"]  # fmt: skip
+                            "bench_overhead", "bench_gpu"]  # fmt: skip
     # The cut-off: killed at its budget (plus the SIGTERM grace), not when it would have finished.
     cut = stages["trainer_bf16"]
     assert cut["status"] == "timeout" and cut["exit_code"] is None and cut["seconds"] < 2 + 3 + 5, cut
@@ -99,6 +99,9 @@ def test_dry_run_writes_json_per_stage_and_cuts_off_a_stage_over_budget(tmp_path
     assert res["ok"] and res["bit_identical"] and res["dry_run"], res
     assert res["resumed_from_step"] < res["killed_at_step"] < res["final_step"], res
     assert stages["bench_ops"]["status"] == "skipped"
+    overhead = stages["bench_overhead"]
+    assert overhead["status"] == "passed", (out / "bench_overhead.log").read_text()[-4000:]
+    assert overhead["result"]["overhead_device"] == "cpu" and overhead["result"]["overhead_wall_ratio_1r"] > 0
     bench = stages["bench_gpu"]
     assert bench["status"] == "passed", (out / "bench_gpu.log").read_text()[-4000:]
     train = bench["result"]["train"]["bf16_compile=False"]

@@ -315,12 +315,18 @@ class RunConfig(_Section, section="run"):
     """TF32 for float32 matmuls and convolutions on Ampere and later GPUs (10-bit mantissa, faster). auto: on for
     bf16/fp16 runs, off for fp32 runs, so that fp32 means fp32 as in the authors' runs (torch itself enables TF32 for
     convolutions by default). No effect without CUDA."""
+    num_threads: int = 0
+    """Intra-op CPU threads of each rank (torch.set_num_threads); 0 = OMP_NUM_THREADS where the user set it (a value
+    the launcher set by itself does not count), else the CPUs of the rank's affinity divided by the ranks on its
+    node. DataLoader workers keep one thread each. On a machine shared with other jobs, 1 avoids OpenMP threads
+    waiting at every barrier for a core another process holds (10x slower steps were measured)."""
 
     def _validate(self) -> None:
         self._check("name", bool(self.name.strip()), "a non-empty string")
         self._check("output_dir", bool(self.output_dir.strip()), "a non-empty path")
         # Per-rank seeds are seed + rank and numpy-style seeders take 32 bits.
         self._check("seed", 0 <= self.seed < 2**31, "in [0, 2**31)")
+        self._check("num_threads", self.num_threads >= 0, ">= 0 (0 = auto)")
 
 
 @dataclass(frozen=True, kw_only=True)

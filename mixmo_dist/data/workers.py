@@ -6,11 +6,8 @@ Shape legend: B batch rows, S image side.
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.context
 import os
 import signal
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,15 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.signals import die_with
+from mixmo_dist.runtime.startup import STARTUP
 
-from .forkserver_guard import PARENT_ENV
+from .forkserver import GROUP_SIGNALS, worker_context
 from .placement import Placement
-
-# The forkserver first ties its life to the rank's, then imports the datasets' module once, so forking a worker
-# from it is cheap.
-_PRELOAD = ["mixmo_dist.data.forkserver_guard", "mixmo_dist.data.torch_loader"]
-_FORKSERVER_LOCK = threading.Lock()
-_forkserver_started = False
 
 
 def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
@@ -37,46 +29,6 @@ def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     images_B3SS = images.flatten(0, 1) if images.dim() == 5 else images
     labels_B = torch.tensor([label for _, label in items], dtype=torch.int64)
     return images_B3SS, labels_B
-
-
-# Signals a launcher sends to a rank's whole process group: workers must not die of them (see `_worker_init`).
-_GROUP_SIGNALS = (signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """The start method of DataLoader workers: a forkserver, started once per process with `_GROUP_SIGNALS` blocked.
-
-    Forking the rank itself is unsafe: by the time workers start it runs other threads (DALI executors, OpenMP
-    pools, gloo/NCCL, pin-memory), and a lock one of them held at the fork stays held forever in the child. A worker
-    that deadlocks that way looks alive, so the DataLoader waits for it forever; it was seen once here, in CI. The
-    forkserver is a fresh single-threaded interpreter that imports this module once (so forking a worker from it
-    is cheap), and every worker is forked from it. It inherits the blocked signal mask through exec, so neither it
-    nor a newly forked worker can be killed by a preemption signal aimed at the rank's process group; the rank
-    itself gets the signal (another of its threads takes it, or the main thread once the mask is restored).
-    The forkserver dies with the rank, and each worker with the forkserver (see `forkserver_guard`).
-    """
-    from multiprocessing import forkserver, resource_tracker
-
-    global _forkserver_started
-    with _FORKSERVER_LOCK:
-        if not _forkserver_started:
-            multiprocessing.set_forkserver_preload(_PRELOAD)
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
-            os.environ[PARENT_ENV] = str(os.getpid())  # read (and removed) by forkserver_guard in the forkserver
-            try:
-                # `forkserver.ensure_running` first starts multiprocessing's resource tracker, and that start ends
-                # with SIGINT and SIGTERM *unblocked* in this thread: the forkserver spawned right after it then
-                # blocked SIGUSR2 only, and a SIGTERM to the rank's process group (torchrun forwarding a signal,
-                # SLURM ending a step) killed it, so the next validation's workers could not start and the run
-                # crashed before it saved. Start the tracker first (it gets the signals blocked too), block again.
-                resource_tracker.ensure_running()
-                signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
-                forkserver.ensure_running()
-            finally:
-                del os.environ[PARENT_ENV]
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            _forkserver_started = True
-    return multiprocessing.get_context("forkserver")
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -94,7 +46,7 @@ def _worker_init(_worker_id: int) -> None:
     os.setpgid(0, 0)
     for sig in (signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
 
 
 class _DeviceNormalizer:
@@ -151,7 +103,7 @@ def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: b
         collate_fn=_collate,
         pin_memory=pin,
         worker_init_fn=_worker_init,
-        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
         persistent_workers=persistent and num_workers > 0,
         timeout=timeout_s if num_workers > 0 else 0.0,
         # A private generator: the DataLoader draws a base seed per pass, which must not consume the global RNG.
@@ -196,6 +148,7 @@ class Decoder:
         loader.batch_sampler.batches = batches
         delivered = 0
         batches_it = iter(loader)
+        STARTUP.mark("loader start")  # the workers are started; the first batch is being decoded
         try:
             for images_B3SS, labels_B in batches_it:
                 delivered += 1

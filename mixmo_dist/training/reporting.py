@@ -19,6 +19,7 @@ import torch
 from mixmo_dist import __version__
 from mixmo_dist.config import Config, config_to_dict
 from mixmo_dist.runtime.files import atomic_path, naming_the_file, write_text_atomic
+from mixmo_dist.runtime.threads import current_choice
 
 log = logging.getLogger("mixmo_dist")
 
@@ -248,8 +249,11 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run_info(cfg: Config, accelerator, model: torch.nn.Module, data, hosts: list[str], plan: dict) -> dict:
-    """The content of `run.json`: where and how the run trains (world, device, data, plan, config)."""
+def run_info(
+    cfg: Config, accelerator, model: torch.nn.Module, data, hosts: list[str], plan: dict, num_threads: list[int]
+) -> dict:
+    """The content of `run.json`: where and how the run trains (world, device, threads per rank, data, plan, config);
+    `num_threads_from` says how rank 0 chose its count (`runtime/threads.py`)."""
     device = accelerator.device
     cuda_name = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
     return {
@@ -259,6 +263,8 @@ def run_info(cfg: Config, accelerator, model: torch.nn.Module, data, hosts: list
         "mixed_precision": str(accelerator.mixed_precision),
         # What the GPU computes float32 matmuls and convolutions in (run.tf32): fp32 means fp32 only when this is off.
         "tf32": bool(torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32),
+        "num_threads": num_threads,
+        "num_threads_from": current_choice().source,
         "num_params": sum(p.numel() for p in model.parameters()),
         "version": __version__,
         "git_commit": git_commit(),

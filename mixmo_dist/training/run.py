@@ -12,6 +12,8 @@ from mixmo_dist.runtime.accelerator import build_accelerator, die_with_parent
 from mixmo_dist.runtime.collectives import StopAllRanks
 from mixmo_dist.runtime.faults import PeerLost, end_rank_after_fault
 from mixmo_dist.runtime.logs import setup_logging
+from mixmo_dist.runtime.startup import STARTUP
+from mixmo_dist.runtime.threads import set_intra_op_threads
 from mixmo_dist.training.trainer import Trainer
 
 # `run` raises StopAllRanks; its callers outside training (the submitit job) catch it from here.
@@ -30,6 +32,7 @@ def run(argv: list[str]) -> str:
     A lost peer (a collective timed out or broke) does not return: the rank prints its line, requeues the SLURM job
     where it runs in one and exits 75 (`runtime.faults.end_rank_after_fault`).
     """
+    STARTUP.mark("imports")
     cfg = load_config(argv)
     die_with_parent()
     accelerator = build_accelerator(
@@ -39,7 +42,9 @@ def run(argv: list[str]) -> str:
         startup_timeout_s=cfg.fault.startup_timeout_s,
         tf32=cfg.run.tf32,
     )
+    set_intra_op_threads(cfg.run.num_threads)  # after the Accelerator, which may set its own count
     setup_logging(accelerator.is_main_process)
+    STARTUP.mark("runtime")
     # Stop the trackers and tear the process group down before the interpreter exits: left to the interpreter's
     # shutdown after an error every rank agreed on, gloo's threads can outlive it and abort the rank ("terminate
     # called without an active exception", exit -6) after its one-line error was printed.

@@ -37,6 +37,7 @@ from mixmo_dist.runtime.faults import Watchdog, record_and_requeue, set_collecti
 from mixmo_dist.runtime.files import naming_the_file, write_json_atomic
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 from mixmo_dist.runtime.signals import INTERRUPT, StopSignal
+from mixmo_dist.runtime.startup import STARTUP
 from mixmo_dist.training.data_errors import DataGuard, build_data_on_every_rank
 from mixmo_dist.training.ddp import settle_buckets
 from mixmo_dist.training.loss import mixmo_loss, reweight
@@ -98,6 +99,7 @@ class Trainer:
         self.place = data_placement(cfg, self.rank, self.world, self.device)
         # The data first: a run whose data is missing must leave nothing behind (no output directory, no lock).
         self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
+        STARTUP.mark("dataset index")
         self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.faults = self.comm.faults
@@ -113,6 +115,7 @@ class Trainer:
         with self.faults.during("start-up (DDP broadcasts rank 0's weights)"):
             self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
         self.raw = accelerator.unwrap_model(self.model)
+        STARTUP.mark("model build")
         if cfg.model.compile:
             self.raw.forward_train = torch.compile(self.raw.forward_train)
         self.schedule = build_schedule(cfg.schedule, self.plan.lr, self.plan.steps_per_epoch, self.plan.total_steps)
@@ -218,6 +221,7 @@ class Trainer:
         with self.faults.during("resume"):
             self.resume()
         self._write_run_json()
+        STARTUP.mark("resume")
         self.stop_signal.install()
         progress = Progress(self.plan.stop_step, self.step, self.cfg.log.progress, self.cfg.log.every_n_steps)
         batches = self._micro_batches()
@@ -235,6 +239,7 @@ class Trainer:
                     time.sleep(self.fault_stall[1])
                     self.fault_stall = None
                 micro = self.guard.take(batches, self.plan.grad_accum_steps)
+                STARTUP.mark("first batch")
                 t1 = time.monotonic()
                 if unsettled:  # resumed on 3+ ranks: DDP buckets as after an uninterrupted run's step 0
                     settle_buckets(self.raw, self.optimizer, self.generator, partial(self._settle, micro[0]))
@@ -243,6 +248,7 @@ class Trainer:
                     time.monotonic() - last_save >= 60 * self.cfg.checkpoint.every_n_minutes
                 )
                 res = self.train_step(micro, save_due=due)
+                STARTUP.finish("first step")
                 t2 = time.monotonic()
                 self.watchdog.beat()
                 if first_step:
@@ -551,15 +557,15 @@ class Trainer:
             raise ValueError(error)
 
     def _write_run_json(self) -> None:
-        hosts = self.comm.gather_objects(socket.gethostname())
-        self._main_writes(self._write_start_files, hosts)
+        hosts, threads = zip(*self.comm.gather_objects((socket.gethostname(), torch.get_num_threads())))
+        self._main_writes(self._write_start_files, list(hosts), list(threads))
 
-    def _write_start_files(self, hosts: list[str]) -> None:
+    def _write_start_files(self, hosts: list[str], threads: list[int]) -> None:
         dump_config(self.cfg, self.out / "config.yaml")
-        info = run_info(self.cfg, self.acc, self.raw, self.data, hosts, asdict(self.plan))
+        info = run_info(self.cfg, self.acc, self.raw, self.data, hosts, asdict(self.plan), threads)
         with naming_the_file(self.out / "run.json"):
             write_json_atomic(self.out / "run.json", info)
-        brief = ("world_size", "device", "mixed_precision", "num_params", "backend")
+        brief = ("world_size", "device", "mixed_precision", "num_threads", "num_threads_from", "num_params", "backend")
         log.info("run: %s", json.dumps({k: info[k] for k in brief}))
         for change in self.cfg.adaptations:
             log.info("config: %s", change)
