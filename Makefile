@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 NPROC_DEMO ?= 2
 
-.PHONY: venv demo test test-gpu-stack lint bench gpu-check docker-check slurm-up slurm-status slurm-down clean
+.PHONY: venv demo test mutation test-gpu-stack lint bench gpu-check docker-check slurm-up slurm-status slurm-down clean
 
 # The venv is rebuilt only when its inputs change (pyproject.toml or this Makefile's pins).
 $(STAMP): pyproject.toml Makefile
@@ -30,6 +30,12 @@ demo: venv
 
 test: venv $(TRITON_OLD)/.stamp
 	bash scripts/test.sh
+
+# Mutation testing (mutmut 3) of the modules where a bug changes numbers silently; one module at a time, each with
+# its own fast in-process tests (scripts/mutation.py). Not part of `make test`: a full pass takes up to 90 minutes.
+# MODULES="training/loss ops/mixing" limits it; results are kept in mutants/ and a rerun tests only what changed.
+mutation: venv
+	$(PY) scripts/mutation.py $(MODULES)
 
 # The lent GPU machines' stack (torch 2.11, Triton 3.6; no DALI, no submitit) on CPU, to catch API drift before a
 # GPU session pays for it. Downloads ~4 GB from PyPI into its own venv; not part of `make test`.

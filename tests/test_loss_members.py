@@ -4,6 +4,8 @@ Member inputs are checked against the MixMo authors' definitions (mixmo-pytorch'
 `randperm_static`, restated in `_authors_member_images` below), by counting over many draws.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,24 @@ def test_loss_is_weighted_sum_over_members():
     torch.testing.assert_close(mixmo_loss(logits, soft, w)[0], total)
     smooth_hard = mixmo_loss(logits, labels, w, label_smoothing=0.1)[0]
     torch.testing.assert_close(mixmo_loss(logits, soft, w, label_smoothing=0.1)[0], smooth_hard)
+
+
+def test_reweight_root_below_one_by_hand():
+    """r = 0.5 (allowed: r > 0): w = 2 lam^2 / (0.8^2 + 0.2^2); the powered sum 0.68 is below 1, so a guard that
+    clamps the denominator at 1 instead of at a tiny epsilon shows here and nowhere with r >= 1."""
+    w = reweight(torch.tensor([[0.8], [0.2]]), 0.5)
+    assert w[:, 0].tolist() == pytest.approx([2 * 0.64 / 0.68, 2 * 0.04 / 0.68], rel=1e-6)
+
+
+def test_label_smoothing_against_the_formula_by_hand():
+    """One row, p = (1, 2, 5) / 8, label 0, eps = 0.2 (not a value where smoothing and none could agree):
+    (1 - eps) * log 8 + eps * (log 8 + log 4 + log 8/5) / 3. The older test compared hard and soft targets, both
+    through the same call, so dropping the smoothing from that call passed it."""
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 5.0]]]))
+    expect = 0.8 * math.log(8) + 0.2 * (math.log(8) + math.log(4) + math.log(8 / 5)) / 3
+    for targets in (torch.tensor([[0]]), torch.tensor([[[1.0, 0.0, 0.0]]])):
+        total, _ = mixmo_loss(logits, targets, torch.ones(1, 1), label_smoothing=0.2)
+        assert total.item() == pytest.approx(expect, rel=1e-6)
 
 
 def _unique_of(rows_MR: torch.Tensor, b: int) -> torch.Tensor:

@@ -406,6 +406,84 @@ def test_temperature_scaled_metrics_rejects_bad_shapes() -> None:
         temperature_scaled_metrics(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"num_bins": 10, "seed": 3}])
+def test_temperature_scaled_metrics_every_number_against_a_float64_reference(kwargs) -> None:
+    """bf16 member logits (as a bf16 evaluation gives them) and int32 labels (as DALI gives them); the defaults
+    (15 bins, seed 0) and other values: every reported number against a reference computed here in float64 and numpy,
+    so a mean taken in bf16, a default changed, the bins not passed on or the halves' ECE not averaged shows."""
+    true_logits_NK, labels_N = _calibration_case(600, 10, seed=4)
+    noise = torch.randn((3, 600, 10), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logits_MNK = (true_logits_NK * 2.5 + noise).to(torch.bfloat16)
+    got = temperature_scaled_metrics(logits_MNK, labels_N.to(torch.int32), **kwargs)
+
+    num_bins, seed = kwargs.get("num_bins", 15), kwargs.get("seed", 0)
+    ens_NK = logits_MNK.double().mean(0)
+    halves = split_for_calibration(600, seed)
+    temps = [fit_temperature(ens_NK[idx], labels_N[idx]) for idx in halves]
+    assert got["temperature_halves"] == pytest.approx(temps, rel=1e-9)
+    assert got["temperature"] == pytest.approx(sum(temps) / 2, rel=1e-12)
+    nlls, eces = [], []
+    for idx, temp in ((halves[1], temps[0]), (halves[0], temps[1])):
+        scaled = (ens_NK[idx] / temp).numpy()
+        probs, labels = _np_softmax(scaled), labels_N[idx].numpy()
+        nlls.append(float(-np.log(probs[np.arange(len(labels)), labels]).mean()))
+        eces.append(_np_ece(probs, labels, num_bins))
+    assert got["calibrated_nll"] == pytest.approx(sum(nlls) / 2, rel=1e-9)
+    assert got["calibrated_ece"] == pytest.approx(sum(eces) / 2, rel=1e-9)
+
+
+def test_temperature_scaled_metrics_errors_name_the_input() -> None:
+    with pytest.raises(ValueError, match=r"got \(10, 3\)$"):
+        temperature_scaled_metrics(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got list$"):
+        temperature_scaled_metrics([[[0.0]]], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^logits_MNK \(member mean\) must be \[N,K\]"):
+        temperature_scaled_metrics(torch.randn(2, 10, 3), torch.zeros(9, dtype=torch.long))
+
+
+def test_fit_temperature_equals_an_independent_minimiser() -> None:
+    """bf16 logits and int32 labels in; T against scipy's bounded minimisation of the same NLL in float64 (not the
+    code against itself): a fit done in the input's precision or with a float32 log T is off by far more than 1e-8."""
+    optimize = pytest.importorskip("scipy.optimize")
+    true_logits_NK, labels_N = _calibration_case(500, 10, seed=5)
+    logits_NK = (true_logits_NK * 2.5).to(torch.bfloat16)
+    exact_NK, labels = logits_NK.double().numpy(), labels_N.numpy()
+
+    def nll_at(log_t: float) -> float:
+        z = exact_NK / math.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]).mean())
+
+    best = optimize.minimize_scalar(nll_at, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-12})
+    got = fit_temperature(logits_NK, labels_N.to(torch.int32))
+    assert got == pytest.approx(math.exp(best.x), rel=1e-8)
+
+
+def test_calibration_input_checks_at_their_boundaries() -> None:
+    logits_NK, labels_N = _calibration_case(20, 3, seed=6)
+    # 1 is the smallest budget allowed, and it is kept: one iteration stops short of the converged T.
+    assert (
+        0
+        < fit_temperature(logits_NK * 4, labels_N, max_iter=1)
+        != pytest.approx(fit_temperature(logits_NK * 4, labels_N), rel=1e-3)
+    )
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=rf"^max_iter must be a positive int, got {bad!r}$"):
+            fit_temperature(logits_NK, labels_N, max_iter=bad)
+    with pytest.raises(ValueError, match=r"^logits_NK must be \[N,K\]"):
+        fit_temperature(logits_NK, labels_N[:-1])
+    with pytest.raises(ValueError, match=r"^temperature fitting diverged \(T = nan\); are the logits finite\?$"):
+        fit_temperature(torch.full((4, 3), float("nan")), labels_N[:4])
+    fit_idx, report_idx = split_for_calibration(2, seed=0)  # 2 is the smallest n allowed
+    assert sorted(fit_idx.tolist() + report_idx.tolist()) == [0, 1] and len(fit_idx) == 1
+    for bad in (True, 2.5):
+        with pytest.raises(ValueError, match=rf"^split_for_calibration needs an int n >= 2 samples, got {bad!r}$"):
+            split_for_calibration(bad, seed=0)
+    for bad in (True, 1.0):
+        with pytest.raises(TypeError, match=rf"^seed must be an int, got {bad!r}$"):
+            split_for_calibration(4, seed=bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 def test_accumulator_on_cuda_matches_cpu() -> None:
