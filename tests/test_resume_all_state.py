@@ -6,9 +6,9 @@ accumulation (`optim.grad_accum_steps=2`), bf16, input repetition, one view per 
 (the best validation) and the non-finite counters (NaN at steps 2, 3, 4 through the trainer's MIXMO_FAULT_NAN
 hook, so `nonfinite_run` is 2 at the stop and must carry on to 3). The split run stops at step 4, resumes to 5
 (a checkpoint the full run also writes), then to 8; both checkpoints equal the full run's, tensors bit-identical
-and counters equal. The validation rows after the resume should equal the full run's too; they do not (EMA
-BatchNorm buffers are rank-local, see the xfail), which only this combination of options (EMA on 2 ranks, a
-resume) shows. DALI keeps its own resume test (`test_resume.py`), the data is the torch backend here.
+and counters equal. The validation rows after the resume equal the full run's too: this combination of options
+(EMA on 2 ranks, a resume) found that the EMA's BatchNorm buffers were rank-local at validation (now synced from
+rank 0). DALI keeps its own resume test (`test_resume.py`), the data is the torch backend here.
 """
 
 from __future__ import annotations
@@ -83,14 +83,6 @@ def test_resume_with_every_stateful_option_on_is_bit_identical(runs):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EMA BatchNorm buffers are rank-local: EMA.update lerps each rank's own post-forward statistics and "
-    "Trainer.evaluate syncs only the raw model's buffers before validating with the EMA module, so rank 1 "
-    "validates with statistics no checkpoint holds, and a resume (rank 0's EMA loaded everywhere) changes the "
-    "validation rows after it (seen: step 6 nll 2.37798 vs 2.37589, step 8 top1 0.163 vs 0.143). Fix in "
-    "training/trainer.py (sync the EMA module's buffers too); then remove this marker.",
-)
 def test_validation_rows_after_the_resume_equal_the_uninterrupted_run(runs):
     full, split = runs
     val_full = [(r["step"], r["top1"], r["nll"], r["best_step"]) for r in read_metrics(full) if r["split"] == "val"]

@@ -495,6 +495,10 @@ class Trainer:
         acc = EvalAccumulator(self.cfg.mixmo.num_members, self.num_classes, self.device)
         with self.faults.during("validation"):
             self.comm.sync_buffers(self.raw)
+            if model is not self.raw:
+                # The EMA's BatchNorm statistics follow each rank's own batches too: validate every rank with rank
+                # 0's, which is what a checkpoint holds (a resume loads them everywhere).
+                self.comm.sync_buffers(model)
             for images_BCHW, labels_B in self.guard.iterate(self.data.val):
                 with self.acc.autocast():
                     logits_MBK = model(images_BCHW)
