@@ -267,6 +267,12 @@ def test_full_disk_under_accelerate_launch_stops_every_rank_and_resumes_after_sp
         assert not left, f"processes left after the failed save: {sorted(left)}"
         assert proc.returncode != 0
         _assert_full_disk_outcome(out, log)
+        step6 = re.search(r"^(\d\d):(\d\d):(\d\d) INFO step 6/", log, re.MULTILINE)
+        if step6:  # the save is due right after this line; the log's clock has 1 s resolution
+            h, m, sec = map(int, step6.groups())
+            now = time.localtime()
+            took = time.mktime(now) - time.mktime((*now[:3], h, m, sec, *now[6:]))
+            print(f"every rank gone {took:.0f}s (+-1 s) after the step whose save failed")
         assert "mixmo_dist/" not in log.split("error: checkpoint save", 1)[1], log[-3000:]  # no rank's traceback
 
         _grow(disk, 600)
