@@ -38,9 +38,9 @@ from benchmarks import quick_main
 from mixmo_dist.checkpoint.state import CheckpointManager
 from mixmo_dist.checkpoint.store import CheckpointStore
 from mixmo_dist.data.folder import scan_split
+from mixmo_dist.data.forkserver import worker_context
 from mixmo_dist.data.index import PathTable, split_table
 from mixmo_dist.data.plan import EpochPlan
-from mixmo_dist.data.workers import _worker_context
 from mixmo_dist.runtime.collectives import Collectives
 from mixmo_dist.runtime.seeds import RankRNG, seed_rank
 
@@ -88,7 +88,7 @@ def _probe(pickled: bytes, queue) -> None:
 
 
 def _worker_private_mb(table: PathTable) -> float:
-    ctx = _worker_context()
+    ctx = worker_context()
     queue = ctx.Queue()
     proc = ctx.Process(target=_probe, args=(pickle.dumps(table), queue))
     proc.start()

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Placement, build_data, scan_split
+from mixmo_dist.data.forkserver import worker_context
 from mixmo_dist.data.index import folder_tables, index_dir, split_table
-from mixmo_dist.data.workers import _worker_context
 
 
 def _tree(root: Path, classes: int = 3, per_class: int = 5) -> Path:
@@ -188,7 +188,7 @@ def test_a_worker_reads_the_parents_table_from_the_shared_file(tmp_path):
     tree = _tree(tmp_path / "data", classes=4, per_class=500)
     _, table = split_table(tree, "train")
     assert len(pickle.dumps(table)) < 1_000  # the file's name travels, not the arrays (2,001 paths: ~100 KB)
-    loader = DataLoader(_Rows(table), batch_size=None, num_workers=1, multiprocessing_context=_worker_context())
+    loader = DataLoader(_Rows(table), batch_size=None, num_workers=1, multiprocessing_context=worker_context())
     assert [(path, int(label)) for path, label in loader] == _rows(table)
 
 
