@@ -232,7 +232,9 @@ def _evaluate_ood(evaluator: _Evaluator, root: Path, first: LoadedCheckpoint, pl
     loader = TorchValLoader(ValSet(PathTable(samples), first.config.data), first.config.data, place)
     evaluator.run(loader, keep_logits=False)
     out_scores_N4 = rows_on_main(evaluator.comm, evaluator.scores, strided=True)
-    metrics = None if out_scores_N4 is None else ood_metrics(in_scores_N4, out_scores_N4.cpu())
+    metrics = None
+    if out_scores_N4 is not None:
+        metrics = {"num_scored": int(out_scores_N4.shape[0]), **ood_metrics(in_scores_N4, out_scores_N4.cpu())}
     metrics = evaluator.comm.broadcast_object(metrics)  # computed on rank 0, a few numbers for every rank
     log.info(
         "ood %s (%d images, %d classes): auroc msp %.4f entropy %.4f disagreement %.4f",
@@ -282,7 +284,10 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
     # One row of 4 scores per sample, on rank 0 only; the few figures go back to every rank.
     in_scores_N4 = rows_on_main(comm, evaluator.scores, strided)
     in_scores_N4 = None if in_scores_N4 is None else in_scores_N4.cpu()
-    result.update(comm.broadcast_object(None if in_scores_N4 is None else selective_metrics(in_scores_N4)))
+    selective = None
+    if in_scores_N4 is not None:
+        selective = {"selective_count": int(in_scores_N4.shape[0]), **selective_metrics(in_scores_N4)}
+    result.update(comm.broadcast_object(selective))
     if getattr(args, "ood", None):
         result.update(_evaluate_ood(evaluator, Path(args.ood), first, place, in_scores_N4))
     if args.temperature_scale:
