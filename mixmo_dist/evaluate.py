@@ -34,6 +34,7 @@ Shape legend: M members (all networks), B batch rows, N samples, K classes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -84,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line wrapper: one JSON object on stdout (rank 0); user errors print `error: ...` and exit 2."""
+    try:
+        return _main(argv)
+    finally:
+        # Tear the process group down before the interpreter exits: left to the interpreter's shutdown, gloo's
+        # threads can outlive it and abort the rank ("terminate called without an active exception", exit -6)
+        # after the result was printed (seen in CI with 2 ranks).
+        if dist.is_available() and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _main(argv: list[str] | None) -> int:
     args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         config_path, overrides = parse_overrides(rest)

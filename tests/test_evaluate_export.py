@@ -531,8 +531,8 @@ def test_ood_and_selective_metrics_are_exact_over_ranks(run_a, ood_dir):
     # Every sample scored once over the ranks, in and out of distribution: the exactness claim.
     assert one["ood"]["num_scored"] == two["ood"]["num_scored"] == 14
     assert one["selective_count"] == two["selective_count"] == one["count"] == 40
-    # The ranks' batches differ from one process's, so a convolution's float rounding may differ (1e-7); a 2-step
-    # model's scores are near-ties, which such noise can swap: ranking metrics agree to a swap or two, not to 1e-9.
+    # The ranks' batches differ from one process's, so a convolution's float rounding may differ (1e-7), and a 2-step
+    # model's scores are near-ties that such noise could swap: ranking metrics are compared to a swap or two.
     for score in ("msp", "entropy", "disagreement"):
         for metric in ("auroc", "aupr", "fpr95"):
             assert 0.0 <= one["ood"][score][metric] <= 1.0, (score, metric)

@@ -106,6 +106,9 @@ def test_moves_into_synset_folders_then_refuses_a_second_run(mini, source, capsy
     root = mini / "imagenet"
     assert "7 val images of 3 classes in " in out and (root / ".mixmo_index" / "val.idx").is_file(), out
     # The index it wrote is current: the loaders read it without scanning, with the train split's class order.
+    # (Only the records of this check: building the index above logged its own scans, which caplog keeps whenever an
+    # earlier test of the session left the root logger at INFO.)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="mixmo_dist"):
         classes_i, train_i, val_i = folder_tables(root, None, first=True)
     assert not [r for r in caplog.records if "scanning" in r.getMessage()]
