@@ -141,6 +141,15 @@ def final_state(job_id: str, env: dict[str, str], timeout_s: float) -> str:
     return wait_for(finished, timeout_s, f"job {job_id} to finish", poll_s=1.0)
 
 
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment of process `pid` ({} once it has exited)."""
+    try:
+        words = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(w.decode(errors="replace").partition("=")[::2] for w in words if b"=" in w)
+
+
 def node_processes(node: Node) -> dict[int, tuple[str, str]]:
     """Every process in the node's network namespace: {pid: (command name, command line)}."""
     pids = subprocess.run(["ip", "netns", "pids", node.netns], capture_output=True, text=True, check=True).stdout

@@ -30,6 +30,7 @@ from conftest import (
     tiny_args,
     train_env,
 )
+from slurm_support import process_environ
 
 from mixmo_dist.checkpoint.state import SaveError
 from mixmo_dist.runtime.faults import EXIT_FAULT, FaultState, PeerLost, Watchdog, record_and_requeue
@@ -74,7 +75,7 @@ def test_a_frozen_rank_is_a_lost_peer_the_other_ends_within_the_timeout(tiny_dat
     seen: list[str] = []
     try:
         _wait_line(procs[0], r"step 3/", 300, seen)
-        frozen = [pid for pid in _run_ranks(out) if _environ(pid).get("RANK") == "1"]
+        frozen = [pid for pid in _run_ranks(out) if process_environ(pid).get("RANK") == "1"]
         assert len(frozen) == 1, frozen
         frozen = frozen[0]
         os.kill(frozen, signal.SIGSTOP)
@@ -108,14 +109,6 @@ def _all_pids() -> list[int]:
 def _run_ranks(out: Path) -> list[int]:
     """The rank processes (not the launchers) of the run writing to `out`."""
     return [p for p in _all_pids() if f"--run.output_dir={out}" in _cmdline(p) and "accelerate" not in _cmdline(p)]
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        words = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return {}
-    return dict(w.decode(errors="replace").partition("=")[::2] for w in words if b"=" in w)
 
 
 # --------------------------------------------------------------------------------------------------------------
