@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  before the process group: see mixmo_dist/runtime/accelerator.py
 from accelerate import Accelerator
 
 from mixmo_dist.checkpoint.state import CheckpointManager

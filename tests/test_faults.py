@@ -169,15 +169,37 @@ def test_requeue_is_bounded_by_restarts_without_a_newer_checkpoint(tmp_path, mon
         # two ranks of the same restart record the same fault: counted once
         outcomes.append(record_and_requeue(tmp_path, state, "lost peer", max_requeues=3))
         record_and_requeue(tmp_path, FaultState(rank=0, step=40, checkpoint_step=30), "lost peer", 3)
-    assert [o.startswith("; requeued job 77") for o in outcomes[:3]] == [True] * 3
+    assert [o.startswith("; requeueing job 77") for o in outcomes[:3]] == [True] * 3
     assert "not requeued: 4 restarts of job 77" in outcomes[3] and "fault.max_requeues=3" in outcomes[3]
     assert "not requeued" in outcomes[4]
     state.checkpoint_step = 50  # progress: a new count
     monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
-    assert record_and_requeue(tmp_path, state, "hang", 3).startswith("; requeued job 77 (1 of")
-    assert calls.read_text().splitlines().count("requeue 77") == 3 + 3 + 1  # both ranks asked, while allowed
+    said = lambda phrase: calls.open("a").write(f"said{phrase}\n")  # noqa: E731
+    assert record_and_requeue(tmp_path, state, "hang", 3, said).startswith("; requeueing job 77 (1 of")
+    lines = calls.read_text().splitlines()
+    assert lines.count("requeue 77") == 3 + 3 + 1  # both ranks asked, while allowed
+    # the line is said before scontrol runs: the requeue may end this process before anything after it
+    assert lines[-2:] == ["said; requeueing job 77 (1 of fault.max_requeues=3 in a row)", "requeue 77"], lines[-2:]
     monkeypatch.delenv("MIXMO_REQUEUE_CMD")
-    assert record_and_requeue(tmp_path, state, "hang", 3) == ""  # not a SLURM job that asked for requeues
+    assert record_and_requeue(tmp_path, state, "hang", 3, said) == ""  # not a SLURM job that asked for requeues
+    assert calls.read_text().splitlines()[-1] == "said"  # the line is said all the same
+
+
+def test_a_refused_requeue_gets_a_second_line_naming_the_answer(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "scontrol: error: Job is pending execution" >&2\nexit 1\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setenv("MIXMO_REQUEUE_CMD", "scontrol")
+    said = []
+    phrase = record_and_requeue(tmp_path, FaultState(rank=3, step=9, checkpoint_step=8), "hang", 3, said.append)
+    assert said == [phrase] and phrase.startswith("; requeueing job 78 (1 of")
+    assert capsys.readouterr().err == (
+        "error: rank 3: `scontrol requeue 78` answered: scontrol: error: Job is pending execution "
+        "(another rank may have requeued)\n"
+    )
 
 
 def test_peer_lost_names_the_operation_and_the_peer_from_gloos_message(tmp_path):

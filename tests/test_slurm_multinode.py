@@ -267,7 +267,7 @@ def test_node_loss_ends_the_job_and_it_resumes_on_the_other_node(slurm_cluster, 
         cancel(job_id, env)
     assert state != "COMPLETED", "the job completed before the kill; make the run longer"
     first_log = _log(tmp_path, job_id)
-    assert "lost a peer" in first_log and "requeued job" in first_log, first_log[-3000:]
+    assert "lost a peer" in first_log and "requeueing job" in first_log, first_log[-3000:]
     # Nothing of the job is left on either node: no rank, launcher, data worker or slurmstepd.
     for node in slurm_cluster.nodes:
         try:
@@ -337,7 +337,7 @@ def test_data_network_cut_ends_the_job_requeues_it_and_it_resumes_bit_identical(
     lost = re.findall(r"error: rank (\d) lost a peer at step 2 during (.*?)(?: \(peer| \(the backend)", log)
     assert lost, log[-4000:]
     assert all(op.endswith("in training step") or op.startswith("gradient all-reduce") for _, op in lost), lost
-    assert any("requeued job" in line for line in log.splitlines() if "lost a peer" in line), log[-4000:]
+    assert any("requeueing job" in line for line in log.splitlines() if "lost a peer" in line), log[-4000:]
     stacks = list((out / "stacks").glob("rank_*.txt"))
     assert stacks and all("lost a peer during" in p.read_text() for p in stacks)
     assert f"job {job_id} restart 1 on" in log and "resumed from step 2 " in log
@@ -392,5 +392,5 @@ def test_submitit_task_frozen_the_others_requeue_the_job(slurm_cluster, tiny_dat
         cancel(job_id, env)
     log0 = (out / "submitit" / f"{job_id}_0_log.err").read_text()
     lost = [line for line in log0.splitlines() if line.startswith("error: rank 0 lost a peer at step 2")]
-    assert lost and "requeued job" in lost[0], log0[-3000:]
+    assert lost and "requeueing job" in lost[0], log0[-3000:]
     assert (out / "stacks" / "rank_0.txt").is_file()

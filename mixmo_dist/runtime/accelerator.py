@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import warnings
@@ -71,6 +72,12 @@ def build_accelerator(
     if cuda:
         for key, value in nccl_environment(Path(output_dir) / "stacks").items():
             os.environ.setdefault(key, value)  # read when the NCCL process group is created, just below
+    # torch._dynamo imported after the process group exists takes references to it that `destroy_process_group`
+    # does not drop (torch 2.14; the first optimizer imports it): the gloo worker threads then live into interpreter
+    # shutdown, and one that frees a finished collective's tensor there aborts the rank ("terminate called without
+    # an active exception", exit -6) after its work is done. Imported first, it never sees the group.
+    importlib.import_module("torch._dynamo")
+
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=precision,

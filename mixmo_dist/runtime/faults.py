@@ -5,7 +5,8 @@ down, a file system read that never returns. Left to the defaults, every other r
 30 minutes (gloo) or 10 (NCCL), and a signal cannot reach it there (a rank blocked in C++ runs no Python handler).
 This module bounds every wait and turns a lost peer into the same ending on every surviving rank:
 
-    one line on stderr   "error: rank R lost a peer at step S during OP (peer ADDR): ...; requeued"
+    one line on stderr   "error: rank R lost a peer at step S during OP (peer ADDR): ...; requeueing job J ..."
+                         printed before the requeue runs: the requeue ends the job's processes within moments
     its Python stacks    <output_dir>/stacks/rank_<R>.txt (every thread, appended: one block per fault)
     a record             <output_dir>/faults.jsonl (what the requeue bound counts)
     a requeue            `scontrol requeue $SLURM_JOB_ID` under SLURM, at most `fault.max_requeues` times in a row
@@ -201,16 +202,20 @@ class Watchdog:
     """Ends a rank on which nothing completes for too long: a hang outside collectives (a stalled read, a deadlock).
 
     A daemon thread checks the time since the last `beat()`; past the limit it writes every thread's stacks, prints
-    one line, runs `on_fire(message)` (the requeue) and ends the process with EXIT_FAULT: the rank cannot be
+    one line, with `on_fire(say)` (the requeue) and ends the process with EXIT_FAULT: the rank cannot be
     unblocked from another thread, and its peers then stop on their collective timeout.
 
     Args:
         state: the rank's FaultState (step, operation, stack directory).
         limit_s: seconds without a beat that end the rank (<= 0: never started).
-        on_fire: called with the line before the exit (e.g. the requeue); its errors are ignored.
+        on_fire: called before the exit with `say(phrase)`, which prints the rank's line ending in `phrase` (the
+            requeue's outcome, said before the requeue runs); if it never calls `say` (or raises), the line is
+            printed anyway.
     """
 
-    def __init__(self, state: FaultState, limit_s: float, on_fire: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, state: FaultState, limit_s: float, on_fire: Callable[[Callable[[str], None]], object] | None = None
+    ) -> None:
         self.state, self.limit_s, self.on_fire = state, float(limit_s), on_fire
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -247,12 +252,20 @@ class Watchdog:
         stacks = st.dump_stacks(reason)
         where = f"; stacks in {stacks}" if stacks else ""
         message = f"rank {st.rank} hung at step {st.step}: {reason}{where}"
+        said: list[str] = []
+
+        def say(phrase: str) -> None:
+            said.append(phrase)
+            print(f"error: {message}{phrase}", file=sys.stderr, flush=True)
+
         if self.on_fire is not None:
             try:
-                message += self.on_fire(message) or ""
+                self.on_fire(say)
             except Exception as err:  # noqa: BLE001  (the exit below must happen whatever the requeue did)
-                message += f"; requeue failed: {err}"
-        print(f"error: {message}", file=sys.stderr, flush=True)
+                if not said:
+                    say(f"; requeue failed: {err}")
+        if not said:
+            say("")
         logging.shutdown()
         os._exit(EXIT_FAULT)
 
@@ -267,9 +280,12 @@ def end_rank_after_fault(err: PeerLost, out_dir: Path, max_requeues: int) -> NoR
     block again, and the point is to end within seconds. The run lock is a kernel lock that ends with the process;
     the forkserver and workers die with the rank (parent-death signals).
     """
-    outcome = record_and_requeue(out_dir if out_dir.is_dir() else None, err.state, "lost peer", max_requeues)
     stacks = f"; stacks in {err.stacks}" if err.stacks else ""
-    print(f"error: {err}{stacks}{outcome}", file=sys.stderr, flush=True)
+
+    def say(phrase: str) -> None:
+        print(f"error: {err}{stacks}{phrase}", file=sys.stderr, flush=True)
+
+    record_and_requeue(out_dir if out_dir.is_dir() else None, err.state, "lost peer", max_requeues, say)
     logging.shutdown()
     os._exit(EXIT_FAULT)
 
@@ -285,9 +301,20 @@ def fault_requeue_command() -> list[str] | None:
     return ["scontrol", "requeue", job] if job and asked else None
 
 
-def record_and_requeue(out_dir: Path | None, state: FaultState, kind: str, max_requeues: int) -> str:
+def record_and_requeue(
+    out_dir: Path | None,
+    state: FaultState,
+    kind: str,
+    max_requeues: int,
+    say: Callable[[str], None] = lambda phrase: None,
+) -> str:
     """Append this fault to `faults.jsonl` and requeue the SLURM job when the bound allows; returns the outcome as
-    a phrase for the rank's line ("; requeued (2 of 3 ...)", "; not requeued: ...", or "" outside SLURM).
+    a phrase for the rank's line ("; requeueing job J (2 of fault.max_requeues=3 in a row)", "; not requeued: ...",
+    or "" outside SLURM).
+
+    `say(phrase)` prints the rank's line and is called before `scontrol requeue` runs: a requeue ends the job's
+    processes (slurmstepd's signals, the launcher's death) within moments, this one included, so a line printed
+    after it would often be lost. A requeue that then fails gets a second line, "error: rank R: requeue ...".
 
     The bound counts job restarts that ended in a fault with no newer checkpoint than now: a job that keeps failing
     at the same point stops after `max_requeues` tries, a job that makes progress between faults never does. Every
@@ -315,6 +342,7 @@ def record_and_requeue(out_dir: Path | None, state: FaultState, kind: str, max_r
             pass
     cmd = fault_requeue_command()
     if cmd is None:
+        say("")
         return ""
     same = {
         (r.get("job"), r.get("restart"))
@@ -322,17 +350,24 @@ def record_and_requeue(out_dir: Path | None, state: FaultState, kind: str, max_r
         if r.get("checkpoint_step") == state.checkpoint_step and r.get("job") == record["job"]
     }
     if len(same) > max_requeues:
-        return (
+        phrase = (
             f"; not requeued: {len(same)} restarts of job {record['job']} ended in a fault without a newer "
             f"checkpoint than step {state.checkpoint_step} (fault.max_requeues={max_requeues})"
         )
+        say(phrase)
+        return phrase
+    phrase = f"; requeueing job {record['job']} ({len(same)} of fault.max_requeues={max_requeues} in a row)"
+    say(phrase)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        failure = None if res.returncode == 0 else (
+            f"`{' '.join(cmd)}` answered: {' '.join(res.stderr.split())[:200]} (another rank may have requeued)"
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"; requeue failed ({' '.join(cmd)}: {err})"
-    if res.returncode != 0:
-        return f"; `{' '.join(cmd)}` answered: {' '.join(res.stderr.split())[:200]} (another rank may have requeued)"
-    return f"; requeued job {record['job']} ({len(same)} of fault.max_requeues={max_requeues} in a row)"
+        failure = f"requeue failed ({' '.join(cmd)}: {err})"
+    if failure:
+        print(f"error: rank {state.rank}: {failure}", file=sys.stderr, flush=True)
+    return phrase
 
 
 def _read_faults(out_dir: Path) -> list[dict]:

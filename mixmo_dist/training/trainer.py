@@ -325,10 +325,11 @@ class Trainer:
         self.faults.checkpoint_step = self.step
         self.watchdog.beat()
 
-    def _requeue_after_fault(self, kind: str, _message: str = "") -> str:
-        """Record a fault of this rank and requeue the SLURM job if the bound allows (see runtime/faults.py)."""
+    def _requeue_after_fault(self, kind: str, say=lambda phrase: None) -> str:
+        """Record a fault of this rank and requeue the SLURM job if the bound allows (see runtime/faults.py);
+        `say(phrase)` prints the rank's line before the requeue runs."""
         out = self.out if self.out.is_dir() else None
-        return record_and_requeue(out, self.faults, kind, self.cfg.fault.max_requeues)
+        return record_and_requeue(out, self.faults, kind, self.cfg.fault.max_requeues, say)
 
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
