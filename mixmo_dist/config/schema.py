@@ -371,11 +371,12 @@ class DataConfig(_Section, section="data"):
     """Smallest area fraction kept by the random resized crop."""
     hflip: bool = True
     """Random horizontal flip in training."""
-    copy_augmentation: Literal["shared", "per_copy"] = "shared"
+    copy_augmentation: Literal["shared", "per_copy"] = "per_copy"
     """How the b x M copies of an image in a MixMo step (mixmo.batch_repetitions rows, in each of mixmo.num_members
-    members) are augmented. per_copy: each copy gets its own crop and flip, as the MixMo authors' loader (it reads
-    every copy separately); the image is still decoded once. shared: one augmented view per image, copied to all its
-    rows and members (MIMO's ImageNet code, and this project before it had the key)."""
+    members) are augmented. per_copy (the default since issue 23): each copy gets its own crop and flip, as the MixMo
+    authors' loader (it reads every copy separately); the image is still decoded once. shared: one augmented view
+    per image, copied to all its rows and members (MIMO's ImageNet code; cheaper to augment, but the members then
+    see the same view of an image)."""
     dali_threads: int = 2
     """CPU threads per DALI pipeline."""
     dali_prefetch: int = 2
