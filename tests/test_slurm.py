@@ -375,6 +375,32 @@ def test_sweep_words_give_the_grid_in_order_with_named_directories():
             parse_sweeps(bad)
 
 
+def test_a_config_file_axis_gives_each_point_its_file_under_the_command_lines_words(tmp_path):
+    """`--sweep config=A,B`: Cut-MixMo against vanilla in one sweep. Each point reads its own file (the last
+    `--config` wins over the command line's), the command line's `--section.key` words still beat that file, and the
+    directory names the file by its stem."""
+    from mixmo_dist.cluster.sweep import parse_sweeps, point_argv, point_name, sweep_points
+
+    demo, vanilla = str(REPO / "configs" / "demo.yaml"), str(REPO / "configs" / "demo_vanilla.yaml")
+    points = sweep_points(parse_sweeps([f"config={demo},{vanilla}", "run.seed=1,2"]))
+    assert [point_name(p) for p in points] == [
+        "config-demo_run.seed-1", "config-demo_run.seed-2", "config-demo_vanilla_run.seed-1",
+        "config-demo_vanilla_run.seed-2",
+    ]  # fmt: skip
+    base = ["--config", demo, "--data.image_size=24", "--mixmo.alpha=1.5", f"--run.output_dir={tmp_path}"]
+    cfgs = [load_config(point_argv(base, p, tmp_path)) for p in points]
+    assert [(c.mixmo.num_members, c.mixmo.mixing, c.mixmo.batch_repetitions, c.data.batch_size) for c in cfgs] == [
+        (2, "cut", 2, 64), (2, "cut", 2, 64), (1, "none", 1, 32), (1, "none", 1, 32)
+    ]  # fmt: skip
+    assert [c.run.seed for c in cfgs] == [1, 2, 1, 2]
+    assert all(c.data.image_size == 24 and c.mixmo.alpha == 1.5 for c in cfgs)  # the command line beats each file
+    assert cfgs[2].run.output_dir == str(tmp_path / "config-demo_vanilla_run.seed-1")
+    with pytest.raises(ConfigError, match="same name"):
+        parse_sweeps([f"config={demo},{tmp_path / 'demo.yaml'}"])
+    with pytest.raises(ConfigError, match="expected section.key=V1,V2"):
+        parse_sweeps([f"configs={demo}"])
+
+
 def test_a_sweep_with_a_bad_key_or_value_submits_nothing(tmp_path, capsys):
     base = [f"--run.output_dir={tmp_path}", "--cluster=local"]
     assert submit.main([*base, "--sweep", "run.sed=1,2"]) == 2
