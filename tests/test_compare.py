@@ -92,3 +92,13 @@ def test_compare_evaluates_only_what_is_missing_and_refuses_a_non_run(runs, tmp_
     res = subprocess.run([sys.executable, "-m", "mixmo_dist.compare", str(tmp_path)], cwd=REPO, env=train_env(),
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 2 and res.stderr.startswith(f"error: {tmp_path}: not a run directory")
+
+
+def test_markdown_shows_a_spread_only_where_there_are_several_values():
+    from mixmo_dist.evaluation.compare import Row, to_markdown
+
+    cost = {"params": 2e6, "flops": 3e9, "images_per_s": 10.0}
+    rows = [Row("a=1", "runs", [], {"top1": [0.5]}, cost), Row("a=2", "runs", [], {"top1": [0.5, 0.7]}, cost)]
+    lines = to_markdown(rows).splitlines()
+    assert lines[2] == "| a=1 | runs | 1 | 0.5000 | 2.00 | 3.000 | 10 |"
+    assert lines[3] == f"| a=2 | runs | 2 | 0.6000 +- {statistics.stdev([0.5, 0.7]):.4f} | 2.00 | 3.000 | 10 |"

@@ -233,8 +233,10 @@ def to_markdown(rows: list[Row]) -> str:
         n = max((len(v) for v in row.values.values()), default=0)
         cells = [row.label, row.kind, str(n)]
         for col in cols:
-            mean, std = mean_std(row.values.get(col, []))
-            cells.append("" if math.isnan(mean) else f"{mean:.4f} +- {std:.4f}")
+            values = row.values.get(col, [])
+            mean, std = mean_std(values)
+            # one value has no spread to show: "+- 0.0000" would claim one
+            cells.append("" if math.isnan(mean) else f"{mean:.4f}" + (f" +- {std:.4f}" if len(values) > 1 else ""))
         cost = row.cost
         cells += [f"{cost['params'] / 1e6:.2f}", f"{cost['flops'] / 1e9:.3f}", f"{cost['images_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -262,7 +264,7 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.3 * len(rows)))
     for ax, col, name in ((axes[0], "top1", "ensemble top-1"), (axes[1], "nll", "NLL")):
         for row in rows:
             mean, std = mean_std(row.values.get(col, []))
@@ -272,7 +274,9 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_xlabel("GFLOPs per image")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    # Group labels are long (the keys in which groups differ): one legend under both panels, never over the points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * len(rows) + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
