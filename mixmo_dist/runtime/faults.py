@@ -360,8 +360,10 @@ def record_and_requeue(
     say(phrase)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        failure = None if res.returncode == 0 else (
-            f"`{' '.join(cmd)}` answered: {' '.join(res.stderr.split())[:200]} (another rank may have requeued)"
+        failure = (
+            None
+            if res.returncode == 0
+            else (f"`{' '.join(cmd)}` answered: {' '.join(res.stderr.split())[:200]} (another rank may have requeued)")
         )
     except (OSError, subprocess.TimeoutExpired) as err:
         failure = f"requeue failed ({' '.join(cmd)}: {err})"
