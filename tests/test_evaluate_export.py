@@ -212,6 +212,53 @@ def test_export_metadata_and_timm_loading_equal_the_ensemble(run_a, exported):
         assert not torch.allclose(mixmo(x)[0], mixmo(x)[1])  # the two members really differ
 
 
+_LOAD_HUB = """
+import sys, timm, torch
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save({"logits": model(x), "cfg": dict(model.pretrained_cfg)}, sys.argv[2])
+"""
+
+
+def test_hub_export_loads_in_a_fresh_timm_process_with_the_ensembles_logits(run_a, tmp_path, capsys):
+    """(issue 24) `--hub-dir`: config.json, model.safetensors and a model card; `timm.create_model("local-dir:...",
+    pretrained=True)` in a process that never imported mixmo_dist gives the ensemble's mean logits."""
+    hub = tmp_path / "hub" / "resnet18-mixmo"
+    assert export_main(["--checkpoint", str(run_a), "--hub-dir", str(hub)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert not [p for p in hub.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    config = json.loads((hub / "config.json").read_text())
+    run_json = json.loads((run_a / "run.json").read_text())
+    assert printed["hub_dir"] == str(hub) and printed["architecture"] == config["architecture"] == "resnet18"
+    assert config["num_classes"] == 10 and config["label_names"] == run_json["classes"]
+    pcfg = config["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["crop_pct"] == 0.875
+    assert pcfg["mean"] == run_json["normalization"]["mean"] and pcfg["std"] == run_json["normalization"]["std"]
+    script = tmp_path / "load_hub.py"
+    script.write_text(_LOAD_HUB)
+    logits_file = tmp_path / "logits.pt"
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}  # plain timm: mixmo_dist cannot be imported there
+    res = subprocess.run([PY, str(script), str(hub), str(logits_file)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = torch.load(logits_file)
+    assert list(loaded["cfg"]["input_size"]) == [3, 32, 32] and list(loaded["cfg"]["mean"]) == pcfg["mean"]
+    mixmo = load_checkpoint(resolve_checkpoint(run_a)).model
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["logits"], mixmo(x).mean(0), rtol=1e-4, atol=1e-5)
+    card = (hub / "README.md").read_text()
+    last = _last_val(run_a)
+    assert "library_name: timm" in card and f"| top1 | {last['top1']} |" in card
+    assert f"| step | {last['step']} |" in card and f"| best_top1 | {last['best_top1']} |" in card
+    # a second export never replaces a folder that holds files
+    assert export_main(["--checkpoint", str(run_a), "--hub-dir", str(hub)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
 def test_export_errors_exit_2(tmp_path, capsys):
     assert export_main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "error: checkpoint" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """MixMo conversion of timm ResNets: shapes, parameter counts, fold(), channels_last, fullgraph compile."""
 
 import pytest
+import timm
 import torch
 
 from mixmo_dist.model import TESTED_ARCHS, MixMoNet, build_model
@@ -20,9 +21,10 @@ def test_resnet50_parameter_count():
 def test_every_arch_converts_trains_and_folds(arch):
     torch.manual_seed(0)
     net = build_model(arch, 2, 7)
-    # Encoders never hold BN/ReLU: plain bias-free convs, 3 input channels.
+    # Encoders never hold BN/ReLU: plain convs (a bias only where the arch's stem has one), 3 input channels.
     for enc in net.encoders:
-        assert isinstance(enc, torch.nn.Conv2d) and enc.bias is None and enc.in_channels == 3
+        assert isinstance(enc, torch.nn.Conv2d) and enc.in_channels == 3
+        assert (enc.bias is not None) == arch.startswith("convnext"), arch
     assert not torch.equal(net.encoders[0].weight, net.encoders[1].weight)
     g = torch.Generator().manual_seed(0)
     h, w = net.encoder_output_hw(64, 64)
@@ -56,6 +58,73 @@ def test_train_forward_applies_factor_m():
     mix = sample_mixing(3, 2, h, w, mixing="none", alpha=2.0, cut_prob=0.0, generator=None, device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(net(torch.stack([x, x]), mix), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_stem_with_a_bias_trains_and_folds_with_its_biases():
+    """ConvNeXt's stem conv has a bias: each encoder is affine, W_m x + b_m. Eval sums weights and biases; the
+    training mix of two equal linear masks is the eval sum; the folded timm model gives the mean logits. The biases
+    are made large and different so that a dropped or unscaled bias shows."""
+    torch.manual_seed(0)
+    net = build_model("convnext_atto", 2, 5).eval()
+    with torch.no_grad():
+        for i, enc in enumerate(net.encoders):
+            enc.bias.copy_(torch.linspace(-1.0, 1.0, enc.out_channels) * (i + 1))
+    x = torch.randn(3, 3, 64, 64)
+    h, w = net.encoder_output_hw(64, 64)
+    mix = sample_mixing(3, 2, h, w, mixing="none", alpha=2.0, cut_prob=0.0, generator=None, device="cpu")
+    with torch.no_grad():
+        z = sum(enc(x) for enc in net.encoders)
+        torch.testing.assert_close(net(x), net.core_and_heads(z), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net(torch.stack([x, x]), mix), net(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net.fold().eval()(x), net(x).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_a_vanilla_convnext_starts_a_mixmo_one_with_its_stem_bias_split(tmp_path):
+    """`model.init_from` for a stem with a bias: each encoder takes the vanilla weight and bias divided by M, so the
+    members' mean logits start equal to the vanilla network's."""
+    from safetensors.torch import save_file
+
+    from mixmo_dist.model.weights import init_from_vanilla
+
+    torch.manual_seed(1)
+    vanilla = timm.create_model("convnext_atto", num_classes=5).eval()
+    with torch.no_grad():
+        vanilla.stem[0].bias.copy_(torch.linspace(-2.0, 2.0, vanilla.stem[0].out_channels))
+    path = tmp_path / "vanilla.safetensors"
+    save_file({k: v.contiguous() for k, v in vanilla.state_dict().items()}, str(path))
+    net = build_model("convnext_atto", 2, 5).eval()
+    with torch.no_grad():
+        init_from_vanilla(net, path)
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(net(x).mean(0), vanilla(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.encoders[1].bias, vanilla.stem[0].bias / 2)
+
+
+@pytest.mark.parametrize("arch", ["resnetv2_50x1_bit", "vit_tiny_patch16_224"])
+def test_a_stem_whose_conv_computes_something_else_is_refused(arch):
+    """BiT's stem is a weight-standardised conv (its own forward): run as a plain conv it would compute something
+    else; a ViT's first conv sits inside its patch embedding."""
+    with pytest.raises(ValueError, match=f"model.arch '{arch}' is not supported: its first conv"):
+        build_model(arch, 2, 10)
+
+
+@pytest.mark.parametrize(("family", "convert"), [("convnext*", 28), ("resnetv2*", 0)])
+def test_every_model_of_a_timm_family_converts_or_is_refused_by_name(family, convert):
+    """Structure only (parameters on the meta device, nothing computed): which models of a family convert. The
+    counts are the ones docs/CONFIG.md states for `model.arch`."""
+    names = timm.list_models(family)
+    converted, refused = [], []
+    for name in names:
+        with torch.device("meta"):
+            base = timm.create_model(name, pretrained=False, num_classes=10)
+            try:
+                MixMoNet(base, name, 2)
+                converted.append(name)
+            except ValueError as err:
+                assert f"model.arch {name!r} is not supported" in str(err)
+                refused.append(name)
+    print(f"{family}: {len(converted)} of {len(names)} convert")
+    assert len(converted) == convert and len(names) == convert + len(refused) and len(names) >= 20
 
 
 def test_unsupported_arch_names_it():

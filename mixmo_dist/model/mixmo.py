@@ -4,7 +4,9 @@ Shape legend: M members, B batch, C channels, H/W spatial, D pooled features, K 
 
 The conversion reads timm's own metadata (`pretrained_cfg['first_conv']`, `pretrained_cfg['classifier']`), so any
 timm ResNet-family model converts, deep stems included: for `resnet50d` the metadata names `conv1.0`, the stem's
-first bias-free conv, so an encoder never contains BN or ReLU and the eval-time folding stays exact.
+first bias-free conv, so an encoder never contains BN or ReLU and the eval-time folding stays exact. A first conv
+with a bias (ConvNeXt's 4x4 patchify stem) converts too: an encoder is affine, W_m x + b_m, so the eval path sums
+the biases with the weights and the training mix scales both by M; the folding stays exact.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ TESTED_ARCHS = (
     "wide_resnet50_2",
     "resnext50_32x4d",
     "seresnet50",
+    "convnext_atto",
 )
 
 
@@ -40,7 +43,7 @@ class MixMoNet(nn.Module):
     """M encoders (copies of the first conv), a mixing block, a shared core, M linear heads.
 
     Attributes:
-        encoders: M bias-free `nn.Conv2d` with the original first conv's geometry.
+        encoders: M `nn.Conv2d` with the original first conv's geometry (and its bias, if it has one).
         core: the timm model with its first conv and classifier replaced by `nn.Identity`.
         heads: M `nn.Linear(D, K)`.
     """
@@ -56,10 +59,14 @@ class MixMoNet(nn.Module):
             fc = base.get_submodule(classifier)
         except AttributeError as err:
             raise ValueError(f"model.arch {arch!r}: metadata names a missing module ({err})") from None
-        if not isinstance(conv, nn.Conv2d) or conv.bias is not None or conv.groups != 1:
+        # The encoders run as F.conv2d with the conv's static geometry: a subclass with a forward of its own (timm's
+        # weight-standardised StdConv2d, Conv2dSame's dynamic padding) would compute something else, silently.
+        plain = isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+        if not plain or conv.groups != 1 or first_conv.startswith("patch_embed"):
             raise ValueError(
-                f"model.arch {arch!r} is not supported: its first conv {first_conv!r} must be a bias-free, ungrouped "
-                f"Conv2d (MixMo needs linear encoders); tested archs: {', '.join(TESTED_ARCHS)}"
+                f"model.arch {arch!r} is not supported: its first conv {first_conv!r} must be an ungrouped Conv2d "
+                f"with the plain forward, outside a transformer's patch embedding (MixMo needs affine encoders "
+                f"before a convolutional core); tested archs: {', '.join(TESTED_ARCHS)}"
             )
         if not isinstance(fc, nn.Linear) or not hasattr(base, "forward_head"):
             raise ValueError(f"model.arch {arch!r} is not supported: classifier {classifier!r} is not a Linear layer")
@@ -95,9 +102,9 @@ class MixMoNet(nn.Module):
             sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
 
-    def _conv(self, x_BCHW: Tensor, weight: Tensor) -> Tensor:
+    def _conv(self, x_BCHW: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv = self.encoders[0]
-        return F.conv2d(x_BCHW, weight, None, conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(x_BCHW, weight, bias, conv.stride, conv.padding, conv.dilation)
 
     def core_and_heads(self, z_BCHW: Tensor) -> Tensor:
         """Shared core on the mixed map, then every head: [B,C,H,W] -> logits [M,B,K]."""
@@ -109,18 +116,22 @@ class MixMoNet(nn.Module):
     ) -> Tensor:
         """Training forward: member m's images through encoder m, mixed, core, heads -> logits [M,B,K].
 
-        The factor M of `z = M * sum_m mask_m * l_m` is folded into the bias-free encoder weights (conv is linear),
-        which costs nothing and is exact for power-of-two M.
+        The factor M of `z = M * sum_m mask_m * l_m` is folded into the encoder weights and biases (an encoder is
+        affine), which costs nothing and is exact for power-of-two M.
         """
         m = self.num_members
-        feats = [self._conv(x_MBCHW[i], self.encoders[i].weight * m) for i in range(m)]
+        feats = []
+        for i in range(m):
+            enc = self.encoders[i]
+            feats.append(self._conv(x_MBCHW[i], enc.weight * m, None if enc.bias is None else enc.bias * m))
         z_BCHW = mix_features(feats, boxes_B4, coef_in_MB, coef_out_MB)
         return self.core_and_heads(z_BCHW)
 
     def forward_eval(self, x_BCHW: Tensor) -> Tensor:
         """Eval forward: the same image to every encoder, outputs summed = one conv with summed weights."""
         weight = torch.stack([enc.weight for enc in self.encoders]).sum(0)
-        return self.core_and_heads(self._conv(x_BCHW, weight))
+        bias = None if self.encoders[0].bias is None else torch.stack([enc.bias for enc in self.encoders]).sum(0)
+        return self.core_and_heads(self._conv(x_BCHW, weight, bias))
 
     def forward(
         self,
@@ -145,6 +156,8 @@ class MixMoNet(nn.Module):
         state = {k: v.detach().clone() for k, v in self.core.state_dict().items()}
         first, cls = self.first_conv_name, self.classifier_name
         state[f"{first}.weight"] = torch.stack([e.weight.detach() for e in self.encoders]).sum(0)
+        if self.encoders[0].bias is not None:
+            state[f"{first}.bias"] = torch.stack([e.bias.detach() for e in self.encoders]).sum(0)
         state[f"{cls}.weight"] = torch.stack([h.weight.detach() for h in self.heads]).mean(0)
         if self.heads[0].bias is not None:
             state[f"{cls}.bias"] = torch.stack([h.bias.detach() for h in self.heads]).mean(0)

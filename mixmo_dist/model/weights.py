@@ -7,6 +7,11 @@
   {arch, num_classes, classes, mean, std, source_checkpoint, format: timm}, so `timm.create_model(arch,
   num_classes=K, pretrained=True, pretrained_cfg_overlay=dict(file=FILE, num_classes=K))` loads it.
 
+- `export_hub(loaded, out_dir, metrics)`: the same folded weights as a folder in the format the Hugging Face Hub
+  and timm share: `config.json` (architecture, num_classes, label_names, pretrained_cfg with input size, mean, std,
+  crop_pct, interpolation), `model.safetensors` and a `README.md` model card with the run's metrics, which
+  `timm.create_model("local-dir:DIR", pretrained=True)` loads. Nothing is uploaded.
+
 Shape legend: M members, K classes.
 """
 
@@ -16,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.checkpoint.store import CheckpointStore, resolve_checkpoint
-from mixmo_dist.runtime.files import atomic_path
+from mixmo_dist.runtime.files import _umask, atomic_path
 
 from .mixmo import MixMoNet
 
@@ -65,6 +71,97 @@ def export_folded(loaded: LoadedCheckpoint, out: str | os.PathLike[str]) -> dict
     return metadata
 
 
+def hub_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    """`config.json` of a hub-format folder: what timm's `local-dir:` loader reads to build and preprocess the model.
+
+    The input size and crop fraction are the run's validation transform (`data.image_size`, resized by
+    `data.val_resize_ratio` then center-cropped), the interpolation is the loaders' bilinear resize.
+    """
+    data = loaded.config.data
+    num_classes = int(loaded.shape["num_classes"])
+    return {
+        "architecture": str(loaded.shape["arch"]),
+        "num_classes": num_classes,
+        "label_names": loaded.classes,
+        "pretrained_cfg": {
+            "input_size": [3, int(data.image_size), int(data.image_size)],
+            "interpolation": "bilinear",
+            "crop_pct": float(data.val_resize_ratio),
+            "crop_mode": "center",
+            "mean": list(loaded.mean),
+            "std": list(loaded.std),
+            "num_classes": num_classes,
+            "classifier": "fc",
+        },
+        "mixmo": {
+            "num_members": int(loaded.shape["num_members"]),
+            "source_checkpoint": str(loaded.path.resolve()),
+            "source_step": int(loaded.step),
+            "folding": "encoders summed, heads averaged: the logits are the members' mean logits",
+        },
+    }
+
+
+def _model_card(config: dict[str, Any], metrics: dict[str, Any] | None) -> str:
+    arch, mixmo = config["architecture"], config["mixmo"]
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags: [image-classification, timm, mixmo]",
+        "---",
+        f"# {arch}, MixMo M={mixmo['num_members']}, folded",
+        "",
+        f"A {mixmo['num_members']}-member MixMo network (Ramé, Sun, Cord, ICCV 2021) trained with mixmo_dist and "
+        f"folded into a plain timm `{arch}` ({mixmo['folding']}). Step {mixmo['source_step']} of "
+        f"`{mixmo['source_checkpoint']}`; {config['num_classes']} classes, input "
+        f"{config['pretrained_cfg']['input_size'][1]} px.",
+        "",
+        "```python",
+        "import timm",
+        'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)',
+        "```",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric (the run's last validation) | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in metrics.items()]
+    else:
+        lines.append("The run recorded no validation metrics.")
+    return "\n".join(lines) + "\n"
+
+
+def export_hub(loaded: LoadedCheckpoint, out_dir: str | os.PathLike[str], metrics: dict | None = None) -> dict:
+    """Write the folded model as a hub-format folder `out_dir` (created; it must not exist or be empty).
+
+    The folder is written under a temporary name next to it and renamed into place, so a failed export leaves no
+    half folder. Returns the config written to `config.json`.
+
+    Raises:
+        ValueError: `out_dir` exists and holds files.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--hub-dir {out}: exists and is not an empty folder; choose a new one (nothing is replaced)")
+    config = hub_config(loaded)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in loaded.model.folded_state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.parent / f".{out.name}.part-{os.getpid()}"
+    try:
+        part.mkdir()
+        (part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(part / "model.safetensors"), metadata={"format": "pt"})
+        (part / "README.md").write_text(_model_card(config, metrics))
+        for child in part.iterdir():
+            os.chmod(child, 0o666 & ~_umask())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(part, out)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    return config
+
+
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     # Training scripts often nest the weights one level down; those two spellings are accepted, nothing else.
     if isinstance(obj, dict) and len(obj) and not all(isinstance(v, Tensor) for v in obj.values()):
@@ -98,8 +195,8 @@ def _from_run(path: Path, first_conv: str, classifier: str) -> tuple[dict[str, T
     for key, value in store.read_tensors(step_dir, "model.safetensors").items():
         if key.startswith("core."):
             state[key[len("core.") :]] = value
-        elif key == "encoders.0.weight":
-            state[f"{first_conv}.weight"] = value
+        elif key in ("encoders.0.weight", "encoders.0.bias"):
+            state[f"{first_conv}.{key[len('encoders.0.') :]}"] = value
         elif key.startswith("heads.0."):
             state[f"{classifier}.{key[len('heads.0.') :]}"] = value
         else:
@@ -155,9 +252,9 @@ def load_vanilla_state_dict(path: str | os.PathLike[str], first_conv: str, class
 def init_from_vanilla(model: MixMoNet, path: str) -> None:
     """Initialise `model` from a vanilla network of the same arch, in place.
 
-    The core takes the vanilla weights and buffers; every encoder takes the vanilla first conv divided by M, so the
-    summed evaluation path starts equal to the vanilla network; every head takes the vanilla classifier. After it,
-    the eval-mode mean of the member logits equals the vanilla network's logits.
+    The core takes the vanilla weights and buffers; every encoder takes the vanilla first conv (and its bias)
+    divided by M, so the summed evaluation path starts equal to the vanilla network; every head takes the vanilla
+    classifier. After it, the eval-mode mean of the member logits equals the vanilla network's logits.
 
     Raises:
         ValueError: naming the file and the key, when the arch differs, a key is missing or unexpected, or a tensor
@@ -172,6 +269,8 @@ def init_from_vanilla(model: MixMoNet, path: str) -> None:
     core = model.core.state_dict()
     expected = {k: v.shape for k, v in core.items()}
     expected[first_w] = model.encoders[0].weight.shape
+    if model.encoders[0].bias is not None:
+        expected[f"{model.first_conv_name}.bias"] = model.encoders[0].bias.shape
     expected[cls_w] = model.heads[0].weight.shape
     if model.heads[0].bias is not None:
         expected[cls_b] = model.heads[0].bias.shape
@@ -190,6 +289,8 @@ def init_from_vanilla(model: MixMoNet, path: str) -> None:
     m = len(model.encoders)
     for enc in model.encoders:
         enc.weight.copy_(state[first_w] / m)
+        if enc.bias is not None:
+            enc.bias.copy_(state[f"{model.first_conv_name}.bias"] / m)
     for head in model.heads:
         head.weight.copy_(state[cls_w])
         if head.bias is not None:
