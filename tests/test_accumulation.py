@@ -23,6 +23,7 @@ def _trainer(tmp_path, accum: int) -> Trainer:
             "--data.synthetic_size=64",
             "--data.image_size=16",
             "--data.batch_size=8",
+            "--data.copy_augmentation=shared",  # the batches below are handed in: one view per image
             f"--optim.grad_accum_steps={accum}",
             "--schedule.epochs=100",  # a long schedule: the cut probability stays p0 over the steps compared
             f"--run.output_dir={tmp_path / f'accum{accum}'}",

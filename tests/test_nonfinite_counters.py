@@ -40,6 +40,7 @@ def test_nonfinite_counters_over_a_long_pattern_match_a_reference_count(tmp_path
             "--data.synthetic_size=64",
             "--data.image_size=16",
             "--data.batch_size=8",
+            "--data.copy_augmentation=shared",  # the batches below are handed in: one view per image
             f"--optim.max_nonfinite_steps={limit}",
             "--schedule.epochs=100",
             f"--run.output_dir={tmp_path / 'run'}",
