@@ -102,3 +102,18 @@ def test_markdown_shows_a_spread_only_where_there_are_several_values():
     lines = to_markdown(rows).splitlines()
     assert lines[2] == "| a=1 | runs | 1 | 0.5000 | 2.00 | 3.000 | 10 |"
     assert lines[3] == f"| a=2 | runs | 2 | 0.6000 +- {statistics.stdev([0.5, 0.7]):.4f} | 2.00 | 3.000 | 10 |"
+
+
+def test_the_plot_keeps_room_for_a_long_legend(tmp_path):
+    """25 groups: the legend's room grows with the figure. A fixed fraction of the figure per row passes the whole
+    figure at 17 rows; matplotlib then skips the layout with a warning and the legend covers the panels."""
+    import warnings
+
+    from mixmo_dist.evaluation.compare import Row, plot
+
+    cost = {"params": 2e6, "flops": 3e9, "images_per_s": 10.0}
+    rows = [Row(f"optim.lr={i}", "runs", [], {"top1": [0.5, 0.6], "nll": [1.0, 1.1]}, cost) for i in range(25)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" would be one
+        plot(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -264,7 +264,8 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.3 * len(rows)))
+    legend_in = 0.25 * len(rows) + 0.3  # inches under the panels for the legend, one line per row
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + legend_in))
     for ax, col, name in ((axes[0], "top1", "ensemble top-1"), (axes[1], "nll", "NLL")):
         for row in rows:
             mean, std = mean_std(row.values.get(col, []))
@@ -277,6 +278,6 @@ def plot(rows: list[Row], path: Path) -> None:
     # Group labels are long (the keys in which groups differ): one legend under both panels, never over the points.
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * len(rows) + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, legend_in / (4 + legend_in), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
