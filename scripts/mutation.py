@@ -107,7 +107,7 @@ def run(module: str, work: Path, max_children: int) -> int:
     # PYTHONPATH naming the checkout would still serve the original to subprocesses started elsewhere.
     env.pop("PYTHONPATH", None)
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [str(Path(sys.executable).parent / "mutmut"), "run", "--max-children", str(max_children)]
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
     print(f"== {module}: {' '.join(MODULES[module])}", flush=True)
     return subprocess.run(cmd, cwd=work, env=env).returncode
 
