@@ -146,7 +146,7 @@ def test_one_view_per_copy_each_copy_reads_its_own_view(rho):
         shared = view_MR[:, :static]
         assert torch.equal(shared[0] // views, shared[1] // views) and (shared[0] != shared[1]).all()
     assert torch.equal(member_views(rows_MR, b, 1), _unique_of(rows_MR, b))
-    with pytest.raises(ValueError, match="views per image"):
+    with pytest.raises(ValueError, match=r"^3 views per image: expected 1 \(shared\) or b\*M = 8$"):
         member_views(rows_MR, b, 3)
 
 
@@ -166,5 +166,7 @@ def test_member_inputs_gathers_images_and_labels(views):
     x2, y2 = member_inputs(cl, labels, num_members=2, repetitions=2, input_repetition=0.0, generator=g)
     torch.testing.assert_close(x2, x)
     assert x2[0].is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match=r"not \d views each"):  # the run planned other views than the loader gave
-        member_inputs(images, labels, num_members=2, repetitions=2, input_repetition=0.0, generator=g, views=4 // views)
+    # The run planned other views than the loader gave: the message counts the images, not their channels.
+    wrong = 4 // views
+    with pytest.raises(ValueError, match=rf"^the loader gave {4 * views} images for 4 labels, not {wrong} views each$"):
+        member_inputs(images, labels, num_members=2, repetitions=2, input_repetition=0.0, generator=g, views=wrong)
