@@ -51,7 +51,7 @@ MODULES: dict[str, list[str]] = {
     "checkpoint/state": ["tests/test_checkpoint.py"],
     "data/plan": ["tests/test_plan.py"],
     "data/transforms": ["tests/test_data_torch.py"],
-    "model/weights": ["tests/test_evaluate_export.py"],
+    "model/weights": ["tests/test_weights.py"],
     "model/mixmo": ["tests/test_model.py", "tests/test_registry.py"],
 }
 
