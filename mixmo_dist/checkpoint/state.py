@@ -245,7 +245,9 @@ class CheckpointManager:
             on_file()
             shared = ("model.safetensors", "trainer.safetensors", "state.json")
             return sum((tmp / name).stat().st_size for name in shared), None
-        except (OSError, CheckpointError) as err:
+        # A state JSON cannot hold (TypeError, ValueError) fails the save like a full disk: raised here, it would
+        # leave rank 0 alone while the other ranks wait for its gather.
+        except (OSError, CheckpointError, TypeError, ValueError) as err:
             return 0, err
 
     def _commit(
