@@ -130,8 +130,8 @@ def test_checkpoints_every_n_steps_and_keep_last(tmp_path):
 
 
 def test_resume_equals_the_uninterrupted_run_with_every_stateful_option_on(tmp_path, monkeypatch):
-    # Non-finite losses at steps 2 and 3 (the 3rd and 4th) on the only rank: the split run stops in the middle of that run of bad
-    # steps (nonfinite_run = 1 at its checkpoint) and must carry it on.
+    # Non-finite losses at steps 2 and 3 (the 3rd and 4th) on the only rank: the split run stops in the middle of
+    # that run of bad steps (nonfinite_run = 1 at its checkpoint) and must carry it on.
     monkeypatch.setenv("MIXMO_FAULT_NAN", "0:2,3")
     full, split = tmp_path / "full", tmp_path / "split"
     assert _fit(full, *ALL_STATE) == "completed"
