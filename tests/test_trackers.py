@@ -230,3 +230,72 @@ def test_check_trackers_names_tensorboard_and_its_extra(monkeypatch):
         r"tensorboard package is not installed; install the extra 'tensorboard'",
     ):
         check_trackers(["mlflow", "tensorboard"])
+
+
+def _finish(accelerator) -> None:
+    for tracker in accelerator.trackers:
+        tracker.finish()  # what end_training does, without tearing down this process's state
+
+
+def _rows(steps) -> list[dict]:
+    return [{"split": "train", "step": s, "epoch": s / 10, "loss": 1.0 / s, "member_top1": [s, -s]} for s in steps]
+
+
+def test_a_resume_sends_the_kept_rows_a_tracker_lacks_and_an_older_checkpoint_gets_a_new_run(tmp_path):
+    """In process, MLflow on a SQLite store. Attempt 1 sends steps 1-4 at the save at 4, then a checkpoint at 6
+    completes but the process dies before its send; attempt 2 resumes from 6: it must send 5 and 6 (kept in
+    metrics.jsonl) once, then 7 and 8. Attempt 3 resumes from the older step 4: the run that holds steps to 8 is left
+    alone, and a new run gets steps 1-4."""
+    from mixmo_dist.config.schema import LogConfig
+    from mixmo_dist.runtime.accelerator import build_accelerator
+    from mixmo_dist.training.trackers import TrackerFeed
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = LogConfig(trackers=("mlflow",), mlflow_tracking_uri=uri, project="inproc")
+    config = {"run": {"name": "t", "seed": 3}, "log": {"trackers": ["mlflow"], "project": None}}
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def attempt(step, kept, fresh=False):
+        acc = build_accelerator("no", output_dir=str(out), trackers=cfg.all_trackers)
+        feed = TrackerFeed(cfg, "t", out, acc)
+        feed.start(step, kept, config, fresh=fresh)
+        return acc, feed
+
+    acc, feed = attempt(0, [], fresh=True)
+    for row in _rows(range(1, 7)):
+        feed.add(row)
+        if row["step"] == 4:
+            feed.flush(4)
+    _finish(acc)  # checkpoint 6 complete, its send never happened
+    first = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert first["sent_through"] == 4
+
+    acc, feed = attempt(6, _rows(range(1, 7)))
+    for row in _rows((7, 8)):
+        feed.add(row)
+    feed.flush(8)
+    _finish(acc)
+    second = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert second == {"run_id": first["run_id"], "sent_through": 8}
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(first["run_id"], "train/loss"))
+    assert history == [(s, 1.0 / s) for s in range(1, 9)]
+    members = sorted((m.step, m.value) for m in client.get_metric_history(first["run_id"], "train/member_top1_1"))
+    assert members == [(s, -s) for s in range(1, 9)]
+    assert client.get_run(first["run_id"]).data.params == {
+        "run.name": "t",
+        "run.seed": "3",
+        "log.trackers": '["mlflow"]',
+        "log.project": "null",
+    }
+
+    acc, feed = attempt(4, _rows(range(1, 5)))
+    _finish(acc)
+    third = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert third["run_id"] != first["run_id"] and third["sent_through"] == 4
+    new = sorted((m.step, m.value) for m in client.get_metric_history(third["run_id"], "train/loss"))
+    assert new == [(s, 1.0 / s) for s in range(1, 5)]
+    old = sorted(m.step for m in client.get_metric_history(first["run_id"], "train/loss"))
+    assert old == list(range(1, 9))  # left as it was

@@ -140,25 +140,28 @@ class TrackerFeed:
 
     def flush(self, step: int) -> None:
         """Send each tracker the rows up to `step` (a complete checkpoint's) it has not received; record it in
-        trackers.json. A tracker that fails keeps its rows for the next save, with a warning."""
+        trackers.json. A tracker that fails keeps the rows from the failing step on for the next save, with a warning
+        (the rows of that step it took before failing are sent again then)."""
         if not self.started:
             return
         for name, entry in self.state.items():
             tracker = self.acc.get_tracker(name)
             done = entry["sent_through"]
+            through = current = done  # `through`: the last step all of whose rows this tracker has taken
             try:
                 for rec in self.pending:
                     if done < rec["step"] <= step:
+                        if rec["step"] != current:
+                            through, current = current, rec["step"]
                         tracker.log(metric_values(rec), step=rec["step"])
+                through = step
             except Exception as err:
                 log.warning(
-                    "log.trackers: %s could not take the rows up to step %d (kept for the next save): %s",
-                    name,
-                    step,
-                    err,
+                    "log.trackers: %s took the rows up to step %d, not those up to step %d (kept for the next "
+                    "save): %s",
+                    *(name, through, step, err),
                 )
-                continue
-            entry["sent_through"] = max(done, step)
+            entry["sent_through"] = max(done, through)
         self.pending = [r for r in self.pending if r["step"] > self._sent_through()]
         write_json_atomic(self.path, self.state)
 
