@@ -21,11 +21,13 @@ from conftest import read_metrics, run_train, tiny_args, train_env
 
 from mixmo_dist.runtime.accelerator import check_trackers
 
+# Before mlflow is imported in this process (the in-process test): MLflow 3 sends usage telemetry by default.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 mlflow = pytest.importorskip("mlflow")  # the 'trackers' extra: `make venv` installs it, so CI runs these tests
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 # Nothing leaves this machine: no telemetry, W&B offline with its settings and caches in the test's directory.
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
 
 
 @pytest.fixture(scope="module")
