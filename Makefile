@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dali,dev,plot]' torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dali,dev,plot,trackers]' torch==2.14.1 torchvision==0.29.1
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -127,7 +127,7 @@ def synthetic_vs_real(quick: bool) -> dict:
         demo_main(["--out", str(root)])
     steps = 6 if quick else 20
     rates: dict[str, list[float]] = {}
-    accelerator = build_accelerator("auto", output_dir=tempfile.gettempdir(), tensorboard=False)
+    accelerator = build_accelerator("auto", output_dir=tempfile.gettempdir())
     # ABBA order: the first run absorbs the process's warm-up and a drift in machine load hits both sides alike
     # (a single synthetic-then-real pair once gave 0.13, synthetic looking 8x slower than decoding JPEGs).
     for backend in ("auto", "synthetic", "synthetic", "auto"):

@@ -22,7 +22,7 @@ def main(report_dir: str) -> None:
     dynamo_before = "torch._dynamo" in sys.modules
     from mixmo_dist.runtime.accelerator import build_accelerator
 
-    accelerator = build_accelerator("no", output_dir=report_dir, tensorboard=False)
+    accelerator = build_accelerator("no", output_dir=report_dir)
     w = torch.nn.Parameter(torch.ones(2))
     torch.optim.SGD([w], lr=0.1)  # the first optimizer imports torch._dynamo if nothing did before
     x = torch.ones(2)

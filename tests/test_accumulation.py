@@ -31,7 +31,7 @@ def _trainer(tmp_path, accum: int) -> Trainer:
             "--checkpoint.every_n_minutes=null",
         ]
     )
-    return Trainer(cfg, build_accelerator("no", output_dir=str(tmp_path), tensorboard=False))
+    return Trainer(cfg, build_accelerator("no", output_dir=str(tmp_path)))
 
 
 def _capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:

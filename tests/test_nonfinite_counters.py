@@ -48,7 +48,7 @@ def test_nonfinite_counters_over_a_long_pattern_match_a_reference_count(tmp_path
             "--checkpoint.every_n_minutes=null",
         ]
     )
-    trainer = Trainer(cfg, build_accelerator("no", output_dir=str(tmp_path), tensorboard=False))
+    trainer = Trainer(cfg, build_accelerator("no", output_dir=str(tmp_path)))
     gen = torch.Generator().manual_seed(limit)
     micro = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen))]
     total = run = 0

@@ -84,7 +84,8 @@ def _type_name(tp: Any, markdown: bool) -> str:
         choices = typing.get_args(tp)
         return ", ".join(choices) if markdown else "{" + ",".join(choices) + "}"
     if typing.get_origin(tp) is tuple:
-        return f"list of {typing.get_args(tp)[0].__name__}"
+        item = typing.get_args(tp)[0]
+        return f"list of {_type_name(item, markdown) if typing.get_origin(item) is Literal else item.__name__}"
     return tp.__name__
 
 

@@ -111,7 +111,8 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return f"a list of {typing.get_args(tp)[0].__name__}s"
+        item = typing.get_args(tp)[0]
+        return f"a list of {_describe(item) if typing.get_origin(item) is Literal else item.__name__ + 's'}"
     return {int: "an int", float: "a float", bool: "a bool (true/false/yes/no/1/0)", str: "a string"}[tp]
 
 
@@ -615,13 +616,33 @@ class LogConfig(_Section, section="log"):
     every_n_steps: int = 10
     """Log loss, LR and throughput every this many optimizer steps."""
     tensorboard: bool = False
-    """Also write TensorBoard event files, to <output_dir>/<run.name>/. Needs the tensorboard package (in the venv
-    and the Docker image); refused with an error where it is missing."""
+    """Also write TensorBoard event files, to <output_dir>/<project>/: the same as listing tensorboard in trackers.
+    Needs the tensorboard package (in the venv and the Docker image); refused with an error where it is missing."""
+    trackers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
+    """Experiment trackers fed through Accelerate, e.g. [mlflow, wandb]: the resolved config once, then every
+    metrics.jsonl row at its step. A resumed run continues the same tracker run (ids in <output_dir>/trackers.json).
+    mlflow and wandb need the 'trackers' extra; a missing package is refused before training starts."""
+    project: str | None = None
+    """The trackers' project: the MLflow experiment, the W&B project, TensorBoard's subdirectory; null = run.name."""
+    mlflow_tracking_uri: str | None = None
+    """Where MLflow logs (a server URL such as http://127.0.0.1:5000, or sqlite:///path.db); null = the
+    MLFLOW_TRACKING_URI environment variable, else sqlite:///<output_dir>/mlflow.db."""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """W&B mode: online sends to the W&B server, offline writes <output_dir>/wandb/ only (upload later with
+    `wandb sync`); null = the WANDB_MODE environment variable, else online."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Console progress: a bar on a terminal, plain log lines otherwise (auto), or forced."""
 
     def _validate(self) -> None:
         self._check("every_n_steps", self.every_n_steps >= 1, ">= 1")
+        self._check("trackers", len(set(self.trackers)) == len(self.trackers), "a list without repeats")
+        self._check("project", self.project is None or bool(self.project.strip()), "null or a non-empty string")
+
+    @property
+    def all_trackers(self) -> tuple[str, ...]:
+        """`trackers`, with tensorboard added where `tensorboard` is true."""
+        extra = ("tensorboard",) if self.tensorboard and "tensorboard" not in self.trackers else ()
+        return (*self.trackers, *extra)
 
 
 @dataclass(frozen=True, kw_only=True)

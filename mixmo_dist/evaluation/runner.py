@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
     """
     die_with_parent()
     out_dir = str(Path(args.out).resolve().parent) if args.out else str(Path.cwd())
-    accelerator = build_accelerator("auto", output_dir=out_dir, tensorboard=False)
+    accelerator = build_accelerator("auto", output_dir=out_dir)
     comm = Collectives(accelerator)
     setup_logging(accelerator.is_main_process)
     resolve = lambda: [str(resolve_checkpoint(p)) for p in args.checkpoint]  # noqa: E731

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ def build_accelerator(
     mixed_precision: str,
     *,
     output_dir: str,
-    tensorboard: bool,
+    trackers: Sequence[str] = (),
     startup_timeout_s: float = 1800.0,
     tf32: str = "auto",
 ):
@@ -47,8 +48,8 @@ def build_accelerator(
     Raises:
         RuntimeError: the launcher asked for several processes but this process sees a world of one (on CPU, use
             `accelerate launch --multi_gpu --num_processes N`; `--cpu --num_processes N` starts one process).
-        ValueError: fp16 without CUDA (Accelerate would silently train in fp32 on CPU); TensorBoard asked for but
-            not installed (Accelerate would drop the tracker with a warning and the run would log nothing).
+        ValueError: fp16 without CUDA (Accelerate would silently train in fp32 on CPU); a tracker asked for whose
+            package is not installed (Accelerate would drop it with a debug message and the run would log nothing).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -63,8 +64,7 @@ def build_accelerator(
             else "accelerate launch --mixed_precision fp16 (run.mixed_precision=auto)"
         )
         raise ValueError(f"{who} needs CUDA (Accelerate ignores fp16 on CPU); use bf16 or no")
-    if tensorboard:
-        check_tensorboard()
+    check_trackers(trackers)  # before the process group: the one line comes before any training starts
     # Each rank keeps its own BatchNorm statistics between checkpoints (they are synced from rank 0 before a save),
     # as with `broadcast_buffers=False` since it exists. torch 2.14 deprecates the flag for `forward_sync_buffers`,
     # which torch 2.11 (the GPU machines) lacks and Accelerate does not pass; the warning would print once per rank.
@@ -81,7 +81,7 @@ def build_accelerator(
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
-        log_with="tensorboard" if tensorboard else None,
+        log_with=list(trackers) or None,
         project_dir=output_dir,
         kwargs_handlers=[
             DistributedDataParallelKwargs(broadcast_buffers=False),
@@ -108,15 +108,30 @@ def use_tf32(mode: str, precision: str) -> bool:
     return on
 
 
-def check_tensorboard() -> None:
-    """Refuse `log.tensorboard=true` where the `tensorboard` package does not import (torch's writer needs it)."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            "log.tensorboard=true but the tensorboard package is not installed; install the extra "
-            "'tensorboard' (pip install 'mixmo_dist[tensorboard]') or set log.tensorboard=false"
-        ) from None
+# The package each tracker of `log.trackers` imports, and the extra of this project that installs it.
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "trackers"),
+    "wandb": ("wandb", "trackers"),
+}
+
+
+def check_trackers(trackers: Sequence[str]) -> None:
+    """Refuse a tracker of `log.trackers` (or `log.tensorboard=true`) whose package does not import.
+
+    Raises:
+        ValueError: one line naming the key, the package and the extra that installs it.
+    """
+    for name in trackers:
+        package, extra = TRACKER_PACKAGES[name]
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            key = f"log.trackers lists {name}" + (" (or log.tensorboard=true)" if name == "tensorboard" else "")
+            raise ValueError(
+                f"{key} but the {package} package is not installed; install the extra '{extra}' "
+                f"(pip install 'mixmo_dist[{extra}]') or take {name} out of the config"
+            ) from None
 
 
 def check_world(num_processes: int, environ) -> None:

@@ -24,8 +24,8 @@ from mixmo_dist.runtime.threads import current_choice
 log = logging.getLogger("mixmo_dist")
 
 
-def _flatten(record: dict) -> dict:
-    """Lists become numbered columns for the CSV (member_top1 -> member_top1_0, member_top1_1, ...)."""
+def flatten_record(record: dict) -> dict:
+    """Lists become numbered columns for the CSV and the trackers (member_top1 -> member_top1_0, member_top1_1, ...)."""
     flat = {}
     for key, value in record.items():
         if isinstance(value, list):
@@ -48,6 +48,7 @@ class MetricsLog:
         self.csv = output_dir / "metrics.csv"
         self.columns = columns
         self.val_steps: set[int] = set()  # steps of the val rows kept by the last `truncate_after`
+        self.kept: list[dict] = []  # the rows kept by the last `truncate_after` (what the trackers may lack)
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with a step beyond `step` (a resumed run rewrites them); returns how many were dropped."""
@@ -66,6 +67,7 @@ class MetricsLog:
                 else:
                     kept.append(rec)
         self.val_steps = {rec.get("step") for rec in kept if rec.get("split") == "val"}
+        self.kept = kept
         self._rewrite(kept)
         return dropped
 
@@ -104,7 +106,7 @@ class MetricsLog:
             writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for rec in records:
-                writer.writerow(_flatten(rec))
+                writer.writerow(flatten_record(rec))
 
     def append(self, record: dict) -> None:
         """Append one record to both files, each line whole or not at all (a full disk leaves no half line).
@@ -113,7 +115,7 @@ class MetricsLog:
             OSError: naming the file that could not be written.
         """
         buf = io.StringIO(newline="")
-        csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore").writerow(_flatten(record))
+        csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore").writerow(flatten_record(record))
         _append_whole(self.jsonl, json.dumps(record) + "\n")
         _append_whole(self.csv, buf.getvalue())
 

@@ -38,7 +38,7 @@ def run(argv: list[str]) -> str:
     accelerator = build_accelerator(
         cfg.run.mixed_precision,
         output_dir=cfg.run.output_dir,
-        tensorboard=cfg.log.tensorboard,
+        trackers=cfg.log.all_trackers,
         startup_timeout_s=cfg.fault.startup_timeout_s,
         tf32=cfg.run.tf32,
     )
@@ -65,8 +65,6 @@ def run(argv: list[str]) -> str:
 def _fit(cfg, accelerator) -> str:
     if cfg.model.sync_bn:
         require_cuda_for_sync_bn(accelerator.device)  # before the output directory is created
-    if cfg.log.tensorboard:
-        accelerator.init_trackers(cfg.run.name)
     trainer = Trainer(cfg, accelerator)
     try:
         return trainer.fit()

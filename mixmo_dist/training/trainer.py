@@ -45,6 +45,7 @@ from mixmo_dist.training.members import member_inputs
 from mixmo_dist.training.optim import EMA, build_optimizer, build_schedule, set_lr
 from mixmo_dist.training.plan import build_plan, data_placement, warn_if_batch_exceeds_data
 from mixmo_dist.training.reporting import BestValidation, MetricsLog, Progress, metric_columns, run_info
+from mixmo_dist.training.trackers import TrackerError, TrackerFeed
 
 log = logging.getLogger("mixmo_dist")
 
@@ -121,6 +122,7 @@ class Trainer:
         self.schedule = build_schedule(cfg.schedule, self.plan.lr, self.plan.steps_per_epoch, self.plan.total_steps)
         self.ema = EMA(self.raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.metrics = MetricsLog(self.out, metric_columns(cfg.mixmo.num_members))
+        self.trackers = TrackerFeed(cfg.log, cfg.run.name, self.out, accelerator)  # opened by `resume`, on rank 0
         self.stop_signal = StopSignal()
         self.step = self.nonfinite_total = self.nonfinite_run = 0
         self.last_eval = -1  # the step of the last validation row; restored, so a finished run is not evaluated twice
@@ -261,7 +263,6 @@ class Trainer:
                     if self.acc.is_main_process:
                         self._append_metrics(rec)
                         progress.update(self.step, rec)
-                        self.acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
                 # The end-of-run validation comes before the last step's save, so the checkpoint records it
                 # (`last_eval`) and running the finished run again adds no second row.
                 last = self.step == self.plan.stop_step and self.cfg.eval.at_end
@@ -310,6 +311,7 @@ class Trainer:
             return
         try:
             self.metrics.append(rec)
+            self.trackers.add(rec)  # sent once a complete checkpoint covers its step (training/trackers.py)
         except OSError as err:
             self.write_error = (
                 f"cannot append to {err.filename}: {err.strerror or err} at step {self.step}; the rows before it are "
@@ -323,6 +325,8 @@ class Trainer:
             self.comm.agree(self.write_error)
             self.checkpoints.save(on_file=self.watchdog.beat)
         self.faults.checkpoint_step = self.step
+        if self.acc.is_main_process:
+            self.trackers.flush(self.step)  # no resume replays a step up to here: its rows are final
         self.watchdog.beat()
 
     def _requeue_after_fault(self, kind: str, say=lambda phrase: None) -> str:
@@ -341,6 +345,8 @@ class Trainer:
         if path is None:
             self.metrics.set_aside()  # a start from step 0 keeps the rows already there, never drops them
         dropped = self.metrics.truncate_after(self.step)
+        rows, self.metrics.kept = self.metrics.kept, []
+        self.trackers.start(self.step, rows, config_to_dict(self.cfg), fresh=path is None)
         if self.step in self.metrics.val_steps:
             # Runs finished by older versions saved the last step before its validation, so the checkpoint's
             # last_eval misses the row metrics.jsonl holds: without this, every rerun validated and appended again.
@@ -525,7 +531,6 @@ class Trainer:
             *(self.step, result["top1"], result["top5"], result["nll"], result["ece"], members),
             *(self.best.top1, self.best.step, self.best.split),
         )
-        self.acc.log({f"val/{k}": v for k, v in rec.items() if isinstance(v, float)}, self.step)
 
     # -- ending -----------------------------------------------------------------------------------------------
     def _stopped(self, how: float) -> str:
@@ -557,6 +562,8 @@ class Trainer:
                     f"cannot write {err.filename or self.out}: {err.strerror or err}; free space there or choose "
                     f"another run.output_dir (now {self.out})"
                 )
+            except TrackerError as err:
+                error = str(err)
         error = self.comm.broadcast_object(error)
         if error is not None:
             raise ValueError(error)

@@ -1,0 +1,303 @@
+"""Experiment trackers through Accelerate (`log.trackers`): a real MLflow tracking server on 127.0.0.1 and W&B in
+offline mode, read back through MlflowClient and the offline run's own `.wandb` file, across an aborted run and its
+resume; a missing package refused in one line before training starts."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import read_metrics, run_train, tiny_args, train_env
+
+from mixmo_dist.runtime.accelerator import check_trackers
+
+# Before mlflow is imported in this process (the in-process test): MLflow 3 sends usage telemetry by default.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+mlflow = pytest.importorskip("mlflow")  # the 'trackers' extra: `make venv` installs it, so CI runs these tests
+wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+
+# Nothing leaves this machine: no telemetry, W&B offline with its settings and caches in the test's directory.
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free 127.0.0.1 port, its store (SQLite) and artifacts in a temporary directory."""
+    from conftest import free_port
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, **QUIET}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        *(str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
+        *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")),
+        *("--workers", "1"),
+    ]
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 120, "mlflow server did not answer in 120 s"
+            time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _expected_metrics(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{"<split>/<key>": [(step, value), ...]} from metrics.jsonl rows, written out here independently of the code:
+    every number of a row (lists numbered from 0), not the split, the step, text or nulls."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            items = [(f"{key}_{i}", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+            for name, v in items:
+                if name in ("split", "step") or v is None or isinstance(v, str | bool):
+                    continue
+                out.setdefault(f"{row['split']}/{name}", []).append((row["step"], float(v)))
+    return out
+
+
+def _expected_params(config: dict) -> dict[str, str]:
+    """The resolved config as MLflow stores it: `section.key` -> text (null and lists as JSON)."""
+    return {
+        f"{section}.{key}": json.dumps(value) if value is None or isinstance(value, list) else str(value)
+        for section, values in config.items()
+        for key, value in values.items()
+    }
+
+
+def _wandb_records(path: str):
+    """The protobuf records of a W&B `.wandb` file (a LevelDB-style log: 7-byte file header, 32 KiB blocks of
+    chunks each with a 7-byte header crc32/length/type, types FULL=1 FIRST=2 MIDDLE=3 LAST=4). wandb 0.31 has no
+    Python reader of its own (`wandb.sdk.internal.datastore` is gone with wandb-core), so the test reads the format."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, chunks = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            chunks = payload
+        else:
+            chunks += payload
+        if kind in (1, 4):
+            record = wandb_pb.Record()
+            record.ParseFromString(chunks)
+            yield record
+
+
+def _wandb_run(out: Path) -> tuple[list[str], dict, list[tuple[int, dict]]]:
+    """(run ids, config, history) over every offline run directory of a run: history as (step, {key: value})."""
+    ids, config, history = [], {}, []
+    for path in sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))):
+        for rec in _wandb_records(path):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                ids.append(rec.run.run_id)
+                config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                history.append((rec.history.step.num, {k: v for k, v in items.items() if not k.startswith("_")}))
+    config.pop("_wandb", None)
+    return ids, config, history
+
+
+def test_mlflow_and_wandb_continue_one_run_across_an_aborted_run_and_its_resume(tiny_data, tmp_path, mlflow_server):
+    """2 ranks on gloo. Attempt 1 checkpoints at step 4, logs rows at 5 and 6, then aborts (two NaN losses, a crash
+    with no save); attempt 2 resumes from step 4 and ends at 8. MLflow (a real server) and W&B (offline) then hold
+    one run each, with the same id both times, the config once, and for every metric exactly one value per step,
+    equal to metrics.jsonl's."""
+    out = tmp_path / "run"
+    env = train_env(**QUIET, WANDB_CONFIG_DIR=str(tmp_path / "wbcfg"), WANDB_CACHE_DIR=str(tmp_path / "wbcache"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = tiny_args(
+        tiny_data,
+        out,
+        "--checkpoint.every_n_steps=4",
+        "--schedule.max_steps=8",
+        "--eval.every_n_epochs=0.45",  # validations at steps 4 and 8 (9 steps per epoch on 2 ranks)
+        "--optim.max_nonfinite_steps=2",
+        "--log.trackers=[mlflow,wandb]",
+        f"--log.mlflow_tracking_uri={mlflow_server}",
+        "--log.wandb_mode=offline",
+        "--log.project=trackers-test",
+    )
+    rc, log = run_train(args, env={**env, "MIXMO_FAULT_NAN": "0:5,6"})
+    assert rc != 0 and "consecutive non-finite losses" in log, log[-3000:]
+    first = json.loads((out / "trackers.json").read_text())
+    # The abort left rows past the checkpoint (step 4) in metrics.jsonl: the resume replays those steps.
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert first["mlflow"]["sent_through"] == 4 and first["wandb"]["sent_through"] == 4
+
+    rc, log = run_train(args, env=env)
+    assert rc == 0 and "resumed from step 4" in log, log[-3000:]
+    state = json.loads((out / "trackers.json").read_text())
+    assert all(state[name]["run_id"] == first[name]["run_id"] for name in ("mlflow", "wandb"))
+    rows = read_metrics(out)
+    assert [(r["split"], r["step"]) for r in rows] == [
+        *[("train", s) for s in (1, 2, 3, 4)],
+        ("val", 4),
+        *[("train", s) for s in (5, 6, 7, 8)],
+        ("val", 8),
+    ]
+    expected = _expected_metrics(rows)
+    config = json.loads((out / "run.json").read_text())["config"]
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_server)
+    run_id = state["mlflow"]["run_id"]
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "trackers-test"
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]  # one run, reused
+    assert run.data.params == _expected_params(config)
+    assert set(run.data.metrics) == set(expected)
+    for key, values in expected.items():
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert got == values, key  # one value per step (the aborted steps 5 and 6 are not there twice)
+
+    ids, wb_config, history = _wandb_run(out)
+    assert ids == [state["wandb"]["run_id"]] * 2  # one offline directory per attempt (rank 0's), one run id
+    flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+    assert wb_config == {k: v if isinstance(v, bool | int | float | str) else json.dumps(v) for k, v in flat.items()}
+    steps = [step for step, _ in history]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    by_step = dict(history)
+    for key, values in expected.items():
+        for step, value in values:
+            got = by_step[step].pop(key)
+            assert got == value or (math.isnan(got) and math.isnan(value)), (key, step)
+    assert all(not left for left in by_step.values()), by_step  # nothing beyond metrics.jsonl's values
+
+
+@pytest.mark.parametrize("package", ["mlflow", "wandb"])
+def test_a_missing_tracker_package_is_one_line_naming_the_key_and_the_extra(package, tiny_data, tmp_path):
+    """The package made unimportable (sys.modules[name] = None in a sitecustomize): exit 2 before anything is
+    written, one `error:` line naming log.trackers, the package and the extra."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
+    out = tmp_path / "run"
+    env = train_env(**QUIET)
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+    rc, log = run_train(tiny_args(tiny_data, out, f"--log.trackers=[{package}]"), nproc=1, env=env)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, log[-3000:]
+    assert f"log.trackers lists {package} but the {package} package is not installed" in errors[0]
+    assert "pip install 'mixmo_dist[trackers]'" in errors[0]
+    assert not out.exists()  # refused before training started: no run directory
+
+
+def test_check_trackers_names_tensorboard_and_its_extra(monkeypatch):
+    check_trackers(["tensorboard", "mlflow", "wandb"])  # all installed here (extras dev and trackers)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(
+        ValueError,
+        match=r"log\.trackers lists tensorboard \(or log\.tensorboard=true\) but the "
+        r"tensorboard package is not installed; install the extra 'tensorboard'",
+    ):
+        check_trackers(["mlflow", "tensorboard"])
+
+
+def _finish(accelerator) -> None:
+    for tracker in accelerator.trackers:
+        tracker.finish()  # what end_training does, without tearing down this process's state
+
+
+def _rows(steps) -> list[dict]:
+    return [{"split": "train", "step": s, "epoch": s / 10, "loss": 1.0 / s, "member_top1": [s, -s]} for s in steps]
+
+
+def test_a_resume_sends_the_kept_rows_a_tracker_lacks_and_an_older_checkpoint_gets_a_new_run(tmp_path):
+    """In process, MLflow on a SQLite store. Attempt 1 sends steps 1-4 at the save at 4, then a checkpoint at 6
+    completes but the process dies before its send; attempt 2 resumes from 6: it must send 5 and 6 (kept in
+    metrics.jsonl) once, then 7 and 8. Attempt 3 resumes from the older step 4: the run that holds steps to 8 is left
+    alone, and a new run gets steps 1-4."""
+    from mixmo_dist.config.schema import LogConfig
+    from mixmo_dist.runtime.accelerator import build_accelerator
+    from mixmo_dist.training.trackers import TrackerFeed
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = LogConfig(trackers=("mlflow",), mlflow_tracking_uri=uri, project="inproc")
+    config = {"run": {"name": "t", "seed": 3}, "log": {"trackers": ["mlflow"], "project": None}}
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def attempt(step, kept, fresh=False):
+        acc = build_accelerator("no", output_dir=str(out), trackers=cfg.all_trackers)
+        feed = TrackerFeed(cfg, "t", out, acc)
+        feed.start(step, kept, config, fresh=fresh)
+        return acc, feed
+
+    acc, feed = attempt(0, [], fresh=True)
+    for row in _rows(range(1, 7)):
+        feed.add(row)
+        if row["step"] == 4:
+            feed.flush(4)
+    _finish(acc)  # checkpoint 6 complete, its send never happened
+    first = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert first["sent_through"] == 4
+
+    acc, feed = attempt(6, _rows(range(1, 7)))
+    for row in _rows((7, 8)):
+        feed.add(row)
+    feed.flush(8)
+    _finish(acc)
+    second = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert second == {"run_id": first["run_id"], "sent_through": 8}
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(first["run_id"], "train/loss"))
+    assert history == [(s, 1.0 / s) for s in range(1, 9)]
+    members = sorted((m.step, m.value) for m in client.get_metric_history(first["run_id"], "train/member_top1_1"))
+    assert members == [(s, -s) for s in range(1, 9)]
+    assert client.get_run(first["run_id"]).data.params == {
+        "run.name": "t",
+        "run.seed": "3",
+        "log.trackers": '["mlflow"]',
+        "log.project": "null",
+    }
+
+    acc, feed = attempt(4, _rows(range(1, 5)))
+    _finish(acc)
+    third = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert third["run_id"] != first["run_id"] and third["sent_through"] == 4
+    new = sorted((m.step, m.value) for m in client.get_metric_history(third["run_id"], "train/loss"))
+    assert new == [(s, 1.0 / s) for s in range(1, 5)]
+    old = sorted(m.step for m in client.get_metric_history(first["run_id"], "train/loss"))
+    assert old == list(range(1, 9))  # left as it was
