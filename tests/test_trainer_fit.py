@@ -68,7 +68,7 @@ TIMING = ("img_per_s", "unique_img_per_s", "data_time", "compute_time")
 def _fit(out: Path, *args: str) -> str:
     torch.set_num_threads(1)
     cfg = load_config([*BASE, f"--run.output_dir={out}", *args])
-    trainer = Trainer(cfg, build_accelerator("no", output_dir=str(out), tensorboard=False))
+    trainer = Trainer(cfg, build_accelerator("no", output_dir=str(out)))
     try:
         return trainer.fit()
     finally:
