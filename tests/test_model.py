@@ -169,6 +169,34 @@ def test_a_weight_standardised_stem_trains_and_folds_exactly(members):
     assert folded.head.fc.weight.shape == (5, 2048, 1, 1)  # timm's 1x1-conv classifier, the heads' mean
 
 
+@pytest.mark.parametrize(("arch", "members"), [("resnetv2_50x1_bit", 3), ("resnetv2_18", 2)])
+def test_a_vanilla_resnetv2_starts_a_mixmo_one_exactly(arch, members, tmp_path):
+    """`model.init_from` with a 1x1-conv classifier (every head takes its [K,D,1,1] weight) and, for BiT, a
+    weight-standardised stem: the encoders' standardised weights must sum to the vanilla one, and std(W / M) = std(W)
+    would give M times it; the encoders start different. Checked on the stem's output (a GroupNorm after the stem's
+    max-pool would hide a global factor in the logits) and on the logits."""
+    from safetensors.torch import save_file
+
+    from mixmo_dist.model.weights import init_from_vanilla
+
+    torch.manual_seed(1)
+    vanilla = timm.create_model(arch, num_classes=5).eval()
+    with torch.no_grad():
+        vanilla.head.fc.bias.uniform_(-1.0, 1.0)
+    path = tmp_path / "vanilla.safetensors"
+    save_file({k: v.contiguous() for k, v in vanilla.state_dict().items()}, str(path))
+    net = build_model(arch, members, 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        init_from_vanilla(net, path)
+        torch.testing.assert_close(sum(enc(x) for enc in net.encoders), vanilla.stem.conv(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(net(x).mean(0), vanilla(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net(x)[members - 1], vanilla(x), rtol=1e-4, atol=1e-5)
+    if arch.endswith("_bit"):
+        assert not torch.allclose(net.encoders[0].weight, net.encoders[1].weight, atol=1e-3)
+    torch.testing.assert_close(net.heads[1].weight, vanilla.head.fc.weight.reshape(5, -1), rtol=0, atol=0)
+
+
 def test_unsupported_arch_names_it():
     with pytest.raises(ValueError, match="not_an_arch"):
         build_model("not_an_arch", 2, 10)
