@@ -194,6 +194,10 @@ def test_a_vanilla_resnetv2_starts_a_mixmo_one_exactly(arch, members, tmp_path):
         torch.testing.assert_close(net(x)[members - 1], vanilla(x), rtol=1e-4, atol=1e-5)
     if arch.endswith("_bit"):
         assert not torch.allclose(net.encoders[0].weight, net.encoders[1].weight, atol=1e-3)
+        # To float32 rounding: an eps of 1e-8 left in the wrong place shows here (3e-5), not in the outputs.
+        summed = sum(_standardize(enc.weight, enc.eps) for enc in net.encoders)
+        want = _standardize(vanilla.stem.conv.weight, vanilla.stem.conv.eps)
+        torch.testing.assert_close(summed, want, rtol=0, atol=2e-6)
     torch.testing.assert_close(net.heads[1].weight, vanilla.head.fc.weight.reshape(5, -1), rtol=0, atol=0)
 
 
