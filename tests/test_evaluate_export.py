@@ -590,3 +590,79 @@ def test_ood_and_selective_metrics_are_exact_over_ranks(run_a, ood_dir):
     # msp and entropy rank differently, so their figures are two measurements, not one copied
     assert one["ood"]["msp"] != one["ood"]["entropy"] or one["ood"]["msp"] != one["ood"]["disagreement"]
     assert "ood" not in _evaluate("--checkpoint", str(run_a))  # only with --ood
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ResNet-v2 / BiT (issue 24): a 1x1-conv classifier and a weight-standardised stem in export and init_from.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _loaded(net, tmp_path: Path):
+    """A LoadedCheckpoint around an in-memory MixMoNet (what load_checkpoint returns, without a training run)."""
+    from mixmo_dist.checkpoint.reader import LoadedCheckpoint
+    from mixmo_dist.config import Config
+
+    shape = {
+        "arch": net.arch,
+        "num_members": net.num_members,
+        "num_classes": net.num_classes,
+        "classes": [f"c{i}" for i in range(net.num_classes)],
+    }
+    return LoadedCheckpoint(tmp_path, 3, Config(), shape, net.eval(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@pytest.mark.parametrize(("arch", "members"), [("resnetv2_18", 2), ("resnetv2_50x1_bit", 1)])
+def test_resnetv2_exports_load_in_timm_with_the_ensembles_logits(arch, members, tmp_path):
+    """A 1x1-conv classifier folds into timm's [K,D,1,1] weight, and config.json names it (`head.fc`); a 1-member
+    BiT keeps timm's own StdConv2d stem: both timm loaders give the ensemble's mean logits."""
+    from mixmo_dist.model.weights import export_folded, export_hub
+
+    torch.manual_seed(0)
+    net = build_model(arch, members, 4)
+    loaded = _loaded(net, tmp_path)
+    config = export_hub(loaded, tmp_path / "hub")
+    assert config["pretrained_cfg"]["classifier"] == "head.fc"
+    export_folded(loaded, tmp_path / "folded.safetensors")
+    from_hub = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    from_file = timm.create_model(
+        arch,
+        num_classes=4,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "folded.safetensors"), num_classes=4),
+    ).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = net(x).mean(0)
+        torch.testing.assert_close(from_hub(x), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_file(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_multi_member_bit_export_is_refused_in_one_line_naming_the_reason(tmp_path):
+    """BiT with M > 1: the folded stem is a plain conv holding the sum of standardised weights, which timm's StdConv2d
+    would standardise again; both exports refuse, write nothing, and say why in one line."""
+    from mixmo_dist.model.weights import export_folded, export_hub
+
+    loaded = _loaded(build_model("resnetv2_50x1_bit", 2, 4), tmp_path)
+    for export, out in ((export_folded, tmp_path / "f.safetensors"), (export_hub, tmp_path / "hub")):
+        with pytest.raises(ValueError, match="cannot export resnetv2_50x1_bit with M=2: .*StdConv2d.*fold") as err:
+            export(loaded, out)
+        assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_init_from_a_one_member_resnetv2_run_reshapes_its_head(tmp_path):
+    """A 1-member run stores its head as a [K,D] Linear; BiT/ResNet-v2's timm classifier is [K,D,1,1]: init_from of
+    such a run maps one to the other, and the members' mean logits start equal to the run's."""
+    torch.manual_seed(2)
+    vanilla = build_model("resnetv2_18", 1, 4).eval()
+    with torch.no_grad():
+        vanilla.heads[0].bias.uniform_(-1.0, 1.0)
+    store = CheckpointStore(tmp_path / "run" / "checkpoints", keep_last=1)
+    tmp = store.begin(5)
+    store.write_tensors(tmp, "model.safetensors", vanilla.state_dict())
+    store.write_json(tmp, "state.json", {"shape": {"num_members": 1, "arch": "resnetv2_18"}})
+    step_dir = store.commit(tmp, 5)
+    net = build_model("resnetv2_18", 2, 4)
+    init_from_vanilla(net, str(step_dir))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x).mean(0), vanilla(x)[0], rtol=1e-4, atol=1e-5)

@@ -102,15 +102,16 @@ def test_a_vanilla_convnext_starts_a_mixmo_one_with_its_stem_bias_split(tmp_path
     torch.testing.assert_close(net.encoders[1].bias, vanilla.stem[0].bias / 2)
 
 
-@pytest.mark.parametrize("arch", ["resnetv2_50x1_bit", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("arch", ["nf_resnet50", "tf_efficientnet_b0", "vit_tiny_patch16_224"])
 def test_a_stem_whose_conv_computes_something_else_is_refused(arch):
-    """BiT's stem is a weight-standardised conv (its own forward): run as a plain conv it would compute something
-    else; a ViT's first conv sits inside its patch embedding."""
+    """NFNet's stem is a ScaledStdConv2d (standardised with a gain, its own forward) and a tf_ EfficientNet's a
+    Conv2dSame (padding computed from the input): run as a plain conv or as timm's StdConv2d either would compute
+    something else; a ViT's first conv sits inside its patch embedding."""
     with pytest.raises(ValueError, match=f"model.arch '{arch}' is not supported: its first conv"):
         build_model(arch, 2, 10)
 
 
-@pytest.mark.parametrize(("family", "convert"), [("convnext*", 28), ("resnetv2*", 0)])
+@pytest.mark.parametrize(("family", "convert"), [("convnext*", 28), ("resnetv2*", 20)])
 def test_every_model_of_a_timm_family_converts_or_is_refused_by_name(family, convert):
     """Structure only (parameters on the meta device, nothing computed): which models of a family convert. The
     counts are the ones docs/CONFIG.md states for `model.arch`."""
@@ -127,6 +128,80 @@ def test_every_model_of_a_timm_family_converts_or_is_refused_by_name(family, con
                 refused.append(name)
     print(f"{family}: {len(converted)} of {len(names)} convert")
     assert len(converted) == convert and len(names) == convert + len(refused) and len(names) >= 20
+
+
+def _standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weight standardisation written out (per output channel, biased variance), independent of the code's."""
+    flat = weight.reshape(weight.shape[0], -1).double()
+    mean, var = flat.mean(1, keepdim=True), flat.var(1, unbiased=False, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(weight.shape).to(weight.dtype)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_a_weight_standardised_stem_trains_and_folds_exactly(members):
+    """BiT's stem conv is timm's StdConv2d: every encoder is one, run through its standardisation. Eval sums the
+    encoders' own (timm) outputs; the training mix of equal linear masks equals that sum (the factor M is applied
+    after standardising); with M > 1 the folded first conv is a plain conv holding the sum of the standardised
+    weights, which no StdConv2d could compute (its channels' variance is about M, not 1), and the folded model gives
+    the mean logits; with M = 1 the fold keeps timm's StdConv2d and its raw weight."""
+    torch.manual_seed(0)
+    net = build_model("resnetv2_50x1_bit", members, 5).eval()
+    assert all(type(enc) is timm.layers.StdConv2d for enc in net.encoders)
+    x = torch.randn(2, 3, 64, 64)
+    h, w = net.encoder_output_hw(64, 64)
+    mix = sample_mixing(2, members, h, w, mixing="none", alpha=2.0, cut_prob=0.0, generator=None, device="cpu")
+    with torch.no_grad():
+        z = sum(enc(x) for enc in net.encoders)
+        ens = net(x)
+        torch.testing.assert_close(ens, net.core_and_heads(z), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net(torch.stack([x] * members), mix), ens, rtol=1e-4, atol=1e-5)
+        folded = net.fold().eval()
+        stem = folded.stem.conv
+        summed = sum(_standardize(enc.weight, enc.eps) for enc in net.encoders)
+        if members > 1:
+            assert type(stem) is torch.nn.Conv2d and net.fold_needs_plain_stem
+            channel_var = summed.reshape(summed.shape[0], -1).var(1, unbiased=False)
+            assert channel_var.min() > 1.2  # S is far from any standardised weight (variance < 1)
+            torch.testing.assert_close(stem.weight, summed, rtol=1e-5, atol=1e-6)
+        else:
+            assert type(stem) is timm.layers.StdConv2d and not net.fold_needs_plain_stem
+            torch.testing.assert_close(stem.weight, net.encoders[0].weight, rtol=0, atol=0)
+        torch.testing.assert_close(stem(x), z, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(folded(x), ens.mean(0), rtol=1e-4, atol=1e-5)
+    assert folded.head.fc.weight.shape == (5, 2048, 1, 1)  # timm's 1x1-conv classifier, the heads' mean
+
+
+@pytest.mark.parametrize(("arch", "members"), [("resnetv2_50x1_bit", 3), ("resnetv2_18", 2)])
+def test_a_vanilla_resnetv2_starts_a_mixmo_one_exactly(arch, members, tmp_path):
+    """`model.init_from` with a 1x1-conv classifier (every head takes its [K,D,1,1] weight) and, for BiT, a
+    weight-standardised stem: the encoders' standardised weights must sum to the vanilla one, and std(W / M) = std(W)
+    would give M times it; the encoders start different. Checked on the stem's output (a GroupNorm after the stem's
+    max-pool would hide a global factor in the logits) and on the logits."""
+    from safetensors.torch import save_file
+
+    from mixmo_dist.model.weights import init_from_vanilla
+
+    torch.manual_seed(1)
+    vanilla = timm.create_model(arch, num_classes=5).eval()
+    with torch.no_grad():
+        vanilla.head.fc.bias.uniform_(-1.0, 1.0)
+    path = tmp_path / "vanilla.safetensors"
+    save_file({k: v.contiguous() for k, v in vanilla.state_dict().items()}, str(path))
+    net = build_model(arch, members, 5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        init_from_vanilla(net, path)
+        torch.testing.assert_close(sum(enc(x) for enc in net.encoders), vanilla.stem.conv(x), rtol=1e-4, atol=1e-4)
+        members_MBK, want = net(x), vanilla(x)
+        torch.testing.assert_close(members_MBK.mean(0), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(members_MBK[members - 1], want, rtol=1e-4, atol=1e-5)
+    if arch.endswith("_bit"):
+        assert not torch.allclose(net.encoders[0].weight, net.encoders[1].weight, atol=1e-3)
+        # To float32 rounding: an eps of 1e-8 left in the wrong place shows here (3e-5), not in the outputs.
+        summed = sum(_standardize(enc.weight, enc.eps) for enc in net.encoders)
+        want = _standardize(vanilla.stem.conv.weight, vanilla.stem.conv.eps)
+        torch.testing.assert_close(summed, want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(net.heads[1].weight, vanilla.head.fc.weight.reshape(5, -1), rtol=0, atol=0)
 
 
 def test_unsupported_arch_names_it():

@@ -39,6 +39,23 @@ def test_sync_bn_is_refused_on_cpu_naming_the_key():
     assert info.value.key == "model.sync_bn" and "CUDA" in str(info.value)
 
 
+def test_the_conversion_keeps_timms_fused_norm_and_activation():
+    """ResNet-v2's BatchNormAct2d (BN and ReLU in one module) must become timm's SyncBatchNormAct: torch's own
+    conversion makes it a bare SyncBatchNorm and silently drops the ReLU. In eval mode a SyncBatchNorm runs no
+    collective, so the CPU shows that the converted network computes the same logits."""
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    torch.manual_seed(0)
+    net = build_model("resnetv2_18", 2, K).eval()
+    synced = use_sync_batchnorm(copy.deepcopy(net), "cuda").eval()  # only the device type is checked: no GPU needed
+    assert _bn_count(synced, BatchNormAct2d) == 0 and _bn_count(synced, SyncBatchNormAct) == _bn_count(
+        net, BatchNormAct2d
+    )
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x), net(x), rtol=0, atol=0)
+
+
 def test_a_cpu_run_with_sync_bn_is_one_line_and_creates_nothing(tiny_data, tmp_path):
     out = tmp_path / "run"
     rc, log = run_train(tiny_args(tiny_data, out, "--model.sync_bn=true"), nproc=1)

@@ -409,11 +409,14 @@ class ModelConfig(_Section, section="model"):
     """The timm backbone that is converted into a MixMo network."""
 
     arch: str = "resnet18"
-    """timm name of a convolutional backbone whose first layer is a plain conv and whose classifier is a Linear layer:
-    the ResNet families and ConvNeXt (all 28 timm convnext models convert; its stem conv has a bias). Trained and
-    folded in the tests: resnet18/34/50/101/152, resnet50d, resnet26t, wide_resnet50_2, resnext50_32x4d, seresnet50,
-    convnext_atto, plus the paper's wide_resnet28_10 and preactresnet18_3 (registered by mixmo_dist.model). Refused
-    with a message: resnetv2/BiT (1x1-conv classifier; BiT's weight-standardised stem), vision transformers."""
+    """timm name of a convolutional backbone whose first layer is a plain conv or timm's weight-standardised StdConv2d
+    and whose classifier is a Linear layer or a 1x1 conv: the ResNet families, ResNet-v2 and BiT (all 20 timm
+    resnetv2 models convert) and ConvNeXt (all 28 timm convnext models convert; its stem conv has a bias). Trained
+    and folded in the tests: resnet18/34/50/101/152, resnet50d, resnet26t, wide_resnet50_2, resnext50_32x4d,
+    seresnet50, convnext_atto, resnetv2_18, resnetv2_50x1_bit, plus the paper's wide_resnet28_10 and
+    preactresnet18_3 (registered by mixmo_dist.model). A BiT with M > 1 folds exactly into a plain first conv, which
+    timm cannot rebuild from a file: export refuses it (docs/OUTPUTS.md). Refused with a message: other stem conv
+    types (NFNet's ScaledStdConv2d, the tf_ models' Conv2dSame), vision transformers."""
     num_classes: int | None = None
     """Number of classes K; null = number of class folders (when set it must match the data)."""
     channels_last: bool = True

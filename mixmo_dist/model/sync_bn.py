@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 
 from mixmo_dist.config import ConfigError
@@ -13,6 +14,9 @@ __all__ = ["require_cuda_for_sync_bn", "use_sync_batchnorm"]
 def use_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Module:
     """`model` with every BatchNorm replaced by a SyncBatchNorm holding the same parameters and buffers.
 
+    timm's conversion, not torch's: a timm `BatchNormAct2d` (BN and activation in one module, e.g. in ResNet-v2)
+    becomes a `SyncBatchNormAct` that keeps the activation; torch's makes it a bare SyncBatchNorm and drops it.
+
     The state_dict keys do not change, so a checkpoint trained this way loads into the plain model (evaluate and
     export build one, on any device).
 
@@ -20,7 +24,7 @@ def use_sync_batchnorm(model: nn.Module, device: torch.device | str) -> nn.Modul
         ConfigError: the device is not CUDA (torch's SyncBatchNorm refuses CPU tensors in training).
     """
     require_cuda_for_sync_bn(device)
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_sync_batchnorm(model)
 
 
 def require_cuda_for_sync_bn(device: torch.device | str) -> None:

@@ -12,6 +12,10 @@
   crop_pct, interpolation), `model.safetensors` and a `README.md` model card with the run's metrics, which
   `timm.create_model("local-dir:DIR", pretrained=True)` loads. Nothing is uploaded.
 
+Both exports refuse a network whose fold `timm.create_model` cannot rebuild exactly: a weight-standardised stem
+(BiT's StdConv2d) with M > 1, whose folded first conv must be a plain conv (`MixMoNet.fold_needs_plain_stem`); timm
+would standardise the summed weights again and compute another network. `MixMoNet.fold()` gives the exact one.
+
 Shape legend: M members, K classes.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -34,7 +39,7 @@ from mixmo_dist.checkpoint import CheckpointError
 from mixmo_dist.checkpoint.store import CheckpointStore, resolve_checkpoint
 from mixmo_dist.runtime.files import _umask, atomic_path
 
-from .mixmo import MixMoNet
+from .mixmo import MixMoNet, StdConv2d
 
 if TYPE_CHECKING:
     from mixmo_dist.checkpoint.reader import LoadedCheckpoint
@@ -44,15 +49,31 @@ log = logging.getLogger("mixmo_dist")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
+def check_timm_can_rebuild(model: MixMoNet, target: str) -> None:
+    """Raise a one-line ValueError naming the reason when timm cannot rebuild `model`'s fold from its weights."""
+    if model.fold_needs_plain_stem:
+        raise ValueError(
+            f"{target}: cannot export {model.arch} with M={model.num_members}: its first conv "
+            f"{model.first_conv_name!r} is timm's weight-standardised StdConv2d, and the folded stem (the sum of the "
+            f"{model.num_members} members' standardised weights) is no standardised weight, so timm.create_model "
+            "would compute another network; "
+            "use MixMoNet.fold() in Python (exact: a plain first conv), or evaluate the checkpoint"
+        )
+
+
 def export_folded(loaded: LoadedCheckpoint, out: str | os.PathLike[str]) -> dict[str, str]:
     """Write the folded timm state_dict of `loaded` to the safetensors file `out` (atomically).
 
     Returns:
         The metadata stored in the file's header (all values are strings; lists are JSON).
+
+    Raises:
+        ValueError: `out` is not a .safetensors name, or timm cannot rebuild the fold (`check_timm_can_rebuild`).
     """
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the export is a safetensors file, its name must end in .safetensors")
+    check_timm_can_rebuild(loaded.model, f"--out {out}")
     metadata = {
         "format": "timm",
         "arch": str(loaded.shape["arch"]),
@@ -91,7 +112,7 @@ def hub_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
             "mean": list(loaded.mean),
             "std": list(loaded.std),
             "num_classes": num_classes,
-            "classifier": "fc",
+            "classifier": loaded.model.classifier_name,
         },
         "mixmo": {
             "num_members": int(loaded.shape["num_members"]),
@@ -137,11 +158,12 @@ def export_hub(loaded: LoadedCheckpoint, out_dir: str | os.PathLike[str], metric
     half folder. Returns the config written to `config.json`.
 
     Raises:
-        ValueError: `out_dir` exists and holds files.
+        ValueError: `out_dir` exists and holds files, or timm cannot rebuild the fold (`check_timm_can_rebuild`).
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--hub-dir {out}: exists and is not an empty folder; choose a new one (nothing is replaced)")
+    check_timm_can_rebuild(loaded.model, f"--hub-dir {out}")
     config = hub_config(loaded)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in loaded.model.folded_state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +203,11 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def _from_run(path: Path, first_conv: str, classifier: str) -> tuple[dict[str, Tensor], str]:
-    """The timm-form state_dict of a 1-member run/step directory, and its arch."""
+def _from_run(
+    path: Path, first_conv: str, classifier: str, classifier_shape: tuple[int, ...] | None = None
+) -> tuple[dict[str, Tensor], str]:
+    """The timm-form state_dict of a 1-member run/step directory, and its arch (the head's [K,D] weight reshaped to
+    `classifier_shape` when given, e.g. BiT's 1x1-conv classifier)."""
     step_dir = resolve_checkpoint(path)
     store = CheckpointStore(step_dir.parent, keep_last=1)
     shape = store.read_json(step_dir, "state.json").get("shape", {})
@@ -197,6 +222,8 @@ def _from_run(path: Path, first_conv: str, classifier: str) -> tuple[dict[str, T
             state[key[len("core.") :]] = value
         elif key in ("encoders.0.weight", "encoders.0.bias"):
             state[f"{first_conv}.{key[len('encoders.0.') :]}"] = value
+        elif key == "heads.0.weight" and classifier_shape is not None and value.numel() == math.prod(classifier_shape):
+            state[f"{classifier}.weight"] = value.reshape(classifier_shape)
         elif key.startswith("heads.0."):
             state[f"{classifier}.{key[len('heads.0.') :]}"] = value
         else:
@@ -204,13 +231,16 @@ def _from_run(path: Path, first_conv: str, classifier: str) -> tuple[dict[str, T
     return state, str(shape.get("arch"))
 
 
-def load_vanilla_state_dict(path: str | os.PathLike[str], first_conv: str, classifier: str):
+def load_vanilla_state_dict(
+    path: str | os.PathLike[str], first_conv: str, classifier: str, classifier_shape: tuple[int, ...] | None = None
+):
     """Read a vanilla network's weights in timm form.
 
     Args:
         path: a `.safetensors` file (timm or exported), a `.pth`/`.pt`/`.bin` state_dict (loaded with
             `torch.load(weights_only=True)`), or a 1-member run/step directory of ours.
         first_conv, classifier: the arch's first conv and classifier module names (timm metadata).
+        classifier_shape: timm's classifier weight shape, to which a run's [K,D] head is reshaped.
 
     Returns:
         (state_dict, arch or None when the file does not say).
@@ -223,7 +253,7 @@ def load_vanilla_state_dict(path: str | os.PathLike[str], first_conv: str, class
         raise ValueError(f"model.init_from={path}: no such file or directory")
     if p.is_dir():
         try:
-            return _from_run(p, first_conv, classifier)
+            return _from_run(p, first_conv, classifier, classifier_shape)
         except CheckpointError as err:
             raise ValueError(f"model.init_from={path}: {err}") from None
     if p.suffix == ".safetensors":
@@ -248,13 +278,46 @@ def load_vanilla_state_dict(path: str | os.PathLike[str], first_conv: str, class
     )
 
 
+def split_standardized(weight: Tensor, eps: float, num_members: int) -> Tensor:
+    """M weights [M,O,I,kh,kw] whose StdConv2d standardisations sum to that of `weight` [O,I,kh,kw], and differ.
+
+    Per output channel (a vector of n = I kh kw values, variance var), with s = std(weight) (zero mean, variance
+    var_s = var / (var + eps)): W_m = (s / M + r_m) * sqrt(var + eps), where the r_m are orthogonal to s and to the
+    constant vector, sum to 0 and have squared norm |s|^2 (1 - 1/M^2). Then s / M + r_m has zero mean and the
+    variance var_s, so std(W_m) = s / M + r_m (in exact arithmetic; float32 agrees to rounding) and the M
+    standardisations sum to s. r_m = c (u_m - mean_k u_k) for M random orthonormal u_m (a QR decomposition of
+    Gaussian draws, from torch's global RNG) with c = |s| sqrt(1 + 1/M). Dividing the weight by M, as for a plain
+    conv, would not do: std(W / M) = std(W), so the members' sum would be M std(W).
+
+    Raises:
+        ValueError: fewer than M + 2 values per output channel (no room for M such directions).
+    """
+    out_channels, n = weight.shape[0], weight[0].numel()
+    if n < num_members + 2:
+        raise ValueError(f"a standardised conv with {n} weights per output channel cannot be split into {num_members}")
+    w_On = weight.detach().reshape(out_channels, n).double()
+    var_O1 = w_On.var(dim=1, unbiased=False, keepdim=True)
+    s_On = (w_On - w_On.mean(dim=1, keepdim=True)) / torch.sqrt(var_O1 + eps)
+    basis_On2 = torch.stack([torch.ones_like(s_On) / n**0.5, s_On / s_On.norm(dim=1, keepdim=True)], dim=2)
+    g_OnM = torch.randn(out_channels, n, num_members, dtype=torch.float64)
+    g_OnM = g_OnM - basis_On2 @ (basis_On2.transpose(1, 2) @ g_OnM)  # orthogonal to 1 and s
+    u_OnM = torch.linalg.qr(g_OnM).Q
+    c_O11 = s_On.norm(dim=1)[:, None, None] * (1.0 + 1.0 / num_members) ** 0.5
+    r_OnM = c_O11 * (u_OnM - u_OnM.mean(dim=2, keepdim=True))
+    # std(t X) = t X / sqrt(t^2 var_s + eps) is X for t^2 = eps / (1 - var_s) = var + eps (var_s = var / (var + eps)).
+    w_OnM = (s_On[:, :, None] / num_members + r_OnM) * torch.sqrt(var_O1 + eps)[:, :, None]
+    return w_OnM.permute(2, 0, 1).reshape(num_members, *weight.shape).to(weight.dtype)
+
+
 @torch.no_grad()
 def init_from_vanilla(model: MixMoNet, path: str) -> None:
     """Initialise `model` from a vanilla network of the same arch, in place.
 
     The core takes the vanilla weights and buffers; every encoder takes the vanilla first conv (and its bias)
     divided by M, so the summed evaluation path starts equal to the vanilla network; every head takes the vanilla
-    classifier. After it, the eval-mode mean of the member logits equals the vanilla network's logits.
+    classifier. After it, the eval-mode mean of the member logits equals the vanilla network's logits. A
+    weight-standardised stem (BiT) is split with `split_standardized` instead: the standardised encoder weights sum
+    to the vanilla conv's standardised weight, and the encoders start different.
 
     Raises:
         ValueError: naming the file and the key, when the arch differs, a key is missing or unexpected, or a tensor
@@ -263,7 +326,7 @@ def init_from_vanilla(model: MixMoNet, path: str) -> None:
     first_w = f"{model.first_conv_name}.weight"
     cls_w = f"{model.classifier_name}.weight"
     cls_b = f"{model.classifier_name}.bias"
-    state, arch = load_vanilla_state_dict(path, model.first_conv_name, model.classifier_name)
+    state, arch = load_vanilla_state_dict(path, model.first_conv_name, model.classifier_name, model.classifier_shape)
     if arch is not None and arch != model.arch:
         raise ValueError(f"model.init_from={path}: key arch is {arch!r}, the model is {model.arch!r}")
     core = model.core.state_dict()
@@ -271,7 +334,7 @@ def init_from_vanilla(model: MixMoNet, path: str) -> None:
     expected[first_w] = model.encoders[0].weight.shape
     if model.encoders[0].bias is not None:
         expected[f"{model.first_conv_name}.bias"] = model.encoders[0].bias.shape
-    expected[cls_w] = model.heads[0].weight.shape
+    expected[cls_w] = model.classifier_shape
     if model.heads[0].bias is not None:
         expected[cls_b] = model.heads[0].bias.shape
     for key in sorted(expected):
@@ -287,12 +350,16 @@ def init_from_vanilla(model: MixMoNet, path: str) -> None:
         raise ValueError(f"model.init_from={path}: unexpected key {unexpected[0]!r} (is it a {model.arch} checkpoint?)")
     model.core.load_state_dict({k: state[k] for k in core}, strict=True)
     m = len(model.encoders)
-    for enc in model.encoders:
-        enc.weight.copy_(state[first_w] / m)
+    if type(model.encoders[0]) is StdConv2d and m > 1:
+        weights = split_standardized(state[first_w], model.encoders[0].eps, m)
+    else:
+        weights = [state[first_w] / m] * m
+    for enc, weight in zip(model.encoders, weights):
+        enc.weight.copy_(weight)
         if enc.bias is not None:
             enc.bias.copy_(state[f"{model.first_conv_name}.bias"] / m)
     for head in model.heads:
-        head.weight.copy_(state[cls_w])
+        head.weight.copy_(state[cls_w].reshape_as(head.weight))
         if head.bias is not None:
             head.bias.copy_(state[cls_b])
     log.info("initialised %s (M=%d) from vanilla weights %s", model.arch, m, path)
