@@ -36,6 +36,8 @@ class _Net(nn.Module):
         self.ln = nn.LayerNorm(4)
         self.fc = nn.Linear(4, 5)
         self.frozen = nn.Linear(5, 5, bias=False).requires_grad_(False)
+        self.half_frozen = nn.Linear(5, 5)  # a frozen weight before a trainable bias of the same module
+        self.half_frozen.weight.requires_grad_(False)
         self.tied = nn.Linear(5, 5, bias=False)
         self.tied2 = nn.Linear(5, 5, bias=False)
         self.tied2.weight = self.tied.weight
@@ -54,11 +56,11 @@ def test_param_groups_split_by_module_type_and_name():
     assert _ids(decay["params"]) == _ids([net.conv.weight, net.conv_b.weight, net.fc.weight, net.tied.weight])
     assert _ids(no_decay["params"]) == _ids(
         [net.conv_b.bias, net.bn.weight, net.bn.bias, net.gn.weight, net.gn.bias, net.ln.weight, net.ln.bias]
-        + [net.fc.bias]
+        + [net.fc.bias, net.half_frozen.bias]
     )
     # The shared weight once, the frozen one never.
     every = [p for g in groups for p in g["params"]]
-    assert len(every) == len({id(p) for p in every}) == 12
+    assert len(every) == len({id(p) for p in every}) == 13
 
 
 def test_param_groups_without_exclusion_is_one_group_of_every_trainable_parameter():

@@ -110,7 +110,13 @@ def test_state_round_trip_and_the_last_batch_is_a_valid_position():
         ({"epoch": -1, "batch": 0}, "data state 'epoch' must be a non-negative int, got -1"),
         ({"epoch": 0, "batch": True}, "data state 'batch' must be a non-negative int, got True"),
         ({"epoch": 0, "batch": 1.0}, "data state 'batch' must be a non-negative int, got 1.0"),
-        ({"epoch": 0, "batch": 3}, "data state batch=3 exceeds the 2 batches per epoch of this run"),
+        (
+            {"epoch": 0, "batch": 3},
+            (
+                "data state batch=3 exceeds the 2 batches per epoch of this run (was the checkpoint written with "
+                "another world size, batch size or dataset?)"
+            ),
+        ),
     ],
 )
 def test_bad_states_are_refused_by_name(state, message):
