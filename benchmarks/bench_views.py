@@ -33,8 +33,8 @@ from benchmarks import cpu_placement, quick_main, unique_images_per_s
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import build_data, scan_split
-from mixmo_dist.data.torch_loader import PathTable, TorchTrainLoader, TrainSet
-from mixmo_dist.data.transforms import random_resized_views
+from mixmo_dist.data.torch_loader import PathTable, TorchTrainLoader, TrainSet, train_set
+from mixmo_dist.data.transforms import random_resized_views_into
 from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["run"]
@@ -81,15 +81,16 @@ def _best_rates(loaders: dict, rounds: int) -> dict:
 class _DecodePerView(TrainSet):
     """The torch design not taken: every view decodes the file again (as the authors' loader reads every copy)."""
 
-    def __getitem__(self, key):
+    def views_into(self, out_V3SS, key):
         epoch, position, index = key
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position))
-        one = dict(self.transform, views=1)
-        views = []
-        for _ in range(self.transform["views"]):
+        for v in range(len(out_V3SS)):
             image, label = self.source.load(index)
-            views.append(random_resized_views(image, gen=gen, **one)[0])
-        return torch.stack(views), label
+            view = out_V3SS[v : v + 1]
+            random_resized_views_into(
+                view, image, min_crop_scale=self.min_crop_scale, hflip=self.hflip, gen=gen, normalise=self.normalise
+            )
+        return label
 
 
 def _dali_rrc_pipelines(root: Path, unique: int, size: int):
@@ -158,11 +159,12 @@ def run(quick: bool = False) -> dict:
     unique = unique // 2 if quick else unique
     torch_cfg = _cfg(root, "torch", "random_resized", size)
     train = PathTable(scan_split(str(root), "train")[1])
+    place = cpu_placement(unique, _VIEWS)
+    once = train_set(train, torch_cfg, place)  # as the loader builds it: normalised in the workers on this CPU
+    per_view = _DecodePerView(train, torch_cfg, 0, _VIEWS, normalise=once.normalise, channels_last=True)
     designs = {
-        "once": TorchTrainLoader(TrainSet(train, torch_cfg, 0, _VIEWS), torch_cfg, cpu_placement(unique, _VIEWS)),
-        "per_view": TorchTrainLoader(
-            _DecodePerView(train, torch_cfg, 0, _VIEWS), torch_cfg, cpu_placement(unique, _VIEWS)
-        ),
+        "once": TorchTrainLoader(once, torch_cfg, place),
+        "per_view": TorchTrainLoader(per_view, torch_cfg, place),
     }
     torch_designs = _best_rates(designs, rounds)
     dali_designs = _best_rates(_dali_rrc_pipelines(root, unique, size), rounds)
