@@ -1,9 +1,10 @@
 """Benchmark: what one augmented view per copy (`data.copy_augmentation=per_copy`) costs the loaders.
 
 At b=4 repetitions and M=2 members every unique image gets 8 views instead of 1. Figures are loader rates in unique
-images per second, through `mixmo_dist.data.build_data` (decode, augment, collate, normalise on the device = CPU
-here), each loader iterated over whole epochs after a warm-up epoch, shared and per-copy loaders taking turns and
-each keeping its best epoch (these machines are shared and noisy):
+images per second, through `mixmo_dist.data.build_data` (decode, augment, collate, normalise: in the DataLoader
+workers or DALI here, where the device is the CPU), each batch's images read once per page by the training process
+as the trainer would read them, each loader iterated over whole epochs after a warm-up epoch, shared and per-copy
+loaders taking turns and each keeping its best epoch (these machines are shared and noisy):
 
 - `per_copy_cost_pad_random_{torch,dali}`: shared rate / per-copy rate with CIFAR's augmentation (pad-4 random
   crop + flip) at 32 px on 32 x 32 JPEG thumbnails of the benchmark photos, 16 unique images per batch (CIFAR's 64
@@ -33,8 +34,8 @@ from benchmarks import cpu_placement, quick_main, unique_images_per_s
 from benchmarks.photos import make_bench_photos
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import build_data, scan_split
-from mixmo_dist.data.torch_loader import PathTable, TorchTrainLoader, TrainSet
-from mixmo_dist.data.transforms import random_resized_views
+from mixmo_dist.data.torch_loader import PathTable, TorchTrainLoader, TrainSet, train_set
+from mixmo_dist.data.transforms import random_resized_views_into
 from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["run"]
@@ -67,6 +68,21 @@ def _cfg(root: Path, backend: str, crop: str, size: int) -> DataConfig:
     )
 
 
+class _Consumed:
+    """A loader whose batches are read as the trainer reads them: one value per 4 KiB page of the images, so the
+    pages a DataLoader worker wrote into shared memory are mapped into this process and paid for here (as they are
+    in training), without the trainer's own compute."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            step = 4096 // images.element_size()
+            images.as_strided((images.numel() // step,), (step,)).sum()  # the images are dense: one value a page
+            yield images, labels
+
+
 def _best_rates(loaders: dict, rounds: int) -> dict:
     """Best epoch rate of each loader, after a warm-up epoch each, the loaders taking turns."""
     for loader in loaders.values():
@@ -81,15 +97,16 @@ def _best_rates(loaders: dict, rounds: int) -> dict:
 class _DecodePerView(TrainSet):
     """The torch design not taken: every view decodes the file again (as the authors' loader reads every copy)."""
 
-    def __getitem__(self, key):
+    def views_into(self, out_V3SS, key):
         epoch, position, index = key
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position))
-        one = dict(self.transform, views=1)
-        views = []
-        for _ in range(self.transform["views"]):
+        for v in range(len(out_V3SS)):
             image, label = self.source.load(index)
-            views.append(random_resized_views(image, gen=gen, **one)[0])
-        return torch.stack(views), label
+            view = out_V3SS[v : v + 1]
+            random_resized_views_into(
+                view, image, min_crop_scale=self.min_crop_scale, hflip=self.hflip, gen=gen, normalise=self.normalise
+            )
+        return label
 
 
 def _dali_rrc_pipelines(root: Path, unique: int, size: int):
@@ -148,7 +165,7 @@ def run(quick: bool = False) -> dict:
         root = _photos(side, quick)
         for backend, short in _BACKENDS.items():
             cfg = _cfg(root, backend, crop, size)
-            loaders = {views: build_data(cfg, cpu_placement(unique, views)).train for views in (1, _VIEWS)}
+            loaders = {views: _Consumed(build_data(cfg, cpu_placement(unique, views)).train) for views in (1, _VIEWS)}
             best = _best_rates(loaders, rounds)
             rates[(crop, short)] = best
             result[f"per_copy_cost_{crop}_{short}"] = best[1] / best[_VIEWS]
@@ -158,11 +175,12 @@ def run(quick: bool = False) -> dict:
     unique = unique // 2 if quick else unique
     torch_cfg = _cfg(root, "torch", "random_resized", size)
     train = PathTable(scan_split(str(root), "train")[1])
+    place = cpu_placement(unique, _VIEWS)
+    once = train_set(train, torch_cfg, place)  # as the loader builds it: normalised in the workers on this CPU
+    per_view = _DecodePerView(train, torch_cfg, 0, _VIEWS, normalise=once.normalise, channels_last=True)
     designs = {
-        "once": TorchTrainLoader(TrainSet(train, torch_cfg, 0, _VIEWS), torch_cfg, cpu_placement(unique, _VIEWS)),
-        "per_view": TorchTrainLoader(
-            _DecodePerView(train, torch_cfg, 0, _VIEWS), torch_cfg, cpu_placement(unique, _VIEWS)
-        ),
+        "once": _Consumed(TorchTrainLoader(once, torch_cfg, place)),
+        "per_view": _Consumed(TorchTrainLoader(per_view, torch_cfg, place)),
     }
     torch_designs = _best_rates(designs, rounds)
     dali_designs = _best_rates(_dali_rrc_pipelines(root, unique, size), rounds)

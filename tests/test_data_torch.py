@@ -29,8 +29,9 @@ from mixmo_dist.data import (
     timm_mean_std,
 )
 from mixmo_dist.data.plan import EpochPlan
-from mixmo_dist.data.transforms import pad_random_views, random_resized_crop_box
-from mixmo_dist.data.workers import WorkerTimeoutError
+from mixmo_dist.data.torch_loader import TrainSet
+from mixmo_dist.data.transforms import Normalisation, pad_random_views, random_resized_crop_box
+from mixmo_dist.data.workers import WorkerTimeoutError, _DeviceNormalizer
 from mixmo_dist.training.members import member_inputs
 
 CPU = torch.device("cpu")
@@ -296,14 +297,18 @@ def test_one_view_per_copy_gives_the_authors_count_of_distinct_views(noise_root,
         assert mean > 7.95, mean
 
 
-def test_views_per_copy_are_independent_of_workers_and_world_and_resume_exactly(noise_root):
-    cfg = _cfg(noise_root, train_crop="pad_random", hflip=True)
+@pytest.mark.parametrize("train_crop", ["pad_random", "random_resized"])
+def test_views_per_copy_are_independent_of_workers_and_world_and_resume_exactly(noise_root, train_crop):
+    """Every view comes from (seed, epoch, position): 0, 1 or 2 workers, 1 or 2 ranks and a resume give the same
+    bits (random_resized views are made and normalised in the workers, pad_random ones cut on the device)."""
+    cfg = _cfg(noise_root, train_crop=train_crop, hflip=True)
     serial = _collect(_build(cfg, unique=4, views=COPIES).train)
     assert serial[0][0].shape == (4 * COPIES, 3, SIZE, SIZE) and serial[0][1].shape == (4,)
-    workers = _collect(
-        _build(_cfg(noise_root, train_crop="pad_random", hflip=True, num_workers=2), unique=4, views=COPIES).train
-    )
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, workers))
+    for workers in (1, 2):
+        cfg_w = _cfg(noise_root, train_crop=train_crop, hflip=True, num_workers=workers)
+        got = _collect(_build(cfg_w, unique=4, views=COPIES).train)
+        assert len(got) == len(serial)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, got)), workers
     # Two ranks of 2 unique images: global step s is rank 0's images then rank 1's, views and all.
     ranks = [_collect(_build(cfg, unique=2, views=COPIES, rank=r, world=2).train) for r in range(2)]
     for step, (images, labels) in enumerate(serial):
@@ -312,9 +317,70 @@ def test_views_per_copy_are_independent_of_workers_and_world_and_resume_exactly(
     # The comparisons above can fail: an image's views differ from each other.
     first = serial[0][0].view(4, COPIES, -1)
     assert all(torch.unique(first[u], dim=0).shape[0] > 1 for u in range(4))
-    resumed = _build(cfg, unique=4, views=COPIES).train
-    resumed.load_state_dict({"epoch": 0, "batch": 1})
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(_collect(resumed), serial[1:]))
+    for workers in (0, 2):
+        cfg_w = _cfg(noise_root, train_crop=train_crop, hflip=True, num_workers=workers)
+        resumed = _build(cfg_w, unique=4, views=COPIES).train
+        resumed.load_state_dict({"epoch": 0, "batch": 1})
+        got = _collect(resumed)
+        assert len(got) == len(serial) - 1
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(got, serial[1:])), workers
+
+
+@pytest.mark.parametrize("out_channels_last", [False, True])
+@pytest.mark.parametrize("in_channels_last", [False, True])
+@pytest.mark.parametrize("side", [16, 7])  # 7 x 7 pixels do not fill whole rows of 32: the broadcast path
+def test_normalisation_into_any_layout_is_the_formula_bit_for_bit(in_channels_last, out_channels_last, side):
+    norm = Normalisation(IMAGENET_MEAN, IMAGENET_STD)
+    images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[0, :, 0, 0] = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    images = images.contiguous(memory_format=torch.channels_last) if in_channels_last else images
+    out = torch.empty(2, 3, side, side)
+    out = out.contiguous(memory_format=torch.channels_last) if out_channels_last else out
+    norm.into(out, images)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.double(), (images.double() / 255.0 - mean) / std, rtol=0, atol=1e-5)
+    assert torch.equal(out, norm(images))  # what the device path computes
+
+
+class _ArrivalDtypes:
+    """Wraps a `_DeviceNormalizer`, recording the dtype of each batch as it reaches the training process."""
+
+    def __init__(self, inner: _DeviceNormalizer) -> None:
+        self.inner, self.device, self.dtypes = inner, inner.device, []
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.dtypes.append(images.dtype)
+        return self.inner(images, labels)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_random_resized_views_normalised_in_the_workers_equal_the_formula_and_the_device_path(
+    noise_root, channels_last, num_workers
+):
+    """On a CPU device the workers normalise random_resized views: the values are (x / 255 - mean) / std of the
+    uint8 views drawn from the same generator, bit for bit what normalising the uint8 batch on the device gives
+    (the GPU path), in the requested memory format."""
+    cfg = _cfg(noise_root, hflip=True, min_crop_scale=0.1, num_workers=num_workers)
+    loader = _build(cfg, unique=4, views=COPIES, channels_last=channels_last).train
+    assert loader._decoder.dataset.normalise is not None  # the CPU placement normalises in the dataset
+    raw = TrainSet(loader._decoder.dataset.source, cfg, 0, COPIES)  # uint8 views, as a GPU placement makes them
+    device_path = _DeviceNormalizer(CPU, IMAGENET_MEAN, IMAGENET_STD, channels_last)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    recorder = _ArrivalDtypes(loader._decoder.to_device)
+    loader._decoder.to_device = recorder
+    batches = _collect(loader)
+    assert recorder.dtypes == [torch.float32] * len(batches)  # normalised by the dataset, not the training process
+    for keys, (images, labels) in zip(loader.epoch_keys(0), batches):
+        assert images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
+        views_u8, raw_labels = raw.__getitems__(keys)
+        assert views_u8.dtype == torch.uint8 and torch.equal(labels, raw_labels)
+        formula = (views_u8.double() / 255.0 - mean) / std
+        torch.testing.assert_close(images.double(), formula, rtol=0, atol=1e-5)
+        assert torch.equal(images, device_path(views_u8, raw_labels)[0])
 
 
 # Held by a thread of the test process while workers start: a forked worker would inherit it held, forever.

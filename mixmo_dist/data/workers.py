@@ -21,10 +21,16 @@ from mixmo_dist.runtime.startup import STARTUP
 
 from .forkserver import GROUP_SIGNALS, worker_context
 from .placement import Placement
+from .transforms import Normalisation
 
 
-def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    """Stacks worker outputs ([3,S,S], or V views [V,3,S,S], and a label) into (uint8 [B*V,3,S,S], int64 [B])."""
+def _collate(items: list[tuple[Tensor, int]] | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Stacks worker outputs ([3,S,S], or V views [V,3,S,S], and a label) into (uint8 [B*V,3,S,S], int64 [B]).
+
+    A tuple is a batch that the dataset's `__getitems__` already wrote into one buffer: it passes unchanged.
+    """
+    if isinstance(items, tuple):
+        return items
     images = torch.stack([image for image, _ in items])
     images_B3SS = images.flatten(0, 1) if images.dim() == 5 else images
     labels_B = torch.tensor([label for _, label in items], dtype=torch.int64)
@@ -50,21 +56,21 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class _DeviceNormalizer:
-    """Moves a uint8 batch to the device and normalises it there (4x less host-to-device traffic than float32)."""
+    """Moves a batch to the device and normalises it there when it is uint8 (4x less host-to-device traffic than
+    float32); a float32 batch was normalised by the dataset in the workers (random_resized train views on a CPU
+    device, `torch_loader.TrainSet`) and is only moved."""
 
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float], channels_last: bool):
         self.device = device
         self.channels_last = channels_last
-        std_3 = torch.tensor(std, dtype=torch.float32)
-        # x_norm = (x/255 - mean) / std = x * scale - shift
-        self.scale_1311 = (1.0 / (255.0 * std_3)).view(1, 3, 1, 1).to(device)
-        self.shift_1311 = (torch.tensor(mean, dtype=torch.float32) / std_3).view(1, 3, 1, 1).to(device)
+        self.normalise = Normalisation(mean, std, device)
 
     def __call__(self, images_B3SS: Tensor, labels_B: Tensor) -> tuple[Tensor, Tensor]:
         images = images_B3SS.to(self.device, non_blocking=True)
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        images = images.float().mul_(self.scale_1311).sub_(self.shift_1311)
+            images = images.contiguous(memory_format=torch.channels_last)  # a no-op when the workers wrote it so
+        if images.dtype == torch.uint8:
+            images = self.normalise(images)
         return images, labels_B.to(self.device, non_blocking=True)
 
 
@@ -115,7 +121,8 @@ class Decoder:
     """Decodes passes of explicit batches of one dataset with worker processes and delivers them to the device.
 
     Args:
-        dataset: a map-style dataset indexed by the keys in the batches, returning (uint8 [3,S,S], label).
+        dataset: a map-style dataset indexed by the keys in the batches, returning (uint8 [3,S,S], label), or with
+            a `__getitems__` that returns a whole batch (images uint8, or float32 already normalised; labels).
         cfg: the `data` section: `num_workers` decoding processes (0 decodes in the calling process) and
             `worker_timeout_s`, the longest wait for one batch before `WorkerTimeoutError` (0 waits forever).
         place: where batches go (device, layout, normalisation).
