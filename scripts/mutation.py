@@ -50,7 +50,7 @@ MODULES: dict[str, list[str]] = {
     "checkpoint/store": ["tests/test_checkpoint.py", "tests/test_checkpoint_cleanup.py"],
     "checkpoint/state": ["tests/test_state.py", "tests/test_checkpoint.py"],
     "data/plan": ["tests/test_plan.py"],
-    "data/transforms": ["tests/test_data_torch.py"],
+    "data/transforms": ["tests/test_transforms.py"],
     "model/weights": ["tests/test_weights.py"],
     "model/mixmo": ["tests/test_model.py", "tests/test_registry.py"],
 }
