@@ -48,7 +48,7 @@ MODULES: dict[str, list[str]] = {
     "evaluation/metrics": ["tests/test_metrics.py", "tests/test_metrics_exact.py"],
     "evaluation/calibration": ["tests/test_metrics.py"],
     "checkpoint/store": ["tests/test_checkpoint.py", "tests/test_checkpoint_cleanup.py"],
-    "checkpoint/state": ["tests/test_state.py", "tests/test_checkpoint.py"],
+    "checkpoint/state": ["tests/test_state.py"],
     "data/plan": ["tests/test_plan.py"],
     "data/transforms": ["tests/test_transforms.py"],
     "model/weights": ["tests/test_weights.py"],

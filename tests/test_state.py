@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import types
 
 import pytest
@@ -270,6 +271,11 @@ def test_class_difference_counts_names_and_order():
     assert class_difference([], many, shown=2).endswith("; 5 not in the checkpoint ('x0', 'x1', ... (3 more))")
     assert class_difference([], many[:2], shown=2).endswith("; 2 not in the checkpoint ('x0', 'x1')")
     assert class_difference(None, many) == "classes: the checkpoint stores no class list (NoneType), the data has 5"
+    assert class_difference("a,b", many) == "classes: the checkpoint stores no class list (str), the data has 5"
+    # Renamed in place: a difference of names, not an order (the order clause is only for the same names).
+    assert class_difference(["a", "b"], ["a", "c"]) == (
+        "classes: the checkpoint has 2, the data 2; 1 not in the checkpoint ('c'); 1 missing from the data ('b')"
+    )
 
 
 def test_optimizer_split_and_join_are_inverse_for_sgd_and_adam():
@@ -376,10 +382,21 @@ def test_failure_messages_name_a_full_disk_and_shorten_the_rest(tmp_path):
     assert "no space left on" in rust
     other = a.manager._failure(4, OSError(errno.EIO, "I/O error"), needed=1)
     assert other.startswith("checkpoint save at step 4 failed: [Errno 5] I/O error. Nothing was committed")
-    words = " ".join(["word"] * 200)
-    long = a.manager._failure(4, RuntimeError(words), needed=1)
-    detail = long.split("failed: ", 1)[1].split(". Nothing", 1)[0]
-    assert detail.endswith(" ...") and len(detail) <= 304 and detail.startswith("word word")
+    cause = CheckpointError("cannot write model.safetensors")
+    cause.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert "no space left on" in a.manager._failure(4, cause, needed=1)  # the errno of the cause counts
+    assert "no space left on" in a.manager._failure(4, RuntimeError("write: No space left on device"), needed=1)
+    assert re.search(r"\d+\.\d MB \(\d+ bytes\) free after removing the partial save\)", full)
+
+    def detail(text):
+        return a.manager._failure(4, RuntimeError(text), needed=1).split("failed: ", 1)[1].split(". Nothing", 1)[0]
+
+    assert detail("x" * 300) == "x" * 300  # up to 300 characters: whole
+    assert detail("x" * 301) == "x" * 300 + " ..."
+    # Longer: cut at the last whole word within 300 characters. Words of 6 letters and a space put a space at
+    # index 300, so the cut is at 300, not 301, and one word earlier than a cut that kept it.
+    words = [f"t{i:05d}" for i in range(100)]
+    assert detail(" ".join(words)) == " ".join(words[:42]) + " ..."
 
 
 def test_tensors_that_do_not_fit_are_refused_naming_the_shape(tmp_path):
