@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from tiny_arch import ARCH
 
 from mixmo_dist.config import load_config
 from mixmo_dist.runtime.accelerator import build_accelerator
@@ -36,6 +37,7 @@ def test_nonfinite_counters_over_a_long_pattern_match_a_reference_count(tmp_path
     monkeypatch.setenv("MIXMO_FAULT_NAN", "0:" + ",".join(str(i) for i, b in enumerate(bad) if b))
     cfg = load_config(
         [
+            f"--model.arch={ARCH}",  # a 0.01M-parameter ResNet: the counters, not the network, are under test
             "--data.backend=synthetic",
             "--data.synthetic_size=64",
             "--data.image_size=16",

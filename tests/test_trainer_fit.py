@@ -16,27 +16,15 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
-from timm.models import register_model
-from timm.models.resnet import BasicBlock, _create_resnet
+from tiny_arch import ARCH
 
 from mixmo_dist.config import load_config
 from mixmo_dist.ops.mixing import cut_probability
 from mixmo_dist.runtime.accelerator import build_accelerator
 from mixmo_dist.training.optim import LRSchedule
 from mixmo_dist.training.trainer import Trainer
-
-ARCH = "mixmo_test_tiny_resnet"
-if not timm.is_model(ARCH):
-
-    @register_model
-    def mixmo_test_tiny_resnet(pretrained: bool = False, **kwargs):
-        """resnet18's keys and layout at widths 8-16 and one block per stage (timm's own builder)."""
-        args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), stem_width=8)
-        return _create_resnet("resnet18", pretrained, **dict(args, **kwargs))
-
 
 BASE = [
     f"--model.arch={ARCH}",
