@@ -27,6 +27,7 @@ from mixmo_dist.model.weights import (
     hub_config,
     init_from_vanilla,
     load_vanilla_state_dict,
+    split_standardized,
 )
 
 ARCH, M, K = "resnet18", 3, 5
@@ -342,3 +343,44 @@ def test_run_directories_must_hold_one_member_and_our_keys(tmp_path):
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match=rf"^model.init_from={empty}: run directory {empty} holds no complete"):
         init_from_vanilla(model, str(empty))
+
+
+def _standardised(w, eps):
+    """timm's StdConv2d weight: per output channel, zero mean and unit (biased) variance, with eps."""
+    flat = w.reshape(w.shape[0], -1).double()
+    mean, var = flat.mean(1, keepdim=True), flat.var(1, unbiased=False, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+
+
+@pytest.mark.parametrize("members, eps", [(2, 1e-8), (3, 1e-3)])
+def test_split_standardized_members_standardise_to_the_vanillas_standardised_weight(members, eps):
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3) * 0.3 + 0.05
+    parts = split_standardized(weight, eps, members)
+    assert parts.shape == (members, 4, 3, 3, 3) and parts.dtype == weight.dtype
+    target = _standardised(weight, eps)
+    stds = [_standardised(parts[m], eps) for m in range(members)]
+    torch.testing.assert_close(sum(stds), target, rtol=0, atol=2e-5)
+    # Each part is already standardised up to the factor sqrt(var + eps) (its own mean is 0) ...
+    for m in range(members):
+        assert parts[m].reshape(4, -1).double().mean(1).abs().max() < 1e-6
+    # ... and the members differ from each other and from an even split.
+    assert not torch.allclose(stds[0], stds[1], atol=1e-3)
+    assert not torch.allclose(stds[0], target / members, atol=1e-3)
+    # timm's own layer: the M StdConv2d outputs sum to a plain conv with the vanilla's standardised weight.
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    total = 0
+    with torch.no_grad():
+        for m in range(members):
+            conv = timm.layers.StdConv2d(3, 4, 3, eps=eps, bias=False)
+            conv.weight.copy_(parts[m])
+            total = total + conv(x)
+        expected = torch.nn.functional.conv2d(x, target.float())
+    torch.testing.assert_close(total, expected, rtol=0, atol=1e-4)
+
+
+def test_split_standardized_needs_room_for_m_directions():
+    with pytest.raises(ValueError) as err:
+        split_standardized(torch.randn(2, 1, 2, 2), 1e-8, 3)  # 4 weights per output channel, 3 members need 5
+    assert str(err.value) == "a standardised conv with 4 weights per output channel cannot be split into 3"
+    assert split_standardized(torch.randn(2, 1, 2, 2), 1e-8, 2).shape == (2, 2, 1, 2, 2)
