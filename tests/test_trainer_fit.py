@@ -147,3 +147,20 @@ def test_resume_equals_the_uninterrupted_run_with_every_stateful_option_on(tmp_p
     first = load_file(split / "checkpoints" / "step_00000003" / "model.safetensors")
     end = load_file(split / "checkpoints" / last / "model.safetensors")
     assert any(not torch.equal(first[k], end[k]) for k in first)
+
+
+def test_rows_after_the_last_checkpoint_of_a_dead_run_are_dropped_on_resume(tmp_path, monkeypatch):
+    """A run that dies between saves has logged rows its checkpoint does not cover: the resume drops them and logs
+    those steps again, once, so the file equals an uninterrupted run's."""
+    args = ("--log.every_n_steps=1", "--checkpoint.every_n_steps=3", "--optim.max_nonfinite_steps=2")
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert _fit(full, *args) == "completed"
+    monkeypatch.setenv("MIXMO_FAULT_NAN", "0:4,5")  # two bad steps in a row: the run aborts at the 6th step
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite losses"):
+        _fit(split, *args)
+    assert _steps(split) == [3]
+    logged = [r["step"] for r in _rows(split) if r["split"] == "train"]
+    assert logged == [1, 2, 3, 4, 5]  # step 5 (the first bad one) logged, not covered by the checkpoint
+    monkeypatch.delenv("MIXMO_FAULT_NAN")
+    assert _fit(split, *args) == "completed"
+    assert [_untimed(r) for r in _rows(split)] == [_untimed(r) for r in _rows(full)]
