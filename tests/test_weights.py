@@ -6,6 +6,7 @@ M = 3 members throughout, so a sum and a mean of the members differ, and so do /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -84,8 +85,10 @@ def test_folded_state_dict_sums_encoders_and_averages_heads(loaded):
 
 
 def test_export_folded_writes_the_folded_weights_and_every_metadata_field(loaded, tmp_path):
-    out = tmp_path / "sub" / "model.safetensors"
+    out = tmp_path / "a" / "b" / "model.safetensors"  # two folders to create
     meta = export_folded(loaded, out)
+    export_folded(loaded, out.parent / "again.safetensors")  # into a folder that exists
+    (out.parent / "again.safetensors").unlink()
     expected = {
         "format": "timm",
         "arch": ARCH,
@@ -155,6 +158,34 @@ def test_model_card_with_and_without_metrics(loaded):
     assert 'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)' in lines
     assert lines[-3:] == ["|---|---|", "| top1 | 0.75 |", "| nll | 0.5 |"]
     assert card.endswith("| nll | 0.5 |\n")
+    assert (
+        card
+        == "\n".join(
+            [
+                "---",
+                "library_name: timm",
+                "tags: [image-classification, timm, mixmo]",
+                "---",
+                "# resnet18, MixMo M=3, folded",
+                "",
+                "A 3-member MixMo network (Ramé, Sun, Cord, ICCV 2021) trained with mixmo_dist and folded into a "
+                "plain timm `resnet18` (encoders summed, heads averaged: the logits are the members' mean logits). "
+                "Step 42 of "
+                f"`{loaded.path.resolve()}`; 5 classes, input 40 px.",
+                "",
+                "```python",
+                "import timm",
+                'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)',
+                "```",
+                "",
+                "| metric (the run's last validation) | value |",
+                "|---|---|",
+                "| top1 | 0.75 |",
+                "| nll | 0.5 |",
+            ]
+        )
+        + "\n"
+    )
     bare = _model_card(config, None)
     assert bare.endswith("The run recorded no validation metrics.\n") and "| metric" not in bare
     assert _model_card(config, {}).endswith("The run recorded no validation metrics.\n")
@@ -165,8 +196,11 @@ def test_export_hub_writes_the_folder_and_only_it(loaded, tmp_path):
     config = export_hub(loaded, out, {"top1": 0.5})
     assert config == hub_config(loaded)
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["hub"]  # no part folder left
-    assert json.loads((out / "config.json").read_text()) == config
+    assert sorted(os.listdir(tmp_path)) == ["hub"]  # no part folder left (checked before the nested export)
+    assert (out / "config.json").read_text() == json.dumps(config, indent=2) + "\n"
+    nested = tmp_path / "x" / "y" / "hub"
+    export_hub(loaded, nested)
+    assert sorted(os.listdir(nested)) == ["README.md", "config.json", "model.safetensors"]
     assert (out / "README.md").read_text() == _model_card(config, {"top1": 0.5})
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -384,3 +418,97 @@ def test_split_standardized_needs_room_for_m_directions():
         split_standardized(torch.randn(2, 1, 2, 2), 1e-8, 3)  # 4 weights per output channel, 3 members need 5
     assert str(err.value) == "a standardised conv with 4 weights per output channel cannot be split into 3"
     assert split_standardized(torch.randn(2, 1, 2, 2), 1e-8, 2).shape == (2, 2, 1, 2, 2)
+
+
+def _bit(members):
+    return build_model("resnetv2_50x1_bit", members, K, channels=(128, 128, 128, 128), stem_chs=32).eval()
+
+
+def test_a_multi_member_bit_is_not_exported_and_the_message_says_why(loaded, tmp_path):
+    bit = dataclasses.replace(loaded, model=_bit(3), shape={**loaded.shape, "arch": "resnetv2_50x1_bit"})
+    reason = (
+        "cannot export resnetv2_50x1_bit with M=3: its first conv 'stem.conv' is timm's weight-standardised "
+        "StdConv2d, and the folded stem (the sum of the 3 members' standardised weights) is no standardised weight, "
+        "so timm.create_model would compute another network; use MixMoNet.fold() in Python (exact: a plain first "
+        "conv), or evaluate the checkpoint"
+    )
+    for call, target in (
+        (lambda: export_folded(bit, tmp_path / "m.safetensors"), f"--out {tmp_path / 'm.safetensors'}"),
+        (lambda: export_hub(bit, tmp_path / "hub"), f"--hub-dir {tmp_path / 'hub'}"),
+    ):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == f"{target}: {reason}"
+    assert os.listdir(tmp_path) == []
+    one = dataclasses.replace(bit, model=_bit(1))
+    export_folded(one, tmp_path / "one.safetensors")  # one member: its stem is timm's own
+
+
+def _run_dir(root: Path, state: dict, first: str, cls: str, shape=True, cls_2d=False, arch="x") -> Path:
+    """A run directory of ours (our key layout) holding a vanilla network's weights."""
+    store = CheckpointStore(root / "checkpoints", keep_last=1)
+    tensors = {}
+    for key, value in state.items():
+        if key.startswith(first + "."):
+            tensors["encoders.0." + key[len(first) + 1 :]] = value
+        elif key.startswith(cls + "."):
+            value = value.flatten(1) if cls_2d and value.dim() == 4 else value
+            tensors["heads.0." + key[len(cls) + 1 :]] = value
+        else:
+            tensors["core." + key] = value
+    tmp = store.begin(3)
+    store.write_tensors(tmp, "model.safetensors", tensors)
+    store.write_json(tmp, "state.json", {"shape": {"num_members": 1, "arch": arch}} if shape else {"step": 3})
+    store.commit(tmp, 3)
+    return root
+
+
+def test_run_directories_with_a_stem_bias_and_a_1x1_conv_head(tmp_path):
+    # ConvNeXt: the stem conv has a bias (encoders.0.bias in our runs).
+    vanilla = timm.create_model("convnext_atto", num_classes=K, pretrained=False).eval()
+    with torch.no_grad():
+        vanilla.stem[0].bias.uniform_(-0.5, 0.5)
+    state, arch = load_vanilla_state_dict(
+        _run_dir(tmp_path / "c", vanilla.state_dict(), "stem.0", "head.fc"), "stem.0", "head.fc"
+    )
+    assert torch.equal(state["stem.0.bias"], vanilla.stem[0].bias) and arch == "x"
+    # ResNet-v2: the classifier is a 1x1 conv [K, D, 1, 1]; our runs store the head as a Linear [K, D].
+    v2 = timm.create_model("resnetv2_18", num_classes=K, layers=(1, 1, 1, 1), channels=(32, 32, 32, 32), stem_chs=32)
+    root = _run_dir(tmp_path / "v", v2.state_dict(), "stem.conv", "head.fc", cls_2d=True, arch="resnetv2_18")
+    state, _ = load_vanilla_state_dict(root, "stem.conv", "head.fc", (K, 32, 1, 1))
+    assert state["head.fc.weight"].shape == (K, 32, 1, 1)
+    assert torch.equal(state["head.fc.weight"], v2.head.fc.weight)
+    state, _ = load_vanilla_state_dict(root, "stem.conv", "head.fc")  # no shape given: kept as stored
+    assert state["head.fc.weight"].shape == (K, 32)
+    model = build_model("resnetv2_18", M, K, layers=(1, 1, 1, 1), channels=(32, 32, 32, 32), stem_chs=32).eval()
+    init_from_vanilla(model, str(root))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(_mean_member_logits(model, x), v2.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_directory_without_a_shape_or_with_more_members_is_named(tmp_path):
+    state = _vanilla().state_dict()
+    root = _run_dir(tmp_path / "a", state, "conv1", "fc", shape=False)
+    with pytest.raises(ValueError) as err:
+        load_vanilla_state_dict(root, "conv1", "fc")
+    assert str(err.value) == (
+        f"model.init_from={root}: key num_members is None; a run directory must be a 1-member (vanilla) run; "
+        "export a MixMo run with `python -m mixmo_dist.export` and pass the file instead"
+    )
+
+
+def test_a_pickle_that_is_more_than_weights_is_refused_unread(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.ones(2), "code": _Pickled()}, path)
+    with pytest.raises(Exception) as torch_err:
+        torch.load(path, map_location="cpu", weights_only=True)
+    detail = " ".join(str(torch_err.value).split())[:300]
+    assert len(" ".join(str(torch_err.value).split())) > 300  # the cut is exercised
+    with pytest.raises(ValueError) as err:
+        load_vanilla_state_dict(path, "conv1", "fc")
+    assert str(err.value) == f"model.init_from={path}: cannot load it with torch.load(weights_only=True): {detail}"
+
+
+class _Pickled:
+    """An object torch.load(weights_only=True) refuses to build."""
