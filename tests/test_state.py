@@ -434,3 +434,68 @@ def test_resume_removes_the_temporary_directories_of_killed_saves(tmp_path):
     (leftover / "model.safetensors").write_bytes(b"half")
     _run(tmp_path).manager.resume("auto")
     assert sorted(os.listdir(a.store.root)) == ["latest", "step_00000000"]
+
+
+def test_refusal_messages_whole(tmp_path):
+    saved = {**SHAPE, "arch": "other", "classes": ["a", "b", "d"], "rows_per_rank": 4, "world_size": 2}
+    with pytest.raises(CheckpointError) as err:
+        _manager(SHAPE).check_compatible({"shape": saved}, "ck")
+    assert str(err.value) == (
+        "cannot resume from ck: arch: checkpoint 'other' vs now 'tiny'; classes: the checkpoint has 3, the data 3; "
+        "1 not in the checkpoint ('c'); 1 missing from the data ('d'); world_size: checkpoint 2 vs now 1 (to resume "
+        "on another number of processes, set data.global_batch_size=8, the checkpoint's global batch, so every "
+        "rank's share is recomputed). Resuming needs the same shape-defining settings; start a new run in another "
+        "run.output_dir (model.init_from can start it from these weights) or set checkpoint.resume=never"
+    )
+    a = _run(tmp_path)
+    assert a.manager._kept() == (
+        f"Nothing was committed; the newest complete checkpoint, {tmp_path / 'checkpoints' / '<none yet>'}, stays "
+        "the latest. Free space (or fix the file system) and run the same command again to resume from it"
+    )
+
+
+def test_class_difference_shows_three_names_by_default():
+    assert class_difference([], list("abcde")).endswith("; 5 not in the checkpoint ('a', 'b', 'c', ... (2 more))")
+
+
+def test_a_checkpoint_with_more_tensors_than_the_model_is_refused_and_long_details_cut(tmp_path):
+    a = _run(tmp_path)
+    path = a.manager.save()
+    b = _run(tmp_path)
+    b.manager.model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))  # the checkpoint's last layer is unexpected
+    with pytest.raises(CheckpointError) as err:
+        b.manager.resume("auto")
+    message = str(err.value)
+    head = f"cannot resume from {path}: its tensors do not fit the network its state.json describes "
+    assert message.startswith(head + "(arch='tiny', num_members=2, num_classes=3, rows_per_rank=8, world_size=1): ")
+    tail = (
+        ". It was written by another version of mixmo_dist or timm, or changed by hand; resume from another checkpoint "
+        "(--checkpoint.resume=<run>/checkpoints/step_<N>) or start a new run in another run.output_dir"
+    )
+    assert message.endswith(tail)
+    detail = message[len(head) :].split("): ", 1)[1][: -len(tail)]
+    assert (
+        detail
+        == 'Error(s) in loading state_dict for Sequential: Unexpected key(s) in state_dict: "2.bias", "2.weight".'
+    )
+    # A long detail is cut at a word within 400 characters.
+    c = _run(tmp_path)
+    c.manager.model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(40)])
+    with pytest.raises(CheckpointError) as err:
+        c.manager.resume("auto")
+    detail = str(err.value).split("world_size=1): ", 1)[1][: -len(tail)]
+    with pytest.raises(RuntimeError) as load:
+        c.manager.model.load_state_dict(a.store.read_tensors(path, "model.safetensors"))
+    words = " ".join(str(load.value).split())
+    assert len(words) > 400
+    cut = words[:400]
+    assert detail == cut[: cut.rindex(" ")] + " ..."  # the last whole word within 400 characters
+
+
+def test_optimizer_state_keys_with_slashes_and_parameters_without_tensors():
+    tensors = {"optimizer/0/a/b": torch.ones(1), "optimizer/1/m": torch.zeros(1)}
+    meta = {"param_groups": [{"params": [0, 1, 2]}], "state": {"2": {"count": 4}, "1": {"flag": True}}}
+    state = optimizer_state(tensors, meta)
+    assert set(state["state"]) == {0, 1, 2}
+    assert torch.equal(state["state"][0]["a/b"], torch.ones(1))
+    assert state["state"][2] == {"count": 4} and state["state"][1]["flag"] is True
