@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import types
 
 import pytest
@@ -499,3 +500,108 @@ def test_optimizer_state_keys_with_slashes_and_parameters_without_tensors():
     assert set(state["state"]) == {0, 1, 2}
     assert torch.equal(state["state"][0]["a/b"], torch.ones(1))
     assert state["state"][2] == {"count": 4} and state["state"][1]["flag"] is True
+
+
+def test_a_save_whose_directory_cannot_be_opened_names_the_step_and_the_error(tmp_path):
+    a = _run(tmp_path)
+    a.store.root.parent.mkdir(parents=True, exist_ok=True)
+    a.store.root.write_text("a file where the checkpoints folder should be")
+    with pytest.raises(StopAllRanks) as err:
+        a.manager.save()
+    message = str(err.value)
+    assert message.startswith("checkpoint save at step 0 failed: ") and "Nothing was committed" in message
+    assert "Errno" in message and str(a.store.root) in message
+
+
+def test_the_first_save_needs_the_tensors_bytes_and_later_ones_the_last_saves(tmp_path):
+    a = _run(tmp_path)
+    _train(a, 1)
+    model = sum(t.numel() * t.element_size() for t in a.model.state_dict().values())
+    trainer = sum(v.numel() * v.element_size() for s in a.opt.state_dict()["state"].values() for v in s.values())
+    ema = sum(t.numel() * t.element_size() for t in a.ema.state_dict().values())
+    tmp, needed = a.manager._begin(1)
+    assert needed == model + trainer + ema
+    tmp.rmdir()
+    a.manager.latest_bytes = 12345
+    tmp, needed = a.manager._begin(1)
+    assert needed == 12345
+
+
+def test_a_rank_file_that_fails_reports_its_errno_and_message(tmp_path):
+    a = _run(tmp_path)
+    own = {"data": {"epoch": 0, "batch": 0}}
+    tmp = a.store.begin(0)
+    (tmp / "rank_0.json").mkdir()  # something in the way: the rename onto it fails with EISDIR
+    (tmp / "rank_0.json" / "x").write_text("x")
+    digest, size, error = a.manager._write_rank_file(tmp, own)
+    assert (digest, size) == (None, 0)
+    code, message = error
+    assert code == errno.EISDIR
+    assert message.startswith("rank 0 could not write rank_0.json: [Errno 21] Is a directory: ")
+    shutil.rmtree(tmp)
+    here = a.store.begin(0)
+    digest, size, error = a.manager._write_rank_file(here, own)
+    assert error is None and size == (here / "rank_0.json").stat().st_size and len(digest) == 64
+
+
+def test_resume_without_a_scaler_ignores_the_saved_one_and_elastic_is_off_by_default(tmp_path):
+    a = _run(tmp_path)
+    a.manager.save()
+    b = _run(tmp_path, scaler=False)
+    assert b.manager.resume("auto") is not None  # the saved scaler state is not forced on a run without one
+    c = _run(tmp_path, shape={**SHAPE, "world_size": 2, "rows_per_rank": 4})
+    manager = CheckpointManager(
+        c.store,
+        None,
+        rank=0,
+        model=c.model,
+        optimizer=c.opt,
+        ema=None,
+        scaler=None,
+        counters=Counters(),
+        rank_states={},
+        shape={**SHAPE, "world_size": 2, "rows_per_rank": 4},
+        describe=dict,
+    )
+    with pytest.raises(CheckpointError, match=r"world_size: checkpoint 1 vs now 2 \(to resume"):
+        manager.check_compatible({"shape": SHAPE}, "ck")
+
+
+def test_a_refused_resume_names_the_checkpoint_path(tmp_path):
+    a = _run(tmp_path)
+    path = a.manager.save()
+    b = _run(tmp_path, shape={**SHAPE, "arch": "other"})
+    with pytest.raises(CheckpointError) as err:
+        b.manager.resume("auto")
+    assert str(err.value).startswith(f"cannot resume from {path}: arch: checkpoint 'tiny' vs now 'other'")
+
+
+def test_a_reshard_of_a_checkpoint_without_the_shared_state_reads_rank_0s_file(tmp_path, caplog):
+    log = []
+    old = {**SHAPE, "rows_per_rank": 4, "world_size": 2}
+    a = _run(tmp_path, shape=old, rank_states={"data": Recorder("data", log, 7), "rng": Recorder("rng", log, 9)})
+    a.counters.step = 5
+    path = a.manager.save()
+    # What an older version wrote: state.json without "reshard" (rewritten through the store: a verified checkpoint).
+    tmp = a.store.begin(6)
+    for name in ("model.safetensors", "trainer.safetensors"):
+        a.store.write_tensors(tmp, name, a.store.read_tensors(path, name))
+    state = a.store.read_json(path, "state.json")
+    state.pop("reshard")
+    state["step"] = 6
+    a.store.write_json(tmp, "state.json", state)
+    rank0 = a.store.read_json(path, "rank_0.json")
+    rank0["data"]["value"] = 8
+    a.store.write_json(tmp, "rank_0.json", rank0)
+    a.store.commit(tmp, 6)
+    fresh = {"data": Recorder("data", log), "rng": Recorder("rng", log)}
+    b = _run(tmp_path, shape={**SHAPE, "rows_per_rank": 8, "world_size": 1}, elastic=True, rank_states=fresh)
+    with caplog.at_level("WARNING", logger="mixmo_dist"):
+        b.manager.resume("auto")
+    assert log == [("data", "resharded", [8], 6), ("rng", "resharded", [9], 6)]
+    assert (
+        f"resuming {tmp_path / 'checkpoints' / 'step_00000006'}, saved by 2 ranks, on 1 ranks with the same global "
+        "batch of 8 rows: the remaining samples of the epoch are the same, but per-rank batches, member pairings and "
+        "RNG streams differ from an uninterrupted run (the streams are re-derived from run.seed, each rank and the "
+        "step)"
+    ) in caplog.text
