@@ -47,7 +47,7 @@ MODULES: dict[str, list[str]] = {
     "ops/mixing": ["tests/test_ops.py", "tests/test_input_cutmix.py", "tests/test_mixing_exact.py"],
     "evaluation/metrics": ["tests/test_metrics.py", "tests/test_metrics_exact.py"],
     "evaluation/calibration": ["tests/test_metrics.py"],
-    "checkpoint/store": ["tests/test_checkpoint.py", "tests/test_checkpoint_cleanup.py"],
+    "checkpoint/store": ["tests/test_checkpoint.py", "tests/test_checkpoint_cleanup.py", "tests/test_store_exact.py"],
     "checkpoint/state": ["tests/test_state.py"],
     "data/plan": ["tests/test_plan.py"],
     "data/transforms": ["tests/test_transforms.py"],

@@ -1,0 +1,308 @@
+"""checkpoint/store at the inputs its first `make mutation` pass found untested (issue 22): every refusal's whole
+message, the names moved-aside directories get, the exact bytes of the marker and of JSON files, tied tensors,
+step 0, and `resolve_checkpoint`. In process and fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixmo_dist.checkpoint import CheckpointError, CheckpointWarning
+from mixmo_dist.checkpoint.store import CheckpointStore, parse_step_dir_name, resolve_checkpoint
+from mixmo_dist.runtime.files import sha256_file
+
+
+def _store(tmp_path, keep=3):
+    return CheckpointStore(tmp_path / "checkpoints", keep_last=keep)
+
+
+def _save(store, step, value=1.0):
+    tmp = store.begin(step)
+    store.write_tensors(tmp, "model.safetensors", {"w": torch.full((2,), value)})
+    store.write_json(tmp, "state.json", {"step": step, "b": [1, 2], "a": {"z": 1, "y": 2}})
+    return store.commit(tmp, step)
+
+
+def _error(fn, *args, kind=Exception):
+    with pytest.raises(kind) as err:
+        fn(*args)
+    return str(err.value)
+
+
+def test_step_zero_is_a_step_and_names_are_canonical(tmp_path):
+    store = _store(tmp_path)
+    assert _save(store, 0).name == "step_00000000"
+    assert parse_step_dir_name("step_00000000") == 0 and parse_step_dir_name("step_00000042") == 42
+    assert parse_step_dir_name("step_42") is None and parse_step_dir_name("step_000000042") is None
+    assert _error(store.begin, -1, kind=ValueError) == "checkpoint step must be >= 0, got -1"
+    assert _error(store.begin, 1.0, kind=TypeError) == "checkpoint step must be an int, got float (1.0)"
+    assert _error(store.begin, True, kind=TypeError) == "checkpoint step must be an int, got bool (True)"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (".", "checkpoint file name '.' must be a plain, non-hidden file name (no directories)"),
+        ("..", "checkpoint file name '..' must be a plain, non-hidden file name (no directories)"),
+        (".hidden.json", "checkpoint file name '.hidden.json' must be a plain, non-hidden file name (no directories)"),
+        ("a/b.json", "checkpoint file name 'a/b.json' must be a plain, non-hidden file name (no directories)"),
+        ("", "checkpoint file name '' must be a plain, non-hidden file name (no directories)"),
+        ("COMPLETE", "checkpoint file name 'COMPLETE' is reserved by the checkpoint store"),
+        ("state.txt", "checkpoint file name 'state.txt' must end with '.json'"),
+    ],
+)
+def test_file_names_are_refused_by_name(tmp_path, name, message):
+    store = _store(tmp_path)
+    tmp = store.begin(1)
+    assert _error(store.write_json, tmp, name, {}, kind=ValueError) == message
+    assert _error(store.write_json, tmp, 3, {}, kind=TypeError) == "checkpoint file name must be a str, got int (3)"
+    tensors = "model.json" if name == "state.txt" else name
+    if name == "state.txt":
+        msg = "checkpoint file name 'model.json' must end with '.safetensors'"
+        assert _error(store.write_tensors, tmp, tensors, {"w": torch.ones(1)}, kind=ValueError) == msg
+
+
+def test_tensors_to_store_are_checked_by_name_and_tied_ones_kept_apart(tmp_path):
+    store = _store(tmp_path)
+    tmp = store.begin(1)
+    file = tmp / "m.safetensors"
+    assert _error(store.write_tensors, tmp, "m.safetensors", [1], kind=TypeError) == (
+        f"{file}: tensors must be a dict[str, Tensor], got list"
+    )
+    assert _error(store.write_tensors, tmp, "m.safetensors", {1: torch.ones(1)}, kind=TypeError) == (
+        f"{file}: tensor key 1 must be a str, got int"
+    )
+    assert _error(store.write_tensors, tmp, "m.safetensors", {"a": [1.0]}, kind=TypeError) == (
+        f"{file}: value of 'a' must be a torch.Tensor, got list"
+    )
+    sparse = torch.eye(2).to_sparse()
+    assert _error(store.write_tensors, tmp, "m.safetensors", {"s": sparse}, kind=TypeError) == (
+        f"{file}: tensor 's' has layout torch.sparse_coo; only dense tensors can be stored"
+    )
+    base = torch.arange(6.0)
+    tensors = {
+        "a": base,
+        "b": base,
+        "c": base[2:4],
+        "e1": torch.zeros(0),
+        "e2": torch.zeros(0, 3),
+        "d": base.view(2, 3).t(),
+    }
+    store.write_tensors(tmp, "m.safetensors", tensors)
+    back = store.read_tensors(tmp, "m.safetensors")
+    for key, value in tensors.items():
+        assert torch.equal(back[key], value), key
+
+
+def test_json_and_marker_bytes(tmp_path):
+    store = _store(tmp_path)
+    path = _save(store, 5)
+    text = (path / "state.json").read_text()
+    assert text == json.dumps({"step": 5, "b": [1, 2], "a": {"z": 1, "y": 2}}, indent=1, sort_keys=True) + "\n"
+    tmp = store.begin(6)
+    file, digest = store.write_json_digest(tmp, "rank_0.json", {"x": 1})
+    assert store.write_json(tmp, "other.json", {"x": 1}) == tmp / "other.json"  # the path, not the digest
+    assert digest == sha256_file(file)
+    marker = {"step": 5, "model.safetensors": sha256_file(path / "model.safetensors")}
+    marker["state.json"] = sha256_file(path / "state.json")
+    assert (path / "COMPLETE").read_text() == json.dumps(marker, indent=1, sort_keys=True) + "\n"
+    # A writer's digest is recorded as given, not recomputed (so a wrong one fails the verification).
+    store.write_tensors(tmp, "model.safetensors", {"w": torch.ones(1)})
+    committed = store.commit(tmp, 6, {"rank_0.json": "0" * 64})
+    assert json.loads((committed / "COMPLETE").read_text())["rank_0.json"] == "0" * 64
+    assert store.verify(committed) == "sha256 mismatch for rank_0.json (truncated or modified after the save)"
+
+
+def test_commit_refuses_entries_that_are_no_checkpoint_files_and_missing_reported_ones(tmp_path):
+    store = _store(tmp_path)
+    tmp = store.begin(1)
+    (tmp / "sub").mkdir()
+    (tmp / "a.json").write_text("{}")
+    assert _error(store.commit, tmp, 1, kind=CheckpointError) == (
+        f"{tmp} holds entries that cannot be checkpoint files: ['sub']"
+    )
+    (tmp / "sub").rmdir()
+    os.symlink(tmp / "a.json", tmp / "link.json")
+    assert _error(store.commit, tmp, 1, kind=CheckpointError) == (
+        f"{tmp} holds entries that cannot be checkpoint files: ['link.json']"
+    )
+    (tmp / "link.json").unlink()
+    reported = {f"rank_{r}.json": "0" * 64 for r in range(7)}
+    assert _error(store.commit, tmp, 1, reported, kind=CheckpointError) == (
+        f"{tmp} lacks files its writers reported: ['rank_0.json', 'rank_1.json', 'rank_2.json', 'rank_3.json', "
+        "'rank_4.json']"
+    )
+
+
+def test_moved_aside_directories_get_numbered_names(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    path = _save(store, 1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first = store.move_aside(path, "a reason")
+        _save(store, 1)
+        second = store.move_aside(path, "again", tag="replaced")
+    assert re.fullmatch(r"step_00000001\.corrupt-\d{8}T\d{6}\.\d{6}Z", first.name), first.name
+    assert re.fullmatch(r"step_00000001\.replaced-\d{8}T\d{6}\.\d{6}Z", second.name), second.name
+    assert [str(w.message) for w in seen] == [
+        f"checkpoint {path} moved aside to {first.name}: a reason",
+        f"checkpoint {path} moved aside to {second.name}: again",
+    ]
+    # The same stamp again (a fast machine, a clock step): a counter after it makes the name new.
+    stamp = first.name.split(".corrupt-")[1]
+    (tmp_path / "checkpoints" / f"step_00000002.corrupt-{stamp}").mkdir()
+    (tmp_path / "checkpoints" / f"step_00000002.corrupt-{stamp}-1").mkdir()
+    monkeypatch.setattr("mixmo_dist.checkpoint.store._utc_stamp", lambda: stamp)  # the clock, not the store
+    _save(store, 2)
+    with pytest.warns(CheckpointWarning):
+        moved = store.move_aside(tmp_path / "checkpoints" / "step_00000002", "r")
+    assert moved.name == f"step_00000002.corrupt-{stamp}-2"
+
+
+def test_an_auto_resume_over_many_corrupt_checkpoints_names_the_last_three(tmp_path):
+    store = _store(tmp_path, keep=10)
+    for step in range(1, 6):
+        (_save(store, step) / "model.safetensors").write_bytes(b"broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        message = _error(store.resolve, "auto", kind=CheckpointError)
+    names = sorted(p.name for p in store.root.iterdir() if ".corrupt-" in p.name)
+    assert len(names) == 5
+    assert message == (
+        f"checkpoint.resume=auto: no checkpoint under {store.root} passes its sha256 check; the corrupt ones are kept "
+        f"there, moved aside ({', '.join(names[-3:])} and 2 more), and the run was not restarted from step 0. Put back "
+        "an intact copy of a checkpoint, or start again from step 0 with --checkpoint.resume=never"
+    )
+    store2 = _store(tmp_path / "three", keep=10)
+    for step in range(1, 4):
+        (_save(store2, step) / "model.safetensors").write_bytes(b"broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        message = _error(store2.resolve, "auto", kind=CheckpointError)
+    assert "more" not in message and message.count(".corrupt-") == 3
+
+
+def test_explicit_resume_paths_and_their_messages(tmp_path):
+    store = _store(tmp_path)
+    path = _save(store, 3)
+    assert store.resolve(str(path)) == path and store.resolve(path) == path
+    assert store.resolve("never") is None
+    assert _error(store.resolve, 3, kind=TypeError) == "checkpoint.resume must be 'auto', 'never' or a path, got int"
+    absent = tmp_path / "nope"
+    assert _error(store.resolve, str(absent), kind=CheckpointError) == (
+        f"checkpoint.resume={str(absent)!r}: {absent} does not exist"
+    )
+    (path / "COMPLETE").unlink()
+    assert _error(store.resolve, str(path), kind=CheckpointError) == (
+        f"checkpoint.resume={str(path)!r}: {path} is not a usable checkpoint: no COMPLETE marker (the save did not "
+        "finish); pass another step directory, or 'auto' to take the newest one that verifies"
+    )
+
+
+@pytest.mark.parametrize(
+    "marker, reason",
+    [
+        ({"step": True, "a.json": "0" * 64}, "COMPLETE marker says step True, the directory is step 1"),
+        ({"step": 2, "a.json": "0" * 64}, "COMPLETE marker says step 2, the directory is step 1"),
+        ({"step": 1}, "COMPLETE marker lists no files"),
+        ({"step": 1, ".a.json": "0" * 64}, "COMPLETE marker lists an invalid file name '.a.json'"),
+        ({"step": 1, "d/a.json": "0" * 64}, "COMPLETE marker lists an invalid file name 'd/a.json'"),
+        ({"step": 1, "a.json": "xyz"}, "COMPLETE marker has no valid sha256 for a.json"),
+        ({"step": 1, "a.json": 5}, "COMPLETE marker has no valid sha256 for a.json"),
+        ({"step": 1, "b.json": "0" * 64}, "listed file b.json is missing"),
+        ([1, 2], "COMPLETE marker is not a JSON object"),
+    ],
+)
+def test_verify_names_what_is_wrong(tmp_path, marker, reason):
+    store = _store(tmp_path)
+    path = store.root / "step_00000001"
+    path.mkdir(parents=True)
+    (path / "a.json").write_text("{}")
+    (path / "COMPLETE").write_text(json.dumps(marker))
+    assert store.verify(path) == reason
+    (tmp_path / "step_00000009").write_text("a file")
+    assert store.verify(tmp_path / "step_00000009") == "not a directory"
+    assert store.verify(tmp_path / "step_9") == "directory name 'step_9' is not step_<8 digits>"
+
+
+def test_reading_refuses_other_suffixes_and_names_unreadable_files(tmp_path):
+    store = _store(tmp_path)
+    path = _save(store, 1)
+    assert _error(store.read_json, path, "model.safetensors", kind=ValueError) == (
+        "checkpoint file name 'model.safetensors' must end with '.json'"
+    )
+    assert _error(store.read_tensors, path, "state.json", kind=ValueError) == (
+        "checkpoint file name 'state.json' must end with '.safetensors'"
+    )
+    assert _error(store.read_metadata, path, "state.json", kind=ValueError) == (
+        "checkpoint file name 'state.json' must end with '.safetensors'"
+    )
+    (path / "bad.safetensors").write_bytes(b"not safetensors at all")
+    for read in (store.read_tensors, store.read_metadata):
+        message = _error(read, path, "bad.safetensors", kind=CheckpointError)
+        assert message.startswith(f"checkpoint {path}: cannot read bad.safetensors: ")
+
+
+def test_latest_hints_that_cannot_be_used_are_named(tmp_path):
+    store = _store(tmp_path)
+    path = _save(store, 2)
+    (store.root / "latest").write_text("x" * 100)
+    with pytest.warns(CheckpointWarning) as seen:
+        assert store.find_latest() == path
+    assert str(seen[0].message) == (
+        f"{store.root / 'latest'} holds {'x' * 80!r}, not a checkpoint name; scanning {store.root}"
+    )
+    (store.root / "latest").write_bytes("step_0000000é".encode())
+    with pytest.warns(CheckpointWarning, match=r"latest is unreadable \('ascii' codec"):
+        assert store.find_latest() == path
+
+
+def test_cleanup_removes_every_leftover_and_keeps_the_rest(tmp_path):
+    store = _store(tmp_path)
+    keep = _save(store, 1)
+    dead = [store.root / f".tmp_step_00000003_{2**22 + n}" for n in (1, 2)]
+    for d in dead:
+        d.mkdir()
+    mine = store.begin(4)
+    trash = store.root / ".trash_step_00000001_x"
+    trash.mkdir()
+    part = store.root / ".latest.part-abc"
+    part.write_text("step_")
+    other = store.root / "notes.txt"
+    other.write_text("kept")
+    removed = store.cleanup_tmp()
+    assert sorted(removed) == sorted([*dead, trash, part])
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(["latest", keep.name, mine.name, "notes.txt"])
+
+
+def test_resolve_checkpoint_by_step_or_run_directory(tmp_path):
+    run = tmp_path / "run"
+    store = CheckpointStore(run / "checkpoints", keep_last=3)
+    first, second = _save(store, 1), _save(store, 2)
+    assert resolve_checkpoint(run) == second and resolve_checkpoint(first) == first
+    assert resolve_checkpoint(str(first)) == first
+    absent = tmp_path / "absent"
+    assert _error(resolve_checkpoint, absent, kind=CheckpointError) == f"checkpoint {absent}: no such file or directory"
+    (first / "state.json").write_text("changed")
+    assert _error(resolve_checkpoint, first, kind=CheckpointError) == (
+        f"checkpoint {first} is not usable: sha256 mismatch for state.json (truncated or modified after the save)"
+    )
+    assert first.exists()  # a reader never moves anything
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert _error(resolve_checkpoint, empty, kind=CheckpointError) == (
+        f"run directory {empty} holds no complete checkpoint under {empty / 'checkpoints'}"
+    )
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    for path in (neither, Path(second / "state.json")):
+        assert _error(resolve_checkpoint, path, kind=CheckpointError) == (
+            f"checkpoint {path} is neither a step directory (checkpoints/step_<8 digits>) nor a run output directory "
+            "(one holding checkpoints/)"
+        )
