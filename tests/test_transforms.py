@@ -16,7 +16,6 @@ from PIL import Image
 from mixmo_dist.data.transforms import (
     Normalisation,
     pad_random_draws,
-    pad_random_views,
     random_resized_crop_box,
     random_resized_views,
     random_resized_views_into,
@@ -157,30 +156,6 @@ def test_pad_random_draws_order(hflip):
         assert flips.dtype == torch.bool and not flips.any()
     assert torch.equal(gen.get_state(), ref.get_state())
     assert offsets.min() == 0 and offsets.max() == 8
-
-
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_pad_random_views_are_padded_crops_and_flips(channels_last):
-    gen = torch.Generator().manual_seed(6)
-    images = torch.randn(3, 3, 6, 6, generator=gen)
-    offsets = torch.randint(0, 9, (3, 4, 2), generator=gen)
-    offsets[0, 0] = torch.tensor([0, 0])
-    offsets[0, 1] = torch.tensor([8, 8])
-    flips = torch.rand(3, 4, generator=gen) < 0.5
-    flips[0, :2] = torch.tensor([True, False])
-    fill = torch.tensor([-1.0, -2.0, -3.0])
-    got = pad_random_views(images, offsets, flips, fill, channels_last=channels_last)
-    assert got.shape == (12, 3, 6, 6)
-    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    for u in range(3):
-        padded = fill.view(3, 1, 1).expand(3, 14, 14).clone()
-        padded[:, 4:10, 4:10] = images[u]
-        for v in range(4):
-            top, left = offsets[u, v].tolist()
-            view = padded[:, top : top + 6, left : left + 6]
-            if flips[u, v]:
-                view = view.flip(2)
-            assert torch.equal(got[u * 4 + v], view), (u, v)
 
 
 @pytest.mark.parametrize("width, height", [(80, 60), (60, 80), (50, 50), (33, 97)])
