@@ -39,7 +39,7 @@ def _type(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "{" + ",".join(args) + "}"
     if typing.get_origin(tp) is tuple:
-        return f"list of {args[0].__name__}"
+        return f"list of {_type(args[0])}"  # a tuple of choices (log.trackers) lists them
     return tp.__name__
 
 

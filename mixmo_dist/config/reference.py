@@ -103,7 +103,10 @@ def _section_text(section: str, width: int) -> str:
         lines.append(
             f"  --{section}.{key.name}  {_type_name(key.type, False)}  (default: {_value_text(key.default, key.type)})"
         )
-        lines += textwrap.wrap(key.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        # No break after a hyphen: a reader (or a test) joining the lines with spaces gets the words back.
+        lines += textwrap.wrap(
+            key.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False
+        )
     return "\n".join(lines)
 
 
