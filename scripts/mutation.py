@@ -128,7 +128,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     ap.add_argument("--fresh", action="store_true", help="delete the modules' earlier mutants and results first")
-    ap.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1: shared CPUs)")
+    ap.add_argument(
+        "--max-children", type=int, default=os.cpu_count() or 1, help="mutants tested at once (default: one per CPU)"
+    )
     ap.add_argument("--min-score", type=float, default=0.85)
     args = ap.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]

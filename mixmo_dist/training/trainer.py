@@ -59,6 +59,9 @@ def _fault_nan_steps(rank: int) -> set[int]:
     return {int(s) for s in steps.split(",") if s} if int(who) == rank else set()
 
 
+# Mutation testing (issue 22) covers the step, not start-up, SLURM or fault handling: those are checked by the
+# subprocess runs of test_faults.py, test_slurm*.py and test_checkpoint*.py, which mutmut cannot select.
+# pragma: no mutate start
 def _fault_stall(rank: int) -> tuple[int, float] | None:
     """Test hook: MIXMO_FAULT_STALL="RANK:STEP:SECONDS" (RANK * = every rank) makes that rank's data wait SECONDS
     before step STEP, once per process, as a stalled file system read would."""
@@ -67,6 +70,9 @@ def _fault_stall(rank: int) -> tuple[int, float] | None:
         return None
     who, step, seconds = spec.split(":")
     return (int(step), float(seconds)) if who in ("*", str(rank)) else None
+
+
+# pragma: no mutate end
 
 
 @dataclass
@@ -135,6 +141,8 @@ class Trainer:
         self.watchdog = Watchdog(self.faults, startup_limit, on_fire=partial(self._requeue_after_fault, "hang"))
         self.checkpoints = self._build_checkpoints()
 
+    # Building the stages (start-up; checked by every training run, in process and in subprocesses).
+    # pragma: no mutate start
     # -- building ---------------------------------------------------------------------------------------------
     def _placeholder_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeros shaped like a train batch (images [U*V,3,S,S], labels [U]): what a rank whose loader failed trains
@@ -195,6 +203,7 @@ class Trainer:
             elastic=self.cfg.data.global_batch_size is not None,
         )
 
+    # pragma: no mutate end
     # -- the trainer's own state (registered as the checkpoint's counters) ------------------------------------
     def state_dict(self) -> dict:
         counters = {
@@ -285,6 +294,7 @@ class Trainer:
             progress.close()
             self.stop_signal.uninstall()
 
+    # pragma: no mutate start
     def _after_first_step(self) -> None:
         """Start-up is over: from now on a peer silent for `fault.collective_timeout_s` is lost (torchtitan's
         pattern: a generous timeout for the start, a short one once the first step has shown the group works)."""
@@ -304,6 +314,7 @@ class Trainer:
                     fault.startup_timeout_s,
                 )
 
+    # pragma: no mutate end
     def _append_metrics(self, rec: dict) -> None:
         """Rank 0 appends a metrics row; a failed write (a full disk) is kept and stops every rank at the next
         step's agreement, instead of a traceback on rank 0 while the others wait for it."""
@@ -329,12 +340,14 @@ class Trainer:
             self.trackers.flush(self.step)  # no resume replays a step up to here: its rows are final
         self.watchdog.beat()
 
+    # pragma: no mutate start
     def _requeue_after_fault(self, kind: str, say=lambda phrase: None) -> str:
         """Record a fault of this rank and requeue the SLURM job if the bound allows (see runtime/faults.py);
         `say(phrase)` prints the rank's line before the requeue runs."""
         out = self.out if self.out.is_dir() else None
         return record_and_requeue(out, self.faults, kind, self.cfg.fault.max_requeues, say)
 
+    # pragma: no mutate end
     def resume(self) -> None:
         """Continue from the checkpoint `checkpoint.resume` names (auto: the newest complete one), if any."""
         path = self.checkpoints.resume(self.cfg.checkpoint.resume)
@@ -532,6 +545,9 @@ class Trainer:
             *(self.best.top1, self.best.step, self.best.split),
         )
 
+    # Stopping on a signal and rank 0's start files (checked by test_preemption.py, test_interrupt.py and
+    # test_faults.py, in subprocesses).
+    # pragma: no mutate block
     # -- ending -----------------------------------------------------------------------------------------------
     def _stopped(self, how: float) -> str:
         status = "interrupted" if how == INTERRUPT else "preempted"
