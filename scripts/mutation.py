@@ -43,7 +43,12 @@ MODULES: dict[str, list[str]] = {
     "training/loss": ["tests/test_loss_members.py", "tests/test_input_cutmix.py"],
     "training/members": ["tests/test_loss_members.py", "tests/test_input_cutmix.py"],
     "training/optim": ["tests/test_optim.py"],
-    "training/trainer": ["tests/test_trainer_fit.py", "tests/test_nonfinite_counters.py", "tests/test_accumulation.py"],
+    "training/trainer": [
+        "tests/test_trainer_fit.py",
+        "tests/test_trainer_loop.py",
+        "tests/test_nonfinite_counters.py",
+        "tests/test_accumulation.py",
+    ],
     "ops/mixing": ["tests/test_ops.py", "tests/test_input_cutmix.py", "tests/test_mixing_exact.py"],
     "evaluation/metrics": ["tests/test_metrics.py", "tests/test_metrics_exact.py"],
     "evaluation/calibration": ["tests/test_metrics.py"],
