@@ -98,6 +98,9 @@ def prepare(module: str, fresh: bool) -> Path:
             f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
             # torch is not fork-safe once its thread pools have started: fork workers from a clean server.
             'process_isolation = "forkserver"',
+            # A mutant that makes the tests loop is stopped at 6x its tests' CPU time (mutmut's default, 30x, let a
+            # handful of trainer mutants take ten minutes each); a timeout still counts as killed.
+            "timeout_multiplier = 3.0",
             # The working directory is inside the repository's worktree, not a repository of its own.
             "use_git_change_detection = false",
             "",
