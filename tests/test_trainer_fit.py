@@ -82,7 +82,7 @@ def test_fit_logs_validates_and_saves_at_the_steps_it_should(tmp_path):
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     # 32 images, 8 rows per step of 2 repetitions: 4 unique images per step, 8 steps per epoch, 16 in all.
-    assert [r["step"] for r in train] == [3, 6, 9, 12, 15]
+    assert [r["step"] for r in train] == [3, 6, 9, 12, 15, 16]  # and the last step, a multiple of 3 or not
     assert [r["step"] for r in val] == [8, 16]
     schedule = LRSchedule(peak_lr=0.8 * 4 / 256, warmup_steps=4, total_steps=16)
     for r in train:
@@ -93,7 +93,7 @@ def test_fit_logs_validates_and_saves_at_the_steps_it_should(tmp_path):
         assert r["loss"] == pytest.approx(r["loss_member_0"] + r["loss_member_1"], rel=1e-5)
         assert 0.0 <= r["cut_share"] <= 1.0 and 0.0 < r["kappa_mean"] < 1.0
     # The gradient norm is measured on logged steps only (the clip is off): none elsewhere is needed.
-    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train if r["step"] % 3 == 0)
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train)
     for r in val:
         assert r["count"] == 3 and r["epoch"] == pytest.approx(r["step"] / 8)
     best = max(val, key=lambda r: (r["top1"], -r["step"]))

@@ -133,7 +133,7 @@ def test_phases_startup_clock_logs_and_rows_of_a_run(tmp_path, monkeypatch, capl
     rows = _rows(out)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
-    assert [r["step"] for r in train] == [5, 10]
+    assert [r["step"] for r in train] == [5, 10, 12]  # the last step has its row
     assert [r["step"] for r in val] == [6, 12]
     for r in rows:
         assert r["epoch"] == round(r["step"] / 6, 4), r  # 5/6 = 0.8333, not 0.83333

@@ -617,7 +617,7 @@ class LogConfig(_Section, section="log"):
     """Training-time logging."""
 
     every_n_steps: int = 10
-    """Log loss, LR and throughput every this many optimizer steps."""
+    """Log loss, LR and throughput every this many optimizer steps, and at the last step."""
     tensorboard: bool = False
     """Also write TensorBoard event files, to <output_dir>/<project>/: the same as listing tensorboard in trackers.
     Needs the tensorboard package (in the venv and the Docker image); refused with an error where it is missing."""

@@ -268,7 +268,8 @@ class Trainer:
                     self._after_first_step()
                     first_step = False
                 window_rows += self.plan.rows_per_rank * self.world * self.plan.grad_accum_steps  # pragma: no mutate
-                if self.step % self.cfg.log.every_n_steps == 0 or res.stop:
+                # Every log.every_n_steps, at a stop and at the last step (a run's final row is always there).
+                if self.step % self.cfg.log.every_n_steps == 0 or res.stop or self.step == self.plan.stop_step:
                     rate = window_rows / max(t2 - window_t0, 1e-9)  # pragma: no mutate
                     rec = self._train_record(res, rate, t1 - t0, t2 - t1)  # pragma: no mutate
                     window_t0, window_rows = time.monotonic(), 0  # pragma: no mutate
@@ -410,7 +411,8 @@ class Trainer:
             self._count_nonfinite()
         else:
             self.nonfinite_run = 0
-            if cfg.optim.clip_grad_norm or (self.step + 1) % cfg.log.every_n_steps == 0:
+            logged = (self.step + 1) % cfg.log.every_n_steps == 0 or self.step + 1 == self.plan.stop_step
+            if cfg.optim.clip_grad_norm or logged:  # the norm is a host sync: only where a row reports it
                 max_norm = cfg.optim.clip_grad_norm or float("inf")
                 grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), max_norm))
             self.optimizer.step()
