@@ -206,6 +206,7 @@ def test_coercion_accepts(section, key, raw, expected):
         (["--model.init=he"], "model.init", ["valid choices: timm, reference"]),
         (["--data.copy_augmentation=each"], "data.copy_augmentation", ["valid choices: shared, per_copy"]),
         (["--slurm.signal_delay_s=3600"], "slurm.signal_delay_s", ["60 * slurm.timeout_min=3600"]),
+        (["--log.tracker_timeout_s=-1"], "log.tracker_timeout_s", ["must be >= 0 (0 = do not wait), got -1"]),
         (["--slurm.signal_delay_s=120", "--slurm.timeout_min=2"], "slurm.signal_delay_s", ["timeout_min=120)"]),
     ],
 )

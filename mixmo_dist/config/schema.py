@@ -633,11 +633,17 @@ class LogConfig(_Section, section="log"):
     wandb_mode: Literal["online", "offline"] | None = None
     """W&B mode: online sends to the W&B server, offline writes <output_dir>/wandb/ only (upload later with
     `wandb sync`); null = the WANDB_MODE environment variable, else online."""
+    tracker_timeout_s: float = 60.0
+    """Seconds rank 0 waits at the end of a run (completed, preempted, stopped on an error) for the trackers to take
+    the rows still queued and close their runs. Training never waits for a tracker (each sends from its own thread);
+    one that has not finished by then is left with one warning naming it, its URI and the steps it lacks, which a
+    resume sends. 0 = do not wait."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Console progress: a bar on a terminal, plain log lines otherwise (auto), or forced."""
 
     def _validate(self) -> None:
         self._check("every_n_steps", self.every_n_steps >= 1, ">= 1")
+        self._check("tracker_timeout_s", self.tracker_timeout_s >= 0, ">= 0 (0 = do not wait)")
         self._check("trackers", len(set(self.trackers)) == len(self.trackers), "a list without repeats")
         self._check("project", self.project is None or bool(self.project.strip()), "null or a non-empty string")
 
