@@ -66,7 +66,11 @@ def _fit(cfg, accelerator) -> str:
     if cfg.model.sync_bn:
         require_cuda_for_sync_bn(accelerator.device)  # before the output directory is created
     trainer = Trainer(cfg, accelerator)
+    drain = True
     try:
         return trainer.fit()
+    except (KeyboardInterrupt, PeerLost):
+        drain = False  # a second Ctrl-C and a lost peer leave at once; a resume sends what the trackers lack
+        raise
     finally:
-        trainer.close()
+        trainer.close(drain_trackers=drain)

@@ -341,7 +341,9 @@ class Trainer:
             self.checkpoints.save(on_file=self.watchdog.beat)
         self.faults.checkpoint_step = self.step
         if self.acc.is_main_process:
-            self.trackers.flush(self.step)  # no resume replays a step up to here: its rows are final
+            # No resume replays a step up to here: its rows are final. Handed to the trackers' threads, not waited
+            # for: a tracking server that stops answering must not hold rank 0 while the others wait for it.
+            self.trackers.flush(self.step)
         self.watchdog.beat()
 
     # pragma: no mutate start
@@ -604,6 +606,10 @@ class Trainer:
             log.info("config: %s", change)
         log.info("plan: %s", json.dumps(asdict(self.plan)))
 
-    def close(self) -> None:
+    def close(self, *, drain_trackers: bool = True) -> None:
+        """End of the run on this rank, after its last collective: rank 0 gives the trackers up to
+        `log.tracker_timeout_s` to send their queued rows (none with `drain_trackers=False`), then the run directory's
+        lock is released (no tracker thread writes trackers.json after that)."""
+        self.trackers.close(self.cfg.log.tracker_timeout_s if drain_trackers else None)
         if self.lock is not None:
             self.lock.release()
