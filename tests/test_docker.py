@@ -99,7 +99,8 @@ def test_base_image_and_versions_are_pinned():
         '"nvidia-dali-cuda130==$DALI_VERSION"',
     ):
         assert pin in runs
-    assert '".[dali,tensorboard]"' in runs and "pip install -e" not in runs  # a regular install of this repository
+    # A regular install of this repository, with the trackers' packages (log.trackers: mlflow, wandb).
+    assert '".[dali,tensorboard,trackers]"' in runs and "pip install -e" not in runs
 
 
 def test_runs_as_non_root_with_accelerate_entrypoint():
