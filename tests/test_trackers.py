@@ -446,6 +446,19 @@ def test_a_server_that_never_answers_holds_no_call_and_a_resume_sends_its_rows_o
         "log.trackers": '["mlflow"]',
     }
 
+    # A run that ends before its first save: the line says that the run was never opened (no rows were due).
+    caplog.clear()
+    short = tmp_path / "short"
+    short.mkdir()
+    cfg = LogConfig(trackers=("mlflow",), mlflow_tracking_uri=silent, project="silent")
+    feed = TrackerFeed(cfg, "t", short, build_accelerator("no", output_dir=str(short), trackers=cfg.all_trackers))
+    feed.start(0, [], config, fresh=True)
+    feed.close(0.2)
+    assert _tracker_lines(caplog.records) == [
+        f"log.trackers: mlflow ({silent}) did not open its run by the end of the run (no answer within "
+        "log.tracker_timeout_s=0.2 s)"
+    ]
+
 
 @pytest.mark.timeout(240)
 def test_a_send_that_raises_is_one_warning_and_its_rows_are_sent_after_the_next_save(tmp_path, caplog):

@@ -308,7 +308,10 @@ class _Sender:
     def report(self, timeout_s: float | None) -> str:
         """The end-of-run warning of a sender not done; the caller holds the feed's lock."""
         rows = [r for r in self.rows if r["step"] > self.entry["sent_through"]]
-        what = f"did not take the rows of {_steps(rows)}" if rows else "took every row but did not close its run"
+        if rows:
+            what = f"did not take the rows of {_steps(rows)}"
+        else:
+            what = "did not open its run" if self.tracker is None else "took every row but did not close its run"
         if self.thread.is_alive():
             why = f"no answer within log.tracker_timeout_s={timeout_s:g} s"
         else:
