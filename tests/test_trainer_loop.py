@@ -11,10 +11,13 @@ Shapes: 24 synthetic images, 8 rows per step of 2 repetitions = 4 unique images 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import signal
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -113,11 +116,20 @@ def test_phases_startup_clock_logs_and_rows_of_a_run(tmp_path, monkeypatch, capl
         return take(batches, n)
 
     trainer.guard.take = recording_take
+    after_first = trainer._after_first_step
+    first_steps = []
+    trainer._after_first_step = lambda: (first_steps.append(trainer.step), after_first())
+    beats_in_save = []
+    beat = trainer.watchdog.beat
+    in_save = lambda: trainer.faults.op == "checkpoint save"  # noqa: E731
+    trainer.watchdog.beat = lambda: (beats_in_save.append(1) if in_save() else None, beat())
     try:
         assert trainer.fit() == "completed"
     finally:
         trainer.close()
     assert trainer.watchdog.limit_s == 400  # after the first step: the run's own limit
+    assert first_steps == [1]  # once, after the first step
+    assert beats_in_save  # the watchdog hears from a save as its files are written, not only once it is over
 
     # What a report would name, in order: start-up, resume, each step's backward, validation, the save.
     assert phases[0] == "start-up (DDP broadcasts rank 0's weights)"
@@ -234,11 +246,98 @@ def test_a_finished_run_run_again_with_eval_at_end_validates_once_and_a_failed_r
     assert _rows(out) == rows
 
 
-def test_a_save_is_due_every_step_when_the_time_interval_is_tiny(tmp_path):
+def test_saves_by_time_come_when_the_interval_has_passed(tmp_path, monkeypatch):
+    """The trainer's clock made to advance 10 s per step (nothing else reads it): with every_n_minutes = 0.5, a save
+    is due at exactly 30 s, every 3rd step."""
+    clock = [1000.0]
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=time.sleep, time=time.time)
+    monkeypatch.setattr(trainer_module, "time", fake)
     out = tmp_path / "run"
-    args = ("--checkpoint.every_n_minutes=1e-9", "--checkpoint.keep_last=100", "--schedule.max_steps=4")
+    trainer = _trainer(out, "--checkpoint.every_n_minutes=0.5", "--checkpoint.keep_last=100")
+    take = trainer.guard.take
+
+    def ticking_take(batches, n):
+        clock[0] += 10.0
+        return take(batches, n)
+
+    trainer.guard.take = ticking_take
+    try:
+        assert trainer.fit() == "completed"
+    finally:
+        trainer.close()
+    assert _steps(out) == [3, 6, 9, 12]
+
+
+def test_a_run_stopped_by_max_steps_validates_at_its_end_with_the_epoch_rounded(tmp_path):
+    out = tmp_path / "run"
+    assert _fit(out, "--schedule.max_steps=5", "--eval.every_n_epochs=5") == "completed"
+    assert [(r["split"], r["step"], r["epoch"]) for r in _rows(out) if r["split"] == "val"] == [("val", 5, 0.8333)]
+
+
+def _strip_last_eval(checkpoint: Path) -> None:
+    """Make `checkpoint` look written by a version before `last_eval` (its COMPLETE marker's digest updated)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    del state["last_eval"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    marker = json.loads((checkpoint / "COMPLETE").read_text())
+    marker["state.json"] = hashlib.sha256((checkpoint / "state.json").read_bytes()).hexdigest()
+    (checkpoint / "COMPLETE").write_text(json.dumps(marker))
+
+
+def test_a_checkpoint_of_an_older_version_without_last_eval_resumes_as_never_validated(tmp_path):
+    args = ("--eval.every_n_epochs=1", "--checkpoint.every_n_steps=1", "--checkpoint.keep_last=100")
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert _fit(full, *args) == "completed"
+    assert _fit(split, *args, "--schedule.max_steps=3", "--eval.at_end=false") == "completed"
+    _strip_last_eval(split / "checkpoints" / "step_00000003")
+    assert _fit(split, *args) == "completed"
+    for step in range(4, STEPS + 1):
+        a, b = _state(full, step), _state(split, step)
+        assert {k: a[k] for k in COUNTERS} == {k: b[k] for k in COUNTERS}, step
+    assert _state(split, 4)["last_eval"] == -1 and _state(split, 6)["last_eval"] == 6
+
+
+def test_a_row_write_failing_before_a_save_commits_no_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(out, "--log.every_n_steps=1", "--checkpoint.every_n_steps=3")
+    append = trainer.metrics.append
+
+    def full_disk_at_3(rec):
+        if rec["step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "metrics.jsonl"))
+        append(rec)
+
+    trainer.metrics.append = full_disk_at_3
+    try:
+        with pytest.raises(Exception, match="cannot append to") as failed:
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert "the last complete checkpoint (none yet) is intact" in str(failed.value)
+    assert _steps(out) == []  # step 3's save would record a step whose row is lost
+
+
+def test_tensorboard_gets_each_row_once_across_a_resume_in_the_runs_own_directory(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    caplog.set_level(logging.INFO, logger="mixmo_dist")
+    out = tmp_path / "run"
+    args = ("--log.trackers=[tensorboard]", "--log.every_n_steps=1", "--checkpoint.every_n_steps=2")
+    assert _fit(out, *args, "--schedule.max_steps=5") == "completed"
     assert _fit(out, *args) == "completed"
-    assert _steps(out) == [1, 2, 3, 4]
+    assert not [r for r in caplog.records if "new tracker runs" in r.getMessage()]  # the resume continued the run
+    run_name = load_config([*BASE, f"--run.output_dir={out}"]).run.name
+    events = sorted(out.glob("**/events.out.tfevents*"))
+    assert events and all(run_name in e.relative_to(out).parts[:-1] for e in events), events
+    steps = []
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags = [t for t in acc.Tags()["scalars"] if t.endswith("loss") and "member" not in t and "val" not in t]
+        steps += [e.step for t in tags for e in acc.Scalars(t)]
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    sent = json.loads((out / "trackers.json").read_text())["tensorboard"]["sent_through"]
+    assert sent == STEPS
 
 
 def test_every_checkpoint_after_a_resume_carries_the_uninterrupted_runs_counters(tmp_path, monkeypatch):

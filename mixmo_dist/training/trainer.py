@@ -50,6 +50,10 @@ from mixmo_dist.training.trackers import TrackerError, TrackerFeed
 log = logging.getLogger("mixmo_dist")
 
 
+# Mutation testing (issue 22) covers the step, not start-up, SLURM or fault handling: those are checked by the
+# subprocess runs of test_faults.py, test_slurm*.py and test_checkpoint*.py, which mutmut cannot select. The two
+# fault hooks below are the tests' own (NaN losses and stalls on chosen ranks at chosen steps).
+# pragma: no mutate start
 def _fault_nan_steps(rank: int) -> set[int]:
     """Test hook: MIXMO_FAULT_NAN="RANK:STEP[,STEP...]" makes that rank's loss NaN at those steps."""
     spec = os.environ.get("MIXMO_FAULT_NAN", "")
@@ -59,9 +63,6 @@ def _fault_nan_steps(rank: int) -> set[int]:
     return {int(s) for s in steps.split(",") if s} if int(who) == rank else set()
 
 
-# Mutation testing (issue 22) covers the step, not start-up, SLURM or fault handling: those are checked by the
-# subprocess runs of test_faults.py, test_slurm*.py and test_checkpoint*.py, which mutmut cannot select.
-# pragma: no mutate start
 def _fault_stall(rank: int) -> tuple[int, float] | None:
     """Test hook: MIXMO_FAULT_STALL="RANK:STEP:SECONDS" (RANK * = every rank) makes that rank's data wait SECONDS
     before step STEP, once per process, as a stalled file system read would."""
@@ -107,7 +108,8 @@ class Trainer:
         # The data first: a run whose data is missing must leave nothing behind (no output directory, no lock).
         self.data = build_data_on_every_rank(cfg.data, self.place, self.comm)
         STARTUP.mark("dataset index")
-        self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)
+        # A failed loader's placeholder batches: test_data_errors.py (2 ranks, subprocesses).
+        self.guard = DataGuard(self.comm, self.device, self._placeholder_batch)  # pragma: no mutate
         self.lock = lock_run_dir(self.out, self.comm, main=accelerator.is_main_process)
         self.faults = self.comm.faults
         self.faults.stacks_dir = self.out / "stacks"
@@ -116,14 +118,14 @@ class Trainer:
             # its flight recorder dumps into stacks/, and faulthandler adds the rank's Python stacks beside it.
             self.faults.enable_crash_stacks()
         self.plan = build_plan(cfg, self.world, len(self.data.train))
-        warn_if_batch_exceeds_data(cfg, self.plan, self.data.num_train)
+        warn_if_batch_exceeds_data(cfg, self.plan, self.data.num_train)  # pragma: no mutate (test_plan.py)
         self.best = BestValidation(self.data.val_split)
         self.num_classes = self._num_classes()
         with self.faults.during("start-up (DDP broadcasts rank 0's weights)"):
             self.model, self.optimizer = accelerator.prepare(*self._build_model_and_optimizer())
         self.raw = accelerator.unwrap_model(self.model)
         STARTUP.mark("model build")
-        if cfg.model.compile:
+        if cfg.model.compile:  # pragma: no mutate block (Inductor: test_precision.py, a subprocess)
             self.raw.forward_train = torch.compile(self.raw.forward_train)
         self.schedule = build_schedule(cfg.schedule, self.plan.lr, self.plan.steps_per_epoch, self.plan.total_steps)
         self.ema = EMA(self.raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
