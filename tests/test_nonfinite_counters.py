@@ -69,6 +69,7 @@ def test_nonfinite_counters_over_a_long_pattern_match_a_reference_count(tmp_path
             res = trainer.train_step(micro)
             assert (trainer.nonfinite_total, trainer.nonfinite_run) == (total, run), f"step {step}"
             assert res.skipped is is_bad, f"step {step}"
+            assert res.save_due is False and res.stop == 0.0  # no save asked for, no signal
             after = next(trainer.raw.parameters()).detach()
             assert torch.equal(before, after) is is_bad, f"step {step}: weights {'changed' if is_bad else 'kept'}"
         else:

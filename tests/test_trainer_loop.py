@@ -253,7 +253,8 @@ def test_saves_by_time_come_when_the_interval_has_passed(tmp_path, monkeypatch):
     fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=time.sleep, time=time.time)
     monkeypatch.setattr(trainer_module, "time", fake)
     out = tmp_path / "run"
-    trainer = _trainer(out, "--checkpoint.every_n_minutes=0.5", "--checkpoint.keep_last=100")
+    trainer = _trainer(out, "--checkpoint.every_n_minutes=0.5", "--checkpoint.keep_last=100", "--fault.watchdog_s=0")
+    assert trainer.watchdog.limit_s == 0  # no watchdog, not even for the start-up
     take = trainer.guard.take
 
     def ticking_take(batches, n):

@@ -135,12 +135,15 @@ class Trainer:
         self.step = self.nonfinite_total = self.nonfinite_run = 0
         self.last_eval = -1  # the step of the last validation row; restored, so a finished run is not evaluated twice
         self.fault_nan = _fault_nan_steps(self.rank)
-        self.fault_stall = _fault_stall(self.rank)
+        self.fault_stall = _fault_stall(self.rank)  # pragma: no mutate (a test hook)
         self.write_error: str | None = None  # rank 0's failed metrics write, until every rank agrees to stop
         fault = cfg.fault
         # Until the first step, the watchdog allows what start-up may take (resume, compile, a cold first batch).
         startup_limit = max(fault.watchdog_s, fault.startup_timeout_s) if fault.watchdog_s else 0.0
+        # What a hang does (a requeue, a fault record): test_faults.py's stalled ranks, in subprocesses.
+        # pragma: no mutate start
         self.watchdog = Watchdog(self.faults, startup_limit, on_fire=partial(self._requeue_after_fault, "hang"))
+        # pragma: no mutate end
         self.checkpoints = self._build_checkpoints()
 
     # Building the stages (start-up; checked by every training run, in process and in subprocesses).
