@@ -57,9 +57,8 @@ def test_two_micro_batches_give_the_mean_gradient_of_two_single_passes(tmp_path)
             assert torch.equal(a, b)  # same seed, same weights
         two = _capture_grads(accumulated)
         one = _capture_grads(singles)
-        accumulated.train_step(micro)
-        singles.train_step(micro[:1])
-        singles.train_step(micro[1:])
+        res = accumulated.train_step(micro)
+        first, second = singles.train_step(micro[:1]), singles.train_step(micro[1:])
     finally:
         accumulated.close()
         singles.close()
@@ -68,6 +67,11 @@ def test_two_micro_batches_give_the_mean_gradient_of_two_single_passes(tmp_path)
     for name, grad in two[0].items():
         mean = (one[0][name] + one[1][name]) / 2
         torch.testing.assert_close(grad, mean, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # The step's reported figures are the means over its micro-batches too (loss, each member's, kappa, cut share).
+    for field in ("loss", "member_losses", "kappa_mean", "cut"):
+        mean = (getattr(first, field) + getattr(second, field)) / 2
+        torch.testing.assert_close(getattr(res, field), mean, rtol=1e-5, atol=1e-7, msg=lambda m, f=field: f"{f}: {m}")
+    assert not torch.allclose(first.loss, second.loss)  # two different halves: a sum of one alone would differ
     # The check can fail: the two micro-batches pull the weights differently.
     assert any(not torch.allclose(one[0][n], one[1][n], rtol=1e-2, atol=1e-4) for n in one[0])
 

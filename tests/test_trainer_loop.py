@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 import types
@@ -339,6 +340,11 @@ def test_tensorboard_gets_each_row_once_across_a_resume_in_the_runs_own_director
     assert sorted(steps) == list(range(1, STEPS + 1))
     sent = json.loads((out / "trackers.json").read_text())["tensorboard"]["sent_through"]
     assert sent == STEPS
+    # Its checkpoints gone, the run starts again from step 0: new tracker runs, said once.
+    shutil.rmtree(out / "checkpoints")
+    caplog.clear()
+    assert _fit(out, *args, "--schedule.max_steps=1") == "completed"
+    assert [r for r in caplog.records if "starting from step 0: new tracker runs" in r.getMessage()]
 
 
 def test_every_checkpoint_after_a_resume_carries_the_uninterrupted_runs_counters(tmp_path, monkeypatch):
