@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -369,3 +370,25 @@ def test_every_checkpoint_after_a_resume_carries_the_uninterrupted_runs_counters
     assert _state(full, 8)["last_eval"] == 6 and _state(full, 8)["best_step"] == 6
     counts = [(_state(full, s)["nonfinite_total"], _state(full, s)["nonfinite_run"]) for s in (7, 8, 9)]
     assert counts == [(1, 1), (2, 2), (2, 0)]
+
+
+def test_a_batch_without_the_planned_views_per_image_is_refused(tmp_path):
+    """With a view per copy (2 repetitions x 2 members = 4 views per image) a loader batch of one view per image is
+    a loader bug, not something to train on: the step refuses it rather than reading the views from the shapes."""
+    trainer = _trainer(tmp_path / "run", "--data.copy_augmentation=per_copy")
+    try:
+        assert trainer.plan.views_per_image == 4
+        images, labels = torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.int64)
+        with pytest.raises(ValueError, match="the loader gave 4 images for 4 labels, not 4 views each"):
+            trainer.train_step([(images, labels)], save_due=False)
+    finally:
+        trainer.close()
+
+
+def test_input_cutmix_runs_in_the_loop_and_changes_the_loss(tmp_path):
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    short = ("--schedule.max_steps=2", "--log.every_n_steps=1")
+    assert _fit(plain, *short) == "completed"
+    assert _fit(mixed, *short, "--mixmo.input_cutmix_prob=1.0") == "completed"
+    loss = {d.name: [r["loss"] for r in _rows(d) if r["split"] == "train"] for d in (plain, mixed)}
+    assert loss["plain"][0] != loss["mixed"][0] and all(map(math.isfinite, loss["mixed"])), loss
