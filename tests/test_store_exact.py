@@ -306,3 +306,140 @@ def test_resolve_checkpoint_by_step_or_run_directory(tmp_path):
             f"checkpoint {path} is neither a step directory (checkpoints/step_<8 digits>) nor a run output directory "
             "(one holding checkpoints/)"
         )
+
+
+# --- from the pass of 2026-12-06 (session 4): the survivors a test can tell apart ------------------------------
+
+
+def test_a_stamp_taken_once_gets_the_first_counter(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    stamp = "20261206T000000.000000Z"
+    monkeypatch.setattr("mixmo_dist.checkpoint.store._utc_stamp", lambda: stamp)
+    (store.root).mkdir(parents=True, exist_ok=True)
+    (store.root / f"step_00000003.corrupt-{stamp}").mkdir()
+    path = _save(store, 3)
+    with pytest.warns(CheckpointWarning):
+        assert store.move_aside(path, "r").name == f"step_00000003.corrupt-{stamp}-1"
+
+
+def test_the_move_aside_stamp_is_utc_whatever_the_local_zone(tmp_path, monkeypatch):
+    import time as time_module
+    from datetime import datetime, timezone
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # UTC+9, no summer time
+    time_module.tzset()
+    try:
+        from mixmo_dist.checkpoint.store import _utc_stamp
+
+        before = datetime.now(timezone.utc).replace(tzinfo=None)
+        taken = datetime.strptime(_utc_stamp(), "%Y%m%dT%H%M%S.%fZ")
+        after = datetime.now(timezone.utc).replace(tzinfo=None)
+        assert before <= taken <= after
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
+
+
+def test_a_refused_restart_names_four_corrupt_checkpoints_as_three_and_one_more_and_three_exactly(tmp_path):
+    for count, more in ((4, " and 1 more"), (3, "")):
+        store = _store(tmp_path / str(count), keep=10)
+        for step in range(1, count + 1):
+            (_save(store, step) / "model.safetensors").write_bytes(b"broken")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            message = _error(store.resolve, "auto", kind=CheckpointError)
+        names = sorted(p.name for p in store.root.iterdir() if ".corrupt-" in p.name)
+        assert message == (
+            f"checkpoint.resume=auto: no checkpoint under {store.root} passes its sha256 check; the corrupt ones are "
+            f"kept there, moved aside ({', '.join(names[-3:])}{more}), and the run was not restarted from step 0. "
+            "Put back an intact copy of a checkpoint, or start again from step 0 with --checkpoint.resume=never"
+        )
+
+
+def test_warnings_point_at_the_caller_of_the_store(tmp_path):
+    """Each CheckpointWarning is attributed to the code that called the store (its `stacklevel`), not to store.py."""
+    store = _store(tmp_path, keep=10)
+    older, newer = _save(store, 1), _save(store, 2)
+    (newer / "model.safetensors").write_bytes(b"broken")
+    (store.root / "latest").write_text("step_00000009")  # names a checkpoint that does not exist
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert store.find_latest(repair=False) == older  # the hint's warning, then the broken one passed over
+        (store.root / "latest").write_bytes(b"\xff")
+        assert store.find_latest(repair=False) == older  # an unreadable hint
+        (store.root / "latest").write_text("x" * 100)
+        assert store.find_latest(repair=False) == older  # a hint that names no checkpoint
+        store.move_aside(newer, "by hand")
+    assert len(seen) >= 6, [str(w.message) for w in seen]
+    assert [w.filename for w in seen] == [__file__] * len(seen), [(w.filename, str(w.message)) for w in seen]
+
+
+def test_resolving_a_run_directory_moves_nothing_aside(tmp_path):
+    run = tmp_path / "run"
+    store = CheckpointStore(run / "checkpoints", keep_last=3)
+    older, newer = _save(store, 1), _save(store, 2)
+    (newer / "model.safetensors").write_bytes(b"broken")
+    with pytest.warns(CheckpointWarning, match="skipped, trying the previous one"):
+        assert resolve_checkpoint(run) == older
+    assert newer.is_dir() and not [p for p in store.root.iterdir() if ".corrupt-" in p.name]
+    assert not (store.root / "latest").exists() or (store.root / "latest").read_text().strip() == newer.name
+
+
+def test_files_this_process_may_not_read_are_named_not_treated_as_damage(tmp_path, monkeypatch):
+    """As root every file is readable, so the file system's PermissionError is raised where the store reads."""
+    store = _store(tmp_path)
+    path = _save(store, 1)
+    denied = PermissionError(13, "Permission denied")
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "COMPLETE":
+            raise denied
+        return real_read_bytes(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_bytes", read_bytes)
+        assert _error(store.verify, path, kind=CheckpointError) == (
+            f"checkpoint {path}: no permission to read COMPLETE (Permission denied); it was left where it is. "
+            "Run as the user who wrote it, or have its files made readable (e.g. chmod -R g+rX)"
+        )
+    import mixmo_dist.checkpoint.store as store_module
+
+    real_sha = store_module.sha256_file
+
+    def sha256_file(file):
+        if Path(file).name == "state.json":
+            raise denied
+        return real_sha(file)
+
+    monkeypatch.setattr(store_module, "sha256_file", sha256_file)
+    assert _error(store.verify, path, kind=CheckpointError) == (
+        f"checkpoint {path}: no permission to read state.json (Permission denied); it was left where it is. "
+        "Run as the user who wrote it, or have its files made readable (e.g. chmod -R g+rX)"
+    )
+    assert path.is_dir()
+
+
+def test_a_checkpoint_that_cannot_be_moved_aside_is_named_and_left(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    path = _save(store, 1)
+
+    def refuse(src, dst):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    assert _error(store.move_aside, path, "a reason", kind=CheckpointError) == (
+        f"checkpoint {path} is unusable: a reason; it cannot be moved aside (Read-only file system): move or remove "
+        "it by hand"
+    )
+    assert path.is_dir()
+
+
+def test_one_element_tensors_sharing_a_storage_are_both_stored(tmp_path):
+    store = _store(tmp_path)
+    shared = torch.tensor([3.5])
+    tmp = store.begin(1)
+    store.write_tensors(tmp, "model.safetensors", {"a": shared, "b": shared, "c": shared.view(1)})
+    path = store.commit(tmp, 1)
+    back = store.read_tensors(path, "model.safetensors")
+    assert {k: v.tolist() for k, v in back.items()} == {"a": [3.5], "b": [3.5], "c": [3.5]}
