@@ -443,3 +443,51 @@ def test_one_element_tensors_sharing_a_storage_are_both_stored(tmp_path):
     path = store.commit(tmp, 1)
     back = store.read_tensors(path, "model.safetensors")
     assert {k: v.tolist() for k, v in back.items()} == {"a": [3.5], "b": [3.5], "c": [3.5]}
+
+
+def test_a_commit_lists_every_file_in_its_marker_whether_its_digest_was_given_or_computed(tmp_path):
+    store = _store(tmp_path)
+    tmp = store.begin(1)
+    _, given = store.write_json_digest(tmp, "a.json", {"x": 1})
+    store.write_json(tmp, "b.json", {"y": 2})
+    store.write_json(tmp, "c.json", {"z": 3})
+    path = store.commit(tmp, 1, digests={"a.json": given})
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker == {"step": 1, **{n: sha256_file(path / n) for n in ("a.json", "b.json", "c.json")}}
+
+
+def test_replaced_and_superseded_checkpoints_are_moved_aside_with_their_reasons(tmp_path):
+    store = _store(tmp_path, keep=10)
+    _save(store, 1), _save(store, 2), _save(store, 3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _save(store, 2)  # a resume from step 1 that reached step 2 again: 2 is replaced, 3 superseded
+    moved = sorted(p.name for p in store.root.iterdir() if "-" in p.name)
+    assert [m.split("-")[0] for m in moved] == ["step_00000002.replaced", "step_00000003.superseded"]
+    assert [str(w.message) for w in seen] == [
+        f"checkpoint {store.root / 'step_00000002'} moved aside to {moved[0]}: a new checkpoint of step 2 replaces it",
+        f"checkpoint {store.root / 'step_00000003'} moved aside to {moved[1]}: step 3 is later than the new "
+        "checkpoint step_00000002",
+    ]
+
+
+def test_a_prune_that_fails_is_a_warning_at_the_callers_line_and_the_save_stands(tmp_path, monkeypatch):
+    import shutil
+
+    store = _store(tmp_path, keep=1)
+    _save(store, 1)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tmp = store.begin(2)
+        store.write_json(tmp, "state.json", {"step": 2})
+        newest = store.commit(tmp, 2)
+    assert [str(w.message) for w in seen] == [
+        f"could not prune old checkpoint {store.root / 'step_00000001'}: [Errno 16] Device or resource busy"
+    ]
+    assert [w.category for w in seen] == [CheckpointWarning] and seen[0].filename == __file__
+    assert store.find_latest() == newest
