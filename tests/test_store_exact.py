@@ -276,9 +276,12 @@ def test_cleanup_removes_every_leftover_and_keeps_the_rest(tmp_path):
     part.write_text("step_")
     other = store.root / "notes.txt"
     other.write_text("kept")
+    stray = store.root / ".a_stray"  # sorts before every leftover: the scan goes on past what it keeps
+    stray.write_text("kept")
     removed = store.cleanup_tmp()
     assert sorted(removed) == sorted([*dead, trash, part])
-    assert sorted(p.name for p in store.root.iterdir()) == sorted(["latest", keep.name, mine.name, "notes.txt"])
+    kept = ["latest", keep.name, mine.name, "notes.txt", ".a_stray"]
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(kept)
 
 
 def test_resolve_checkpoint_by_step_or_run_directory(tmp_path):
