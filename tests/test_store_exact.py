@@ -494,3 +494,15 @@ def test_a_prune_that_fails_is_a_warning_at_the_callers_line_and_the_save_stands
     ]
     assert [w.category for w in seen] == [CheckpointWarning] and seen[0].filename == __file__
     assert store.find_latest() == newest
+
+
+def test_a_store_of_the_wrong_types_and_a_foreign_temporary_directory_are_refused_by_name(tmp_path):
+    assert _error(CheckpointStore, 3, 1, kind=TypeError) == "checkpoint root must be a str or Path, got int"
+    message = _error(CheckpointStore, tmp_path, "2", kind=TypeError)
+    assert message == "checkpoint keep_last must be an int, got str ('2')"
+    store, other = _store(tmp_path / "a"), _store(tmp_path / "b")
+    foreign = other.begin(1)  # a real temporary directory, of another store
+    assert _error(store.write_json, foreign, "state.json", {}, kind=CheckpointError) == (
+        f"{foreign} is not a temporary checkpoint directory made by begin() under {store.root}; files go into the "
+        "directory that begin()/tmp_dir() returned, never into a committed checkpoint"
+    )
