@@ -178,6 +178,7 @@ def run(quick: bool = False) -> dict:
     place = cpu_placement(unique, _VIEWS)
     once = train_set(train, torch_cfg, place)  # as the loader builds it: normalised in the workers on this CPU
     per_view = _DecodePerView(train, torch_cfg, 0, _VIEWS, normalise=once.normalise, channels_last=True)
+    per_view.use_pool(unique, len(once.pool.buffers))  # the same reused batch buffers as the loader's own
     designs = {
         "once": _Consumed(TorchTrainLoader(once, torch_cfg, place)),
         "per_view": _Consumed(TorchTrainLoader(per_view, torch_cfg, place)),
