@@ -134,7 +134,10 @@ def random_resized_views_into(
     image_13HW = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     for v in range(views):
         top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
+        # The box as its own channels_last tensor: torch's kernel resizes a contiguous input ~20% faster than a
+        # window of the whole image (0.30 -> 0.235 ms per 224 px view here, with the copy; the same bits).
         crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
+        crop_13hw = crop_13hw.contiguous(memory_format=torch.channels_last)
         view_13SS = F.interpolate(crop_13hw, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         if hflip and bool(torch.rand((), generator=gen) < 0.5):
             view_13SS = view_13SS.flip(3)
