@@ -2,8 +2,9 @@
 
 A DataLoader worker normally writes each batch into new shared memory, which the training process maps and frees
 once it has let go of the batch. On the 2-core VM of docs/BENCHMARKS.md every new 4 KiB page costs ~1.3 us (the
-kernel allocates and zeroes it, then frees it), about 0.2 ms per 224 px float32 view: a quarter of a view's cost in
-a worker, paid once per view, so 8 views per image pay it 8 times. A pool of buffers, made once in the training
+kernel allocates and zeroes it, then frees it): 0.27 ms per 224 px float32 view in the worker and 0.08 ms in the
+training process, against 0.38 ms for everything else a view costs, paid once per view, so 8 views per image pay
+it 8 times. A pool of buffers, made once in the training
 process and mapped by every worker once (the dataset that holds it is pickled into persistent workers once), is
 written again and again without a page fault.
 

@@ -281,8 +281,8 @@ def train_set(source: Source, cfg: DataConfig, place: Placement) -> TrainSet:
 
     There the device is the training process itself: normalising a batch of V views per image there cost it ~0.9 ms
     per view on one thread (docs/BENCHMARKS.md, "Views per copy"), against ~0.2 ms per view in a worker while the
-    view is in cache. New shared memory for every batch cost ~0.2 ms per view more in page faults, which the pool
-    saves (`batch_pool`). On a GPU the uint8 batch travels (4x fewer bytes), is pinned by the DataLoader and is
+    view is in cache. New shared memory for every batch cost ~0.3 ms per view more in page faults and frees, which
+    the pool saves (`batch_pool`). On a GPU the uint8 batch travels (4x fewer bytes), is pinned by the DataLoader and is
     normalised on the device; its batches keep new buffers (a pool slot is not pinned memory).
     """
     cpu = place.device.type == "cpu"
