@@ -90,9 +90,10 @@ def _file_color(path: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(load_rgb(path), dtype=np.float32).reshape(-1, 3).mean(0))
 
 
+@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_train_batches_shape_dtype_values_and_labels(solid_root, channels_last):
-    data = _build(solid_root, batch=4, channels_last=channels_last)
+def test_train_batches_shape_dtype_values_and_labels(solid_root, channels_last, views):
+    data = _build(solid_root, batch=4, channels_last=channels_last, views=views)
     assert data.backend == "dali-cpu" and data.num_train == 11 and data.num_val == 7
     assert data.classes == ["n00000000", "n00000001", "n00000002"]
     assert len(data.train) == math.ceil(11 / 4) == 3
@@ -100,14 +101,15 @@ def test_train_batches_shape_dtype_values_and_labels(solid_root, channels_last):
     batches = list(data.train.iter_with_indices())
     assert len(batches) == 3
     for images, labels_B, index_B in batches:
-        assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.float32
+        assert images.shape == (4 * views, 3, SIZE, SIZE) and images.dtype == torch.float32
         assert labels_B.dtype == torch.int64 and labels_B.shape == (4,)
         assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         pixels = _to_pixels(images, data)
         assert pixels.min() > -1.5 and pixels.max() < 256.5
-        for row, idx in enumerate(index_B.tolist()):
+        for row in range(4 * views):
             # The label is the class folder of the file the row came from, and the pixels are that file's colour.
-            assert labels_B[row].item() == data.classes.index(Path(paths[idx]).parent.name)
+            idx = index_B[row // views].item()
+            assert labels_B[row // views].item() == data.classes.index(Path(paths[idx]).parent.name)
             torch.testing.assert_close(pixels[row].mean((1, 2)), _file_color(paths[idx]), atol=2.0, rtol=0)
             assert pixels[row].std((1, 2)).max() < 2.0  # a solid image stays solid through crop and resize
 
@@ -281,8 +283,10 @@ def test_pad_random_pads_four_black_pixels_at_most(solid_root, views):
     assert len(widths) >= 5  # the offsets really vary (9 x 9 possibilities)
 
 
+@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
 @pytest.mark.parametrize("hflip", [False, True])
-def test_horizontal_flip(tmp_path, hflip):
+def test_horizontal_flip(tmp_path, hflip, views):
+    """Flips are drawn per view: with one view per copy an image's views are flipped on their own coins."""
     for split in ("train", "val"):
         folder = tmp_path / split / "a"
         folder.mkdir(parents=True)
@@ -292,17 +296,19 @@ def test_horizontal_flip(tmp_path, hflip):
             pixels_HW3[:, 20:] = (30, 30, 220)
             Image.fromarray(pixels_HW3).save(folder / f"{k}.JPEG", quality=95)
     # min_crop_scale=1: the whole image, so both halves are always inside the crop.
-    data = _build(tmp_path, batch=4, min_crop_scale=1.0, hflip=hflip)
+    data = _build(tmp_path, batch=4, min_crop_scale=1.0, hflip=hflip, views=views)
     flipped = []
     for _ in range(4):
         for images, _ in data.train:
             pixels = _to_pixels(images, data)
             red_left = pixels[:, 0, :, : SIZE // 4].mean((1, 2)) > pixels[:, 2, :, : SIZE // 4].mean((1, 2))
-            flipped += (~red_left).tolist()
+            flipped += (~red_left).view(-1, views).tolist()  # [image][view]
     if hflip:
-        assert 0 < sum(flipped) < len(flipped)
+        assert 0 < sum(map(sum, flipped)) < views * len(flipped)
+        if views > 1:  # 32 images: all 8 views alike in every one has probability 2^-224
+            assert any(0 < sum(image) < views for image in flipped)
     else:
-        assert not any(flipped)
+        assert not any(map(any, flipped))
     for images, _ in data.val:  # validation never flips
         pixels = _to_pixels(images, data)
         assert bool((pixels[:, 0, :, :4].mean((1, 2)) > pixels[:, 2, :, :4].mean((1, 2))).all())

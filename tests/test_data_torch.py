@@ -28,6 +28,7 @@ from mixmo_dist.data import (
     scan_split,
     timm_mean_std,
 )
+from mixmo_dist.data.batch_pool import BatchPool, PooledImages
 from mixmo_dist.data.plan import EpochPlan
 from mixmo_dist.data.torch_loader import TrainSet
 from mixmo_dist.data.transforms import Normalisation, pad_random_views, random_resized_crop_box
@@ -381,6 +382,55 @@ def test_random_resized_views_normalised_in_the_workers_equal_the_formula_and_th
         formula = (views_u8.double() / 255.0 - mean) / std
         torch.testing.assert_close(images.double(), formula, rtol=0, atol=1e-5)
         assert torch.equal(images, device_path(views_u8, raw_labels)[0])
+
+
+def test_a_pool_slot_is_handed_out_again_only_when_its_batch_is_dropped():
+    """`BatchPool` bookkeeping in the training process: a slot goes to one batch at a time, stays taken while the
+    batch is in flight and while any tensor delivered from it lives (views included), and is free again after; a
+    batch finding no free slot gets none (a new buffer); a new pass frees slots whose batches were never delivered."""
+    pool = BatchPool(2, (2, 3, 1, 1), (3, 1, 1, 1), torch.float32)
+    first = iter(pool.keyed([["a"], ["b"], ["c"]]))
+    a, b, c = next(first), next(first), next(first)
+    assert (a, a.slot, b.slot, c.slot) == (["a"], 0, 1, None)
+    pool.buffers[0].fill_(7.0)
+    held = pool.received(PooledImages(0))
+    assert torch.equal(held, torch.full((2, 3, 1, 1), 7.0)) and held.data_ptr() == pool.buffers[0].data_ptr()
+    view = held[1:]
+    del held
+    again = iter(pool.keyed([["d"], ["e"]]))  # slot 1 was sent but never delivered; slot 0's batch lives on
+    assert next(again).slot == 1 and next(again).slot is None
+    del view
+    assert next(iter(pool.keyed([["f"]]))).slot == 0
+    images = torch.zeros(1)
+    assert pool.received(images) is images  # a batch written elsewhere passes through
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_reused_batch_buffers_never_overwrite_a_batch_still_held(noise_root, num_workers):
+    """On a CPU device random_resized batches are written into a pool of reused shared-memory buffers: a consumer
+    that drops each batch gets every batch in a pool slot; one that keeps every batch (more than the pool has
+    slots) and abandons a pass midway still holds each batch exactly as the dataset makes it without a pool."""
+    cfg = _cfg(noise_root, hflip=True, min_crop_scale=0.1, num_workers=num_workers)
+    loader = _build(cfg, unique=4, views=COPIES).train
+    pooled = loader._decoder.dataset
+    assert len(pooled.pool.buffers) == 2 * num_workers + 2
+    plain = TrainSet(pooled.source, cfg, 0, COPIES, normalise=pooled.normalise)
+    slots = {buffer.data_ptr() for buffer in pooled.pool.buffers}
+    for keys, (images, labels) in zip(loader.epoch_keys(0), loader):
+        assert images.data_ptr() in slots
+        expected_images, expected_labels = plain.__getitems__(keys)
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    held = []
+    for epoch in (1, 2, 3, 4):
+        loader.set_epoch(epoch)
+        for step, (images, labels) in enumerate(loader):
+            held.append((loader.epoch_keys(epoch)[step], images, labels))
+            if epoch == 2:
+                break  # the workers had more of this pass in flight: drained when the next pass starts
+    assert len(held) == 10 > len(slots)
+    for keys, images, labels in held:
+        expected_images, expected_labels = plain.__getitems__(keys)
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
 
 
 # Held by a thread of the test process while workers start: a forked worker would inherit it held, forever.

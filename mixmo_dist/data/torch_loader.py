@@ -16,10 +16,9 @@ per 32 px image made the loader 1.7x slower than one (docs/BENCHMARKS.md, "Views
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -28,8 +27,9 @@ from torch.utils.data import Dataset, get_worker_info
 from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.seeds import derive_seed
 
+from .batch_pool import BatchPool, PooledImages
 from .folder import CorruptImageError
-from .index import PathTable, folder_tables
+from .index import PathTable, folder_tables  # noqa: F401 (PathTable: re-exported, a `Source`)
 from .placement import Placement
 from .plan import EpochPlan
 from .transforms import (
@@ -40,7 +40,7 @@ from .transforms import (
     resized,
     val_transform,
 )
-from .workers import Decoder
+from .workers import PREFETCH_FACTOR, Decoder
 
 if TYPE_CHECKING:
     from . import Data
@@ -83,6 +83,7 @@ class TrainSet(Dataset):
     (`__getitems__`): random_resized views are then written straight into one batch buffer, in shared memory in a
     worker (nothing is copied to send it), in the placement's memory format, and normalised to float32 there when
     `normalise` is given: the views' pixels are touched once, in the workers, not again by the training process.
+    With a `pool` (`use_pool`) that buffer is one of a few reused ones (`batch_pool`), not new memory.
 
     Args:
         source: the samples.
@@ -111,6 +112,13 @@ class TrainSet(Dataset):
         self.min_crop_scale, self.hflip = cfg.min_crop_scale, cfg.hflip
         self.normalise = normalise
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.pool: BatchPool | None = None
+
+    def use_pool(self, unique: int, slots: int) -> None:
+        """Writes random_resized batches of `unique` samples into `slots` reused shared-memory buffers."""
+        shape = (unique * self.views, 3, self.image_size, self.image_size)
+        strides = torch.empty(shape, device="meta", memory_format=self.memory_format).stride()
+        self.pool = BatchPool(slots, shape, strides, self._dtype())
 
     def __len__(self) -> int:
         return len(self.source)
@@ -122,14 +130,20 @@ class TrainSet(Dataset):
         views_V3SS = self._empty(self.views, shared=False)
         return views_V3SS, self.views_into(views_V3SS, key)
 
-    def __getitems__(self, keys: list[tuple[int, int, int]]) -> list[tuple[Tensor, int]] | tuple[Tensor, Tensor]:
+    def __getitems__(
+        self, keys: list[tuple[int, int, int]]
+    ) -> list[tuple[Tensor, int]] | tuple[Tensor | PooledImages, Tensor]:
         """A batch: a list of samples for pad_random (the collate function stacks them); for random_resized the
-        finished (images [U*V,3,S,S], labels int64 [U]), the V views of sample u in rows u*V .. u*V+V-1."""
+        finished (images [U*V,3,S,S], labels int64 [U]), the V views of sample u in rows u*V .. u*V+V-1; the
+        images are a `PooledImages` when they were written into the slot of the pool that `keys` names."""
         if self.train_crop == "pad_random":
             return [self[key] for key in keys]
-        images_X3SS = self._empty(len(keys) * self.views, shared=get_worker_info() is not None)
-        labels = [self.views_into(images_X3SS[u * self.views : (u + 1) * self.views], key) for u, key in enumerate(keys)]
-        return images_X3SS, torch.tensor(labels, dtype=torch.int64)
+        rows = len(keys) * self.views
+        pooled = None if self.pool is None else self.pool.buffer(keys, rows)
+        images_X3SS = self._empty(rows, shared=get_worker_info() is not None) if pooled is None else pooled
+        views = self.views
+        labels = [self.views_into(images_X3SS[u * views : (u + 1) * views], key) for u, key in enumerate(keys)]
+        return images_X3SS if pooled is None else PooledImages(keys.slot), torch.tensor(labels, dtype=torch.int64)
 
     def views_into(self, out_V3SS: Tensor, key: tuple[int, int, int]) -> int:
         """Decodes the sample of `key` and writes its V random_resized views into `out_V3SS`; returns its label."""
@@ -146,7 +160,7 @@ class TrainSet(Dataset):
     def _empty(self, rows: int, *, shared: bool) -> Tensor:
         """An uninitialised [rows,3,S,S] buffer (float32 when normalising, else uint8) in the batches' memory format;
         in shared memory when `shared` (a worker's batch then reaches the training process without a copy)."""
-        dtype = torch.uint8 if self.normalise is None else torch.float32
+        dtype = self._dtype()
         shape = (rows, 3, self.image_size, self.image_size)
         strides = torch.empty(shape, device="meta", memory_format=self.memory_format).stride()
         if not shared:
@@ -154,6 +168,9 @@ class TrainSet(Dataset):
         # What torch's default collate does in a worker: a new shared-memory storage, sent by file descriptor.
         nbytes = math.prod(shape) * dtype.itemsize
         return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape, strides)
+
+    def _dtype(self) -> torch.dtype:
+        return torch.uint8 if self.normalise is None else torch.float32
 
 
 class ValSet(Dataset):
@@ -190,8 +207,9 @@ class TorchTrainLoader(EpochPlan):
             world_size=place.world_size,
             seed=place.seed,
         )
-        # Train workers persist across epochs: no start-up per epoch, the dataset pickled once.
-        self._decoder = Decoder(dataset, cfg, place, persistent=True, what="train")
+        # Train workers persist across epochs: no start-up per epoch, the dataset pickled once (with its pool).
+        pool = getattr(dataset, "pool", None)
+        self._decoder = Decoder(dataset, cfg, place, persistent=True, what="train", pool=pool)
         self._pad_random = cfg.train_crop == "pad_random"
         self._views, self._hflip, self._channels_last = place.views_per_image, cfg.hflip, place.channels_last
         # The padding is a zero pixel, normalised exactly as the normaliser computes it (0 * scale - mean / std).
@@ -258,16 +276,25 @@ class TorchValLoader:
 
 
 def train_set(source: Source, cfg: DataConfig, place: Placement) -> TrainSet:
-    """The `TrainSet` of a rank: on a CPU device the random_resized views are normalised in the workers.
+    """The `TrainSet` of a rank: on a CPU device the random_resized views are normalised in the workers, into a
+    pool of reused batch buffers.
 
     There the device is the training process itself: normalising a batch of V views per image there cost it ~0.9 ms
     per view on one thread (docs/BENCHMARKS.md, "Views per copy"), against ~0.2 ms per view in a worker while the
-    view is in cache. On a GPU the uint8 batch travels (4x fewer bytes) and is normalised on the device.
+    view is in cache. New shared memory for every batch cost ~0.3 ms per view more in page faults and frees, which
+    the pool saves (`batch_pool`). On a GPU the uint8 batch travels (4x fewer bytes), is pinned by the DataLoader and is
+    normalised on the device; its batches keep new buffers (a pool slot is not pinned memory).
     """
-    normalise = Normalisation(place.mean, place.std) if place.device.type == "cpu" else None
-    return TrainSet(
+    cpu = place.device.type == "cpu"
+    normalise = Normalisation(place.mean, place.std) if cpu else None
+    dataset = TrainSet(
         source, cfg, place.seed, place.views_per_image, normalise=normalise, channels_last=place.channels_last
     )
+    if cpu and cfg.train_crop == "random_resized":
+        # Enough slots for every batch the DataLoader has in flight, the one it has just delivered and the one the
+        # consumer still holds while asking for the next; a batch finding none free gets new memory.
+        dataset.use_pool(place.unique_per_rank, slots=cfg.num_workers * PREFETCH_FACTOR + 2)
+    return dataset
 
 
 def torch_data(

@@ -98,8 +98,10 @@ class Normalisation:
             images_B3SS = images_B3SS.contiguous(memory_format=cl)  # a no-op for the resize's usual output
             rows = (pixels // _NORM_PIXELS, 3 * _NORM_PIXELS)
             out_RP3 = out_B3SS.permute(0, 2, 3, 1).view(rows)
-            torch.mul(images_B3SS.permute(0, 2, 3, 1).view(rows), self.scale_P3, out=out_RP3)
-            out_RP3.sub_(self.shift_P3)
+            # The exact conversion to float first, then the two operations in place: 18% faster per view (0.148 ->
+            # 0.121 ms into memory not in cache) than a multiplication that converts its uint8 operand itself.
+            out_RP3.copy_(images_B3SS.permute(0, 2, 3, 1).view(rows))
+            out_RP3.mul_(self.scale_P3).sub_(self.shift_P3)
             return
         torch.mul(images_B3SS, self.scale_1311, out=out_B3SS)
         out_B3SS.sub_(self.shift_1311)
@@ -134,7 +136,10 @@ def random_resized_views_into(
     image_13HW = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     for v in range(views):
         top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
+        # The box as its own channels_last tensor: torch's kernel resizes a contiguous input ~20% faster than a
+        # window of the whole image (0.30 -> 0.235 ms per 224 px view here, with the copy; the same bits).
         crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
+        crop_13hw = crop_13hw.contiguous(memory_format=torch.channels_last)
         view_13SS = F.interpolate(crop_13hw, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         if hflip and bool(torch.rand((), generator=gen) < 0.5):
             view_13SS = view_13SS.flip(3)

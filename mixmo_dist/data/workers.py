@@ -19,9 +19,14 @@ from mixmo_dist.config import DataConfig
 from mixmo_dist.runtime.signals import die_with
 from mixmo_dist.runtime.startup import STARTUP
 
+from .batch_pool import BatchPool
 from .forkserver import GROUP_SIGNALS, worker_context
 from .placement import Placement
 from .transforms import Normalisation
+
+# Batches each worker prepares ahead (the DataLoader's default, set here so that the train set's pool of batch
+# buffers can be sized from it).
+PREFETCH_FACTOR = 2
 
 
 def _collate(items: list[tuple[Tensor, int]] | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -111,6 +116,7 @@ def _make_loader(dataset: Dataset, *, num_workers: int, pin: bool, persistent: b
         worker_init_fn=_worker_init,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
         persistent_workers=persistent and num_workers > 0,
+        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
         timeout=timeout_s if num_workers > 0 else 0.0,
         # A private generator: the DataLoader draws a base seed per pass, which must not consume the global RNG.
         generator=torch.Generator().manual_seed(0),
@@ -128,15 +134,30 @@ class Decoder:
         place: where batches go (device, layout, normalisation).
         persistent: keep the workers (and the pickled dataset) from one pass to the next.
         what: the loader's name in error messages ("train" / "val").
+        pool: the dataset's pool of batch buffers, if it has one (persistent only): batches are sent with a slot
+            of it, and a batch delivered as a slot is turned into a tensor over it.
     """
 
-    def __init__(self, dataset: Dataset, cfg: DataConfig, place: Placement, *, persistent: bool, what: str) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        cfg: DataConfig,
+        place: Placement,
+        *,
+        persistent: bool,
+        what: str,
+        pool: BatchPool | None = None,
+    ) -> None:
+        # A pass's first request for a batch must come after every batch of the passes before was written, which
+        # only persistent workers guarantee (`batch_pool._KeyedPass`).
+        assert pool is None or persistent, "a pool of batch buffers needs persistent workers"
         self.dataset = dataset
         self.num_workers = cfg.num_workers
         self.persistent = persistent
         self.timeout_s = float(cfg.worker_timeout_s)
         self.what = what
         self.to_device = _DeviceNormalizer(place.device, place.mean, place.std, place.channels_last)
+        self.pool = pool
         self._loader: DataLoader | None = None
 
     def run(self, batches: list[list[Any]], *, first: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -152,22 +173,25 @@ class Decoder:
             )
             if self.persistent:
                 self._loader = loader
-        loader.batch_sampler.batches = batches
+        pool = self.pool
+        loader.batch_sampler.batches = batches if pool is None else pool.keyed(batches)
         delivered = 0
         batches_it = iter(loader)
         STARTUP.mark("loader start")  # the workers are started; the first batch is being decoded
         try:
             for images_B3SS, labels_B in batches_it:
                 delivered += 1
-                yield self.to_device(images_B3SS, labels_B)
+                yield self.to_device(images_B3SS if pool is None else pool.received(images_B3SS), labels_B)
         except RuntimeError as err:
             if not str(err).startswith(_DATALOADER_TIMEOUT):
                 raise
         else:
             return
         # Timed out. Drop every reference to the DataLoader and its iterator (the caught exception's traceback held
-        # one) so the iterator is collected now: its shutdown terminates the workers, the stuck one included.
+        # one) so the iterator is collected now: its shutdown terminates the workers, the stuck one included. The
+        # stuck worker may not be gone yet and still writes a slot of the pool: later batches get new buffers.
         self._loader = loader = batches_it = None
+        self.pool = None
         raise WorkerTimeoutError(
             f"{self.what} loader: no batch from its {self.num_workers} DataLoader workers within "
             f"data.worker_timeout_s={self.timeout_s:g} s (batch {first + delivered} of the pass); a worker is stuck "
