@@ -196,8 +196,12 @@ def test_resume_on_another_world_size_reshards_from_rank_0s_shared_state(tmp_pat
     new = {**SHAPE, "rows_per_rank": 8, "world_size": 1}
     fresh = {"data": Recorder("data", log), "rng": Recorder("rng", log)}
     b = _run(tmp_path, shape=new, elastic=True, rank_states=fresh)
+    reads = []
+    read_json = b.store.read_json
+    b.store.read_json = lambda path, name: (reads.append(name), read_json(path, name))[1]
     b.manager.resume("auto")
     assert log == [("data", "resharded", [7], 5), ("rng", "resharded", [9], 5)]
+    assert "rank_0.json" not in reads  # the shared state comes from state.json: no rank reads rank 0's file
     # The same world size never reshards, elastic or not.
     log.clear()
     c = _run(
@@ -398,6 +402,23 @@ def test_failure_messages_name_a_full_disk_and_shorten_the_rest(tmp_path):
     # index 300, so the cut is at 300, not 301, and one word earlier than a cut that kept it.
     words = [f"t{i:05d}" for i in range(100)]
     assert detail(" ".join(words)) == " ".join(words[:42]) + " ..."
+
+
+def test_a_full_disk_whose_free_space_cannot_be_read_says_unknown(tmp_path, monkeypatch):
+    a = _run(tmp_path)
+    monkeypatch.setattr("mixmo_dist.checkpoint.state._free_bytes", lambda root: None)
+    full = a.manager._failure(4, OSError(errno.ENOSPC, "No space left on device"), needed=1)
+    assert "(a checkpoint takes about 0.0 MB (1 bytes), unknown free after removing the partial save)" in full
+
+
+def test_load_details_are_cut_at_400_characters_on_a_word():
+    from mixmo_dist.checkpoint.state import _LOAD_DETAIL_CHARS, _shortened
+
+    assert _LOAD_DETAIL_CHARS == 400
+    assert _shortened("y" * 400, 400) == "y" * 400
+    assert _shortened("y" * 401, 400) == "y" * 400 + " ..."
+    words = [f"w{i:05d}" for i in range(100)]  # a space at every 7th index: index 399 is one, 400 is not
+    assert _shortened(" ".join(words), 400) == " ".join(words[:57]) + " ..."
 
 
 def test_tensors_that_do_not_fit_are_refused_naming_the_shape(tmp_path):

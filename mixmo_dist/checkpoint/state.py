@@ -291,7 +291,7 @@ class CheckpointManager:
                 f"{_mb(free) if free is not None else 'unknown'} free after removing the partial save)"
             )
         else:
-            detail = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+            detail = _shortened(text, _SAVE_DETAIL_CHARS)
         return f"checkpoint save at step {step} failed: {detail}. {self._kept()}"
 
     def _kept(self) -> str:
@@ -363,9 +363,8 @@ class CheckpointManager:
         except (RuntimeError, ValueError, KeyError) as err:
             if isinstance(err, CheckpointError):
                 raise
-            detail = " ".join(str(err).split())
-            if len(detail) > 400:  # one line: the first mismatches are enough to recognise the cause
-                detail = detail[:400].rsplit(" ", 1)[0] + " ..."
+            # One line: the first mismatches are enough to recognise the cause.
+            detail = _shortened(" ".join(str(err).split()), _LOAD_DETAIL_CHARS)
             raise CheckpointError(
                 f"cannot resume from {path}: its tensors do not fit the network its state.json describes "
                 f"({', '.join(f'{k}={self.shape[k]!r}' for k in SHAPE_KEYS if k != 'classes')}): {detail}. It was "
@@ -422,6 +421,17 @@ class CheckpointManager:
 
 class SaveError(Exception):
     """Rank 0 could not write a checkpoint (its message is the one line every rank stops with)."""
+
+
+# How much of an error's own text a save or a load failure quotes (the rest of the line says what to do).
+_SAVE_DETAIL_CHARS = 300
+_LOAD_DETAIL_CHARS = 400
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text` (single-spaced) whole when it has at most `limit` characters, else cut after the last whole word within
+    `limit` characters, with " ..." after it."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
