@@ -371,6 +371,10 @@ def test_another_ranks_failed_file_fails_the_commit_and_removes_the_temporary(tm
     with pytest.raises(SaveError, match=r"failed: rank 1 could not write rank_1.json: a TypeError\. Nothing was"):
         a.manager._commit(tmp, 1, reports, needed=1, shared=5, failure=None)
     assert not tmp.exists()
+    tmp = a.store.begin(1)  # another errno: its text is the detail
+    reports = [("0" * 64, 10, None), (None, 0, (errno.EIO, "rank 1 could not write rank_1.json: I/O error"))]
+    with pytest.raises(SaveError, match=r"failed: \[Errno 5\] rank 1 could not write rank_1.json: I/O error\. Nothing"):
+        a.manager._commit(tmp, 1, reports, needed=1, shared=5, failure=None)
 
 
 def test_failure_messages_name_a_full_disk_and_shorten_the_rest(tmp_path):
