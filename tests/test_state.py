@@ -630,3 +630,23 @@ def test_a_reshard_of_a_checkpoint_without_the_shared_state_reads_rank_0s_file(t
         "RNG streams differ from an uninterrupted run (the streams are re-derived from run.seed, each rank and the "
         "step)"
     ) in caplog.text
+
+
+def test_a_commit_takes_the_ranks_digests_and_a_failed_commit_is_a_save_error(tmp_path, monkeypatch):
+    import mixmo_dist.checkpoint.store as store_module
+
+    a = _run(tmp_path)
+    hashed = []
+    sha256_file = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda p: (hashed.append(os.path.basename(p)), sha256_file(p))[1])
+    path = a.manager.save()
+    assert "rank_0.json" not in hashed  # its writer's digest is used: rank 0 does not read every rank's file again
+    assert json.loads((path / "COMPLETE").read_text())["rank_0.json"] == sha256_file(path / "rank_0.json")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(a.store, "commit", refuse)
+    with pytest.raises(Exception, match="checkpoint save at step 0 failed: no space left on"):  # every rank stops
+        a.manager.save()
+    assert a.manager.latest == path and not list(a.store.root.glob(".tmp_*"))
