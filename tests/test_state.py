@@ -650,3 +650,44 @@ def test_a_commit_takes_the_ranks_digests_and_a_failed_commit_is_a_save_error(tm
     with pytest.raises(Exception, match="checkpoint save at step 0 failed: no space left on"):  # every rank stops
         a.manager.save()
     assert a.manager.latest == path and not list(a.store.root.glob(".tmp_*"))
+
+
+def test_space_checks_logs_and_the_errno_behind_a_rank_files_failure(tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mixmo_dist")
+    a = _run(tmp_path)
+    first = a.manager.save()
+    assert f"saved checkpoint {first}" in [r.getMessage() for r in caplog.records]
+    # Exactly as much free space as the last save took is enough.
+    monkeypatch.setattr("mixmo_dist.checkpoint.state._free_bytes", lambda root: a.manager.latest_bytes)
+    a.counters.step = 1
+    assert a.manager.save().name == "step_00000001"
+    monkeypatch.setattr("mixmo_dist.checkpoint.state._free_bytes", lambda root: 0)
+    a.counters.step = 2
+    with pytest.raises(Exception, match=f"not started: the file system of {re.escape(str(a.store.root))} has 0.0 MB"):
+        a.manager.save()
+    monkeypatch.undo()
+    # A rank file whose write fails with a CheckpointError caused by a full disk: the full disk is named.
+    write_json_digest = a.store.write_json_digest
+
+    def full(tmp, name, obj):
+        if name.startswith("rank_"):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as cause:
+                raise CheckpointError(f"cannot write {name}") from cause
+        return write_json_digest(tmp, name, obj)
+
+    a.store.write_json_digest = full
+    with pytest.raises(Exception, match="checkpoint save at step 2 failed: no space left on the file system of"):
+        a.manager.save()
+    # A begin that fails for lack of space names the size a checkpoint takes.
+    a.store.write_json_digest = write_json_digest
+
+    def no_begin(step):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    a.store.begin = no_begin
+    with pytest.raises(Exception, match=r"no space left on .* \(a checkpoint takes about \d+\.\d MB"):
+        a.manager.save()
