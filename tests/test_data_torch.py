@@ -587,23 +587,26 @@ def test_pad_random_crop_pads_with_zeros(tmp_path):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pad_random_views_are_padded_crops_and_flips(channels_last):
-    """The batched cut equals, view by view, torchvision's RandomCrop(S, padding=4) at that offset, then the flip."""
+    """The batched cut equals, view by view, torchvision's RandomCrop(S, padding=4) at that offset, then the flip;
+    at S = 8 and S = 12 (at 8, `4 - S` and `4 + S` index the same row of the padded image: only another size tells
+    a sign slip in the paste apart)."""
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 8, 8, generator=gen)
-    offsets = torch.randint(0, 9, (3, 5, 2), generator=gen)
-    flips = torch.rand(3, 5, generator=gen) < 0.5
-    fill = torch.tensor([-1.5, 0.25, 2.0])
-    views = pad_random_views(images, offsets, flips, fill, channels_last=channels_last)
-    assert views.shape == (15, 3, 8, 8)
-    assert views.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    for u in range(3):
-        padded = fill.view(3, 1, 1).expand(3, 16, 16).clone()
-        padded[:, 4:12, 4:12] = images[u]
-        for v in range(5):
-            top, left = offsets[u, v].tolist()
-            expected = padded[:, top : top + 8, left : left + 8]
-            expected = expected.flip(2) if flips[u, v] else expected
-            assert torch.equal(views[u * 5 + v], expected), (u, v)
+    for side in (8, 12):
+        images = torch.randn(3, 3, side, side, generator=gen)
+        offsets = torch.randint(0, 9, (3, 5, 2), generator=gen)
+        flips = torch.rand(3, 5, generator=gen) < 0.5
+        fill = torch.tensor([-1.5, 0.25, 2.0])
+        views = pad_random_views(images, offsets, flips, fill, channels_last=channels_last)
+        assert views.shape == (15, 3, side, side)
+        assert views.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for u in range(3):
+            padded = fill.view(3, 1, 1).expand(3, side + 8, side + 8).clone()
+            padded[:, 4 : 4 + side, 4 : 4 + side] = images[u]
+            for v in range(5):
+                top, left = offsets[u, v].tolist()
+                expected = padded[:, top : top + side, left : left + side]
+                expected = expected.flip(2) if flips[u, v] else expected
+                assert torch.equal(views[u * 5 + v], expected), (side, u, v)
 
 
 def test_random_resized_crop_box_stays_in_range():

@@ -172,3 +172,15 @@ def test_val_transform_resizes_the_short_side_and_crops_the_centre(width, height
     out = val_transform(img, image_size=24, resize_ratio=0.875)
     assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
     assert torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_views_into_a_buffer_of_the_wrong_kind_are_refused_with_the_reason():
+    img = _image(40, 30)
+    for out, normalise in (
+        (torch.empty(2, 3, 16, 16, dtype=torch.float32), None),  # float views need a Normalisation
+        (torch.empty(2, 3, 16, 16, dtype=torch.uint8), Normalisation(MEAN, STD)),  # uint8 views cannot be normalised
+    ):
+        with pytest.raises(AssertionError, match=r"^uint8 views, or float32 normalised ones$"):
+            random_resized_views_into(
+                out, img, min_crop_scale=0.5, hflip=False, gen=torch.Generator().manual_seed(0), normalise=normalise
+            )
