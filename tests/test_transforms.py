@@ -184,3 +184,33 @@ def test_views_into_a_buffer_of_the_wrong_kind_are_refused_with_the_reason():
             random_resized_views_into(
                 out, img, min_crop_scale=0.5, hflip=False, gen=torch.Generator().manual_seed(0), normalise=normalise
             )
+
+
+def test_crop_boxes_of_one_pixel_are_taken_at_once_and_empty_ones_never():
+    # A 1 x 1 image at scale 1: the first box (1 x 1) fits and is taken, after exactly one draw of area and ratio
+    # and the two offsets.
+    gen, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert random_resized_crop_box(1, 1, 1.0, gen) == (0, 0, 1, 1)
+    torch.rand(2, generator=ref, dtype=torch.float64)
+    torch.randint(0, 1, (1,), generator=ref), torch.randint(0, 1, (1,), generator=ref)
+    assert torch.equal(gen.get_state(), ref.get_state())
+    # At scale 0.01 many drawn boxes round to 0 pixels: they are never returned.
+    gen = torch.Generator().manual_seed(1)
+    assert {random_resized_crop_box(1, 2, 0.01, gen)[2:] for _ in range(300)} <= {(1, 1), (1, 2)}
+
+
+def test_the_fallback_box_of_an_image_within_the_ratio_range_is_the_whole_image():
+    # A square at scale 1 fits only boxes of ratio ~1: most seeds fail the 10 tries and fall back.
+    fell_back = 0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        assert random_resized_crop_box(100, 100, 1.0, gen) == (0, 0, 100, 100), seed
+        fell_back += int(torch.equal(gen.get_state(), _after_tries(seed, 10)))
+    assert fell_back >= 10
+
+
+def _after_tries(seed: int, tries: int) -> torch.Tensor:
+    ref = torch.Generator().manual_seed(seed)
+    for _ in range(tries):
+        torch.rand(2, generator=ref, dtype=torch.float64)
+    return ref.get_state()
