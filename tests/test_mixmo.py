@@ -265,3 +265,25 @@ def test_build_model_refuses_by_name_and_applies_the_reference_init():
     assert all(h.bias.abs().max() == 0 for h in ref.heads)  # the authors' init: biases 0
     assert 0.005 < float(torch.stack([h.weight for h in ref.heads]).std()) < 0.015  # N(0, 0.01) heads
     assert ref.timm_kwargs == SMALL["resnet18"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_atto"])
+def test_one_member_is_the_vanilla_network_in_both_forwards(arch):
+    """M = 1 (a vanilla run through the same code): no second encoder to read the geometry or the bias from."""
+    model = _model(arch, members=1)
+    x = torch.randn(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    h, w = model.encoder_output_hw(32, 32)
+    assert (h, w) == tuple(model.encoders[0](x[0]).shape[-2:])
+    mix = sample_mixing(2, 1, h, w, mixing="cut", alpha=2.0, cut_prob=1.0, generator=torch.Generator(), device="cpu")
+    with torch.no_grad():
+        expected = model.heads[0](_features(model, model.encoders[0](x[0])))
+        torch.testing.assert_close(model(x, mix)[0], expected, rtol=_tol(arch), atol=_tol(arch))
+        torch.testing.assert_close(model(x[0])[0], expected, rtol=_tol(arch), atol=_tol(arch))
+
+
+def test_the_extra_encoders_are_drawn_as_timms_resnet_stem_kaiming_fan_out():
+    torch.manual_seed(0)
+    model = build_model("resnet18", M, K)  # the full stem: 64 x 3 x 7 x 7 weights per encoder
+    fan_out = 64 * 7 * 7
+    for enc in model.encoders[1:]:
+        assert abs(float(enc.weight.std()) / (2.0 / fan_out) ** 0.5 - 1) < 0.05  # fan_in (147) would be 4.6x
