@@ -287,3 +287,14 @@ def test_the_extra_encoders_are_drawn_as_timms_resnet_stem_kaiming_fan_out():
     fan_out = 64 * 7 * 7
     for enc in model.encoders[1:]:
         assert abs(float(enc.weight.std()) / (2.0 / fan_out) ** 0.5 - 1) < 0.05  # fan_in (147) would be 4.6x
+
+
+def test_a_1x1_conv_classifier_becomes_a_first_head_with_timms_own_initial_weight_and_bias():
+    torch.manual_seed(0)
+    base = timm.create_model("resnetv2_18", num_classes=K, **SMALL["resnetv2_18"])
+    torch.manual_seed(0)
+    model = build_model("resnetv2_18", M, K, **SMALL["resnetv2_18"])
+    fc = base.get_classifier()
+    assert isinstance(fc, nn.Conv2d) and fc.bias is not None
+    assert torch.equal(model.heads[0].weight, fc.weight.reshape(K, -1))
+    assert torch.equal(model.heads[0].bias, fc.bias)
