@@ -374,6 +374,8 @@ def test_warnings_point_at_the_caller_of_the_store(tmp_path):
         assert store.find_latest(repair=False) == older  # a hint that names no checkpoint
         store.move_aside(newer, "by hand")
     assert len(seen) >= 6, [str(w.message) for w in seen]
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        return  # mutmut's trampolines add frames between the store and its caller: a stacklevel counts them too
     assert [w.filename for w in seen] == [__file__] * len(seen), [(w.filename, str(w.message)) for w in seen]
 
 
@@ -492,7 +494,8 @@ def test_a_prune_that_fails_is_a_warning_at_the_callers_line_and_the_save_stands
     assert [str(w.message) for w in seen] == [
         f"could not prune old checkpoint {store.root / 'step_00000001'}: [Errno 16] Device or resource busy"
     ]
-    assert [w.category for w in seen] == [CheckpointWarning] and seen[0].filename == __file__
+    assert [w.category for w in seen] == [CheckpointWarning]
+    assert seen[0].filename == __file__ or os.environ.get("MUTANT_UNDER_TEST")  # (trampoline frames, above)
     assert store.find_latest() == newest
 
 
