@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import torch
 from mixmo_dist.checkpoint import CheckpointError, CheckpointWarning
 from mixmo_dist.checkpoint.store import CheckpointStore, parse_step_dir_name, resolve_checkpoint
 from mixmo_dist.runtime.files import sha256_file
+
+# Run by `make mutation`: the package is mutmut's copy under mutants/, every function behind a trampoline.
+_UNDER_MUTMUT = "mutants" in Path(sys.modules[CheckpointStore.__module__].__file__).parts
 
 
 def _store(tmp_path, keep=3):
@@ -374,7 +378,7 @@ def test_warnings_point_at_the_caller_of_the_store(tmp_path):
         assert store.find_latest(repair=False) == older  # a hint that names no checkpoint
         store.move_aside(newer, "by hand")
     assert len(seen) >= 6, [str(w.message) for w in seen]
-    if os.environ.get("MUTANT_UNDER_TEST"):
+    if _UNDER_MUTMUT:
         return  # mutmut's trampolines add frames between the store and its caller: a stacklevel counts them too
     assert [w.filename for w in seen] == [__file__] * len(seen), [(w.filename, str(w.message)) for w in seen]
 
@@ -495,7 +499,7 @@ def test_a_prune_that_fails_is_a_warning_at_the_callers_line_and_the_save_stands
         f"could not prune old checkpoint {store.root / 'step_00000001'}: [Errno 16] Device or resource busy"
     ]
     assert [w.category for w in seen] == [CheckpointWarning]
-    assert seen[0].filename == __file__ or os.environ.get("MUTANT_UNDER_TEST")  # (trampoline frames, above)
+    assert seen[0].filename == __file__ or _UNDER_MUTMUT  # (trampoline frames, above)
     assert store.find_latest() == newest
 
 
