@@ -38,6 +38,16 @@ def die_with(parent: int) -> bool:
 NO_STOP, PREEMPT, INTERRUPT = 0.0, 1.0, 2.0
 
 
+def _stop_at_once(signum, frame) -> None:
+    """A second Ctrl-C: KeyboardInterrupt, with multiprocessing told the process is exiting. The DataLoader workers
+    then die mid-handshake with the training process's fd-sharing thread (the batch buffers they are handed), and that
+    thread prints a ConnectionResetError traceback unless the process is known to be exiting."""
+    import multiprocessing.util
+
+    multiprocessing.util._exiting = True
+    raise KeyboardInterrupt
+
+
 @dataclass
 class StopSignal:
     """Records SIGUSR2/SIGTERM (preemption) and SIGINT (Ctrl-C); the trainer acts at the next step boundary, after
@@ -57,7 +67,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, _stop_at_once)
         if self.received is None:
             self.received = signal.Signals(signum).name
             again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
