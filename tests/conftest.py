@@ -19,6 +19,12 @@ from slurm_support import slurm_cluster  # noqa: F401  (the session's one SLURM 
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# `accelerate launch` as the module it runs: the same `launch_command` (cluster/slurm.py starts SLURM nodes this way).
+# The `accelerate` console script imports every subcommand first, `estimate` among them, which imports timm: 5.1 s
+# before the ranks start against 2.3 s here, paid by each of the suite's launches. test_cli runs the script itself
+# (`launcher=ACCELERATE_SCRIPT`).
+ACCELERATE_SCRIPT = [str(VENV_BIN / "accelerate"), "launch"]
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -137,6 +143,7 @@ def launch(
     env: dict | None = None,
     mixed_precision: str = "no",
     module: str = "mixmo_dist.train",
+    launcher: list[str] = ACCELERATE_LAUNCH,
     **popen,
 ) -> subprocess.Popen:
     """`accelerate launch --multi_gpu --num_processes N --mixed_precision P -m mixmo_dist.train ARGS` as a real
@@ -146,8 +153,7 @@ def launch(
         cmd = [sys.executable, "-m", module, *args]
     else:
         cmd = [
-            str(VENV_BIN / "accelerate"),
-            "launch",
+            *launcher,
             "--multi_gpu",
             "--num_processes",
             str(nproc),
@@ -222,9 +228,10 @@ def run_train(
     timeout: float = 600,
     mixed_precision: str = "no",
     module: str = "mixmo_dist.train",
+    launcher: list[str] = ACCELERATE_LAUNCH,
 ) -> tuple[int, str]:
     popen = {"cwd": REPO / "tests"} if module != "mixmo_dist.train" else {}
-    proc = launch(args, nproc, env, mixed_precision, module, **popen)
+    proc = launch(args, nproc, env, mixed_precision, module, launcher, **popen)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -256,8 +263,7 @@ def launch_two_machines(args: list[str], cwds: tuple[Path, Path] = (REPO, REPO))
     procs = []
     for machine in (0, 1):
         cmd = [
-            str(VENV_BIN / "accelerate"),
-            "launch",
+            *ACCELERATE_LAUNCH,
             "--multi_gpu",
             "--num_machines",
             "2",

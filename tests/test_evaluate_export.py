@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import read_only_mount
+from conftest import ACCELERATE_LAUNCH, read_only_mount
 from PIL import Image, ImageFilter
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -82,8 +82,7 @@ def _evaluate(*args: str, nproc: int = 1) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [
-            str(VENV_BIN / "accelerate"),
-            "launch",
+            *ACCELERATE_LAUNCH,
             "--multi_gpu",
             "--num_processes",
             str(nproc),
