@@ -124,4 +124,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixmo_dist.runtime.exit import exit_now
+
+    exit_now(main())

@@ -79,4 +79,6 @@ def last_validation(run_dir: Path) -> dict | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixmo_dist.runtime.exit import exit_now
+
+    exit_now(main())

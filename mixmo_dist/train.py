@@ -62,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixmo_dist.runtime.exit import exit_now
+
+    exit_now(main())
