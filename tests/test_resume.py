@@ -28,6 +28,11 @@ def _assert_same_weights(a: Path, b: Path) -> None:
             assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs"
 
 
+# timm's own 0.37M-parameter ResNet, for the tests whose runs are compared with each other, not with `reference_run`
+# (resnet18) and not signalled at an observed step (a faster run could end first): the state is checked, not the net.
+SMALL_NET = "--model.arch=test_resnet"
+
+
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.monotonic()
     while not predicate():
@@ -125,7 +130,8 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_previous_used(tiny_data, r
 
 def test_nan_on_one_rank_skips_the_step_everywhere(tiny_data, tmp_path):
     out = tmp_path / "nan"
-    rc, log = run_train(tiny_args(tiny_data, out, "--schedule.max_steps=6"), env=train_env(MIXMO_FAULT_NAN="1:2"))
+    args = tiny_args(tiny_data, out, SMALL_NET, "--schedule.max_steps=6")
+    rc, log = run_train(args, env=train_env(MIXMO_FAULT_NAN="1:2"))
     assert rc == 0, log[-3000:]
     train = [r for r in read_metrics(out) if r["split"] == "train"]
     assert [r["nonfinite_skipped"] for r in train] == [0, 0, 1, 1, 1, 1]
@@ -166,6 +172,7 @@ def test_dali_cpu_two_ranks_resume_with_a_raised_stop_cap(tiny_data, tmp_path):
     resumed with max_steps=7 (mid-epoch, a changed stop cap) ends bit-identical to a run of 7 steps."""
     pytest.importorskip("nvidia.dali")
     common = (
+        SMALL_NET,
         "--data.backend=dali-cpu",
         "--data.copy_augmentation=per_copy",
         "--checkpoint.every_n_steps=100",
@@ -192,6 +199,7 @@ def test_views_per_copy_resume_bit_identical_and_the_best_validation_survives(ti
     its step are carried across the stop in the checkpoint's counters. One process (18 steps per epoch): the
     2-rank resume tests above cover the ranks; this one the per-copy data path and the counters."""
     common = (
+        SMALL_NET,
         "--data.copy_augmentation=per_copy",
         "--model.init=reference",
         "--mixmo.input_repetition=0.5",
