@@ -48,16 +48,16 @@ exit_now(int(sys.argv[3]))
 """
 
 
-def _run(tmp_path: Path, *, thread_s: float, code: int) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, *, thread_s: float, code: int, **streams) -> subprocess.CompletedProcess:
     program = tmp_path / "prog.py"
     program.write_text(textwrap.dedent(PROGRAM))
     return subprocess.run(
         [sys.executable, str(program), str(tmp_path), str(thread_s), str(code)],
         cwd=REPO,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
         text=True,
         timeout=120,
+        **(streams or {"capture_output": True}),
     )
 
 
@@ -78,3 +78,13 @@ def test_exit_now_with_a_non_daemon_thread_running_waits_for_it_as_python_does(t
     assert (tmp_path / "thread").read_text() == "ran"  # os._exit now would have killed it mid-sleep
     assert (tmp_path / "atexit").read_text() == "ran"
     assert res.stdout == "buffered line, never flushed by the program\n"
+
+
+def test_exit_now_on_a_full_disk_stdout_exits_120_as_python_does_not_0(tmp_path):
+    """The buffered line cannot be written (/dev/full): the output is lost, so a status 0 must not say all went well;
+    a failure status is kept as it is."""
+    for code, want in ((0, 120), (3, 3)):
+        with open("/dev/full", "w") as full:
+            res = _run(tmp_path, thread_s=0, code=code, stdout=full, stderr=subprocess.PIPE)
+        assert res.returncode == want, (code, res.stderr)
+        assert (tmp_path / "atexit").read_text() == "ran"

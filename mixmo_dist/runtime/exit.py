@@ -21,7 +21,8 @@ def exit_now(code: int) -> NoReturn:
 
     The steps kept, in Python's order: non-daemon threads (with one still running, whose end Python would wait
     for, this is a normal `sys.exit`), the `atexit` callbacks (logging's shutdown, multiprocessing's children, the
-    trackers' libraries, `weakref.finalize` objects), and a flush of stdout and stderr.
+    trackers' libraries, `weakref.finalize` objects), and a flush of stdout and stderr (a
+    failed flush turns status 0 into 120, as Python's exit does).
     """
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if others:
@@ -30,6 +31,7 @@ def exit_now(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away, a stream already closed: nothing more can be said
-            pass
+        except (OSError, ValueError):  # a full disk, a reader that went away, a stream already closed
+            # What Python's own exit does then: a run that "succeeded" with its output lost exits 120, not 0.
+            code = code or 120
     os._exit(code)
