@@ -20,6 +20,8 @@
 # ranks agree at the next step boundary, save a checkpoint, and rank 0 runs `scontrol requeue $SLURM_JOB_ID`
 # (MIXMO_REQUEUE_CMD=scontrol, set by mixmo_dist.slurm_launch). The requeued job keeps its id, appends to the same
 # log (--open-mode=append) and resumes from the latest checkpoint in run.output_dir.
+# Faults (a lost peer, a hang): the surviving ranks requeue the job themselves (fault.max_requeues in a row); if the
+# step ends before their request gets out, this script requeues it from the ranks' faults.jsonl records.
 #
 # CPU smoke test on a node without GPUs (2-process gloo world):
 #   MIXMO_CONFIG=configs/demo.yaml MIXMO_PROCS_PER_NODE=2 MIXMO_OVERRIDES="--data.root=data/demo" \
@@ -66,4 +68,13 @@ srun_args=(--ntasks-per-node=1 --ntasks="${SLURM_NNODES:-1}" --kill-on-bad-exit=
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 fi
-exec srun "${srun_args[@]}" "$PY" -m mixmo_dist.slurm_launch "$@"
+# Not `exec`: when the step fails, this script (outside the step) requeues the job if a rank recorded that it decided
+# to (a lost peer, a hang). The rank's own `scontrol requeue` can be killed with the step (--kill-on-bad-exit) before
+# it reaches slurmctld; a second request for a job already requeued is refused, which is harmless.
+status=0
+srun "${srun_args[@]}" "$PY" -m mixmo_dist.slurm_launch "$@" || status=$?
+if (( status != 0 )); then
+    echo "[$(date -Is)] job ${SLURM_JOB_ID:-?}: the training step ended with status $status"
+    "$PY" -m mixmo_dist.slurm_launch --after-failed-step "$@" || true
+fi
+exit "$status"

@@ -33,7 +33,14 @@ from conftest import (
 from slurm_support import process_environ
 
 from mixmo_dist.checkpoint.state import SaveError
-from mixmo_dist.runtime.faults import EXIT_FAULT, FaultState, PeerLost, Watchdog, record_and_requeue
+from mixmo_dist.runtime.faults import (
+    EXIT_FAULT,
+    FaultState,
+    PeerLost,
+    Watchdog,
+    record_and_requeue,
+    requeue_after_failed_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +206,68 @@ def test_a_refused_requeue_gets_a_second_line_naming_the_answer(tmp_path, monkey
     assert capsys.readouterr().err == (
         "error: rank 3: `scontrol requeue 78` answered: scontrol: error: Job is pending execution "
         "(another rank may have requeued)\n"
+    )
+
+
+def _recording_scontrol(tmp_path, monkeypatch, status: int = 0) -> Path:
+    """`scontrol` on PATH that appends its arguments to the returned file (and fails with `status` when non-zero)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    fail = f'echo "scontrol: error: Job is pending execution" >&2\nexit {status}\n' if status else ""
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{fail}')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+def test_each_record_carries_the_requeue_decision(tmp_path, monkeypatch):
+    """The batch script requeues from these records when a rank's own request died with the step."""
+    _recording_scontrol(tmp_path, monkeypatch)
+    monkeypatch.setenv("SLURM_JOB_ID", "81")
+    monkeypatch.setenv("MIXMO_REQUEUE_CMD", "scontrol")
+    state = FaultState(rank=0, step=7, checkpoint_step=6)
+    for restart in range(3):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        record_and_requeue(tmp_path, state, "lost peer", max_requeues=2)
+    monkeypatch.delenv("MIXMO_REQUEUE_CMD")  # not asked for: no requeue, even within the bound
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    record_and_requeue(tmp_path, FaultState(rank=0, step=9, checkpoint_step=8), "hang", max_requeues=2)
+    rows = [json.loads(line) for line in (tmp_path / "faults.jsonl").read_text().splitlines()]
+    assert [(r["restart"], r["requeue"]) for r in rows] == [(0, True), (1, True), (2, False), (3, False)]
+
+
+def test_the_batch_script_requeues_what_a_rank_decided_and_nothing_else(tmp_path, monkeypatch):
+    """`requeue_after_failed_step`: only a record of this job and this restart whose decision was to requeue."""
+    calls = _recording_scontrol(tmp_path, monkeypatch)
+    env = {"SLURM_JOB_ID": "90", "SLURM_RESTART_COUNT": "2"}
+    rows = [
+        {"job": "90", "restart": 1, "requeue": True, "rank": 0, "kind": "lost peer", "step": 3},  # earlier restart
+        {"job": "89", "restart": 2, "requeue": True, "rank": 0, "kind": "lost peer", "step": 3},  # another job
+        {"job": "90", "restart": 2, "requeue": False, "rank": 1, "kind": "lost peer", "step": 5},  # bound reached
+        {"job": "90", "restart": 2, "rank": 1, "kind": "lost peer", "step": 5},  # before the decision was recorded
+    ]
+    (tmp_path / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut by a full di')
+    status, line = requeue_after_failed_step(tmp_path, env)
+    assert status == 0 and not calls.exists()
+    assert line == f"no rank of job 90 (restart 2) asked for a requeue in {tmp_path / 'faults.jsonl'}"
+    with open(tmp_path / "faults.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"job": "90", "restart": 2, "requeue": True, "rank": 3, "kind": "hang", "step": 6}))
+    assert requeue_after_failed_step(tmp_path, env) == (0, "requeued job 90: rank 3 asked for it after a hang at step 6")
+    assert calls.read_text() == "requeue 90\n"
+    assert requeue_after_failed_step(tmp_path, {}) == (0, "not a SLURM job: nothing to requeue")
+    assert requeue_after_failed_step(tmp_path / "absent", env)[1].startswith("no rank of job 90 (restart 2)")
+
+
+def test_the_batch_scripts_refused_requeue_says_scontrols_answer(tmp_path, monkeypatch):
+    _recording_scontrol(tmp_path, monkeypatch, status=1)
+    row = {"job": "91", "restart": 0, "requeue": True, "rank": 2, "kind": "lost peer", "step": 4}
+    (tmp_path / "faults.jsonl").write_text(json.dumps(row) + "\n")
+    status, line = requeue_after_failed_step(tmp_path, {"SLURM_JOB_ID": "91"})
+    assert status == 1
+    assert line == (
+        "`scontrol requeue 91` answered: scontrol: error: Job is pending execution (a rank may have requeued it "
+        "already); rank 2 asked for it after a lost peer at step 4"
     )
 
 

@@ -293,6 +293,79 @@ def test_node_loss_ends_the_job_and_it_resumes_on_the_other_node(slurm_cluster, 
     assert _same_bytes(out / "checkpoints" / FINAL / "model.safetensors", ref)
 
 
+# The step of the two tests below: the real decision code of a surviving rank (`record_and_requeue`), killed where the
+# race killed it on 2026-12-06 (srun's --kill-on-bad-exit ended the step 17 ms after the rank's "requeueing" line, before
+# its `scontrol requeue` reached slurmctld). It stands for the trainer through MIXMO_PYTHON, whose other calls (the batch
+# script's `--after-failed-step`) run the real interpreter.
+_RACED_RANK = """
+import os, signal, sys
+from pathlib import Path
+from mixmo_dist.runtime.faults import FaultState, record_and_requeue
+
+def say(phrase):
+    print(f"error: rank 2 lost a peer at step 4{phrase}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the step ends here, before `scontrol requeue` runs
+
+out = Path(os.environ["RACED_OUT"])
+out.mkdir(parents=True, exist_ok=True)
+record_and_requeue(out, FaultState(rank=2, step=4, checkpoint_step=2), "lost peer", int(os.environ["RACED_MAX"]), say)
+"""
+
+
+def _raced_python(tmp_path: Path) -> Path:
+    rank = tmp_path / "raced_rank.py"
+    rank.write_text(_RACED_RANK)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        f'if [[ "$1 $2" == "-m mixmo_dist.slurm_launch" && "$3" != "--after-failed-step" ]]; then\n'
+        f'    exec {shlex.quote(sys.executable)} {shlex.quote(str(rank))}\n'
+        "fi\n"
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.parametrize("max_requeues", [1, 0])
+def test_the_batch_script_requeues_when_the_ranks_request_died_with_the_step(
+    slurm_cluster, tiny_data, tmp_path, max_requeues
+):
+    """The race of the node-loss test, made certain: a rank decides to requeue, says so, and is killed before its
+    `scontrol requeue` runs. The batch script, outside the step, requeues the job from the rank's record in
+    faults.jsonl. With fault.max_requeues=0 the rank decided not to, and the job fails without a requeue."""
+    out = tmp_path / "run"
+    env = job_env(
+        slurm_cluster,
+        MIXMO_PYTHON=str(_raced_python(tmp_path)),
+        MIXMO_REQUEUE_CMD="scontrol",
+        RACED_OUT=str(out),
+        RACED_MAX=str(max_requeues),
+    )
+    res = _sbatch(slurm_cluster, tiny_data, out, tmp_path, "--nodes=1", procs_per_node=1, env=env)
+    job_id = res.stdout.strip()
+    assert res.returncode == 0 and job_id, res.stderr
+    try:
+        if max_requeues:
+            requeued = lambda: {"JobState=PENDING", "Restarts=1"} <= set(scontrol_job(job_id, env).split())  # noqa: E731
+            wait_for(requeued, 120, "the batch script's requeue", poll_s=0.5)
+            cancel(job_id, env)
+        state = final_state(job_id, env, timeout_s=120)
+    finally:
+        cancel(job_id, env)
+    log = _log(tmp_path, job_id)
+    row = json.loads((out / "faults.jsonl").read_text())
+    assert (row["job"], row["restart"], row["requeue"]) == (job_id, 0, bool(max_requeues))
+    assert "the training step ended with status" in log, log[-3000:]
+    if max_requeues:
+        assert f"error: rank 2 lost a peer at step 4; requeueing job {job_id} (1 of" in log, log[-3000:]
+        assert f"requeued job {job_id}: rank 2 asked for it after a lost peer at step 4" in log, log[-3000:]
+    else:
+        assert "; not requeued: 1 restarts of job" in log, log[-3000:]
+        assert f"no rank of job {job_id} (restart 0) asked for a requeue" in log, log[-3000:]
+        assert state == "FAILED" and "Restarts=0" in scontrol_job(job_id, env)
+
+
 @pytest.mark.slow
 def test_data_network_cut_ends_the_job_requeues_it_and_it_resumes_bit_identical(
     slurm_cluster, reference, tiny_data, tmp_path

@@ -334,22 +334,25 @@ def record_and_requeue(
         "restart": restart,
     }
     earlier = _read_faults(out_dir) if out_dir is not None else []
+    cmd = fault_requeue_command()
+    same = {
+        (r.get("job"), r.get("restart"))
+        for r in earlier + [record]
+        if r.get("checkpoint_step") == state.checkpoint_step and r.get("job") == record["job"]
+    }
+    # The decision goes into the record: the batch script requeues from it when this rank's own `scontrol requeue`
+    # is killed with the step before it reaches slurmctld (`requeue_after_failed_step`).
+    record["requeue"] = cmd is not None and len(same) <= max_requeues
     if out_dir is not None:
         try:
             with open(out_dir / "faults.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError:
             pass
-    cmd = fault_requeue_command()
     if cmd is None:
         say("")
         return ""
-    same = {
-        (r.get("job"), r.get("restart"))
-        for r in earlier + [record]
-        if r.get("checkpoint_step") == state.checkpoint_step and r.get("job") == record["job"]
-    }
-    if len(same) > max_requeues:
+    if not record["requeue"]:
         phrase = (
             f"; not requeued: {len(same)} restarts of job {record['job']} ended in a fault without a newer "
             f"checkpoint than step {state.checkpoint_step} (fault.max_requeues={max_requeues})"
@@ -370,6 +373,45 @@ def record_and_requeue(
     if failure:
         print(f"error: rank {state.rank}: {failure}", file=sys.stderr, flush=True)
     return phrase
+
+
+def requeue_after_failed_step(out_dir: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """The batch script's requeue after its training step failed: `(status, line)`.
+
+    A rank that decides to requeue (a lost peer, a hang) prints its line and then runs `scontrol requeue` as its own
+    child; srun's `--kill-on-bad-exit` can end the step, and that child with it, before the request reaches
+    slurmctld (seen: 17 ms between the line and the step's end). The batch script runs outside the step, so when srun
+    fails it calls this: if `faults.jsonl` holds a record of this job and restart (SLURM_JOB_ID,
+    SLURM_RESTART_COUNT) whose decision was to requeue, it runs `scontrol requeue JOB` itself. A second request for a
+    job that a rank did requeue is refused by slurmctld (the job is already pending), which is harmless.
+
+    Returns:
+        status 0 when the job was requeued here or nothing asked for it (the line says which), 1 when the request
+        was refused or failed (the line gives scontrol's answer).
+    """
+    env = dict(os.environ if env is None else env)
+    job = env.get("SLURM_JOB_ID", "")
+    restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    if not job:
+        return 0, "not a SLURM job: nothing to requeue"
+    asked = [
+        r
+        for r in _read_faults(out_dir)
+        if str(r.get("job")) == job and r.get("restart") == restart and r.get("requeue") is True
+    ]
+    if not asked:
+        return 0, f"no rank of job {job} (restart {restart}) asked for a requeue in {out_dir / 'faults.jsonl'}"
+    first = asked[0]
+    cmd = ["scontrol", "requeue", job]
+    why = f"rank {first.get('rank')} asked for it after a {first.get('kind')} at step {first.get('step')}"
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 1, f"requeue of job {job} failed ({' '.join(cmd)}: {err}); {why}"
+    if res.returncode != 0:
+        answer = " ".join(res.stderr.split())[:200]
+        return 1, f"`{' '.join(cmd)}` answered: {answer} (a rank may have requeued it already); {why}"
+    return 0, f"requeued job {job}: {why}"
 
 
 def _read_faults(out_dir: Path) -> list[dict]:
