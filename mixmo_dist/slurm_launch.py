@@ -19,7 +19,6 @@ from pathlib import Path
 
 from mixmo_dist.cluster.slurm import build_argv, launch_env, plan_from_env
 
-
 AFTER_FAILED_STEP = "--after-failed-step"
 
 

@@ -253,7 +253,8 @@ def test_the_batch_script_requeues_what_a_rank_decided_and_nothing_else(tmp_path
     assert line == f"no rank of job 90 (restart 2) asked for a requeue in {tmp_path / 'faults.jsonl'}"
     with open(tmp_path / "faults.jsonl", "a") as f:
         f.write("\n" + json.dumps({"job": "90", "restart": 2, "requeue": True, "rank": 3, "kind": "hang", "step": 6}))
-    assert requeue_after_failed_step(tmp_path, env) == (0, "requeued job 90: rank 3 asked for it after a hang at step 6")
+    expected = (0, "requeued job 90: rank 3 asked for it after a hang at step 6")
+    assert requeue_after_failed_step(tmp_path, env) == expected
     assert calls.read_text() == "requeue 90\n"
     assert requeue_after_failed_step(tmp_path, {}) == (0, "not a SLURM job: nothing to requeue")
     assert requeue_after_failed_step(tmp_path / "absent", env)[1].startswith("no rank of job 90 (restart 2)")

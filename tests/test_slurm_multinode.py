@@ -293,10 +293,10 @@ def test_node_loss_ends_the_job_and_it_resumes_on_the_other_node(slurm_cluster, 
     assert _same_bytes(out / "checkpoints" / FINAL / "model.safetensors", ref)
 
 
-# The step of the two tests below: the real decision code of a surviving rank (`record_and_requeue`), killed where the
-# race killed it on 2026-12-06 (srun's --kill-on-bad-exit ended the step 17 ms after the rank's "requeueing" line, before
-# its `scontrol requeue` reached slurmctld). It stands for the trainer through MIXMO_PYTHON, whose other calls (the batch
-# script's `--after-failed-step`) run the real interpreter.
+# The step of the two tests below: the real decision code of a surviving rank (`record_and_requeue`), killed where
+# the race killed it on 2026-12-06 (srun's --kill-on-bad-exit ended the step 17 ms after the rank's "requeueing" line,
+# before its `scontrol requeue` reached slurmctld). It stands for the trainer through MIXMO_PYTHON, whose other calls
+# (the batch script's `--after-failed-step`) run the real interpreter.
 _RACED_RANK = """
 import os, signal, sys
 from pathlib import Path
@@ -319,7 +319,7 @@ def _raced_python(tmp_path: Path) -> Path:
     wrapper.write_text(
         "#!/bin/bash\n"
         f'if [[ "$1 $2" == "-m mixmo_dist.slurm_launch" && "$3" != "--after-failed-step" ]]; then\n'
-        f'    exec {shlex.quote(sys.executable)} {shlex.quote(str(rank))}\n'
+        f"    exec {shlex.quote(sys.executable)} {shlex.quote(str(rank))}\n"
         "fi\n"
         f'exec {shlex.quote(sys.executable)} "$@"\n'
     )
