@@ -18,7 +18,8 @@ view from the decoded image (what the loaders do), against decoding it once per 
 decoder (an ROI decode, as the shared view does; the authors' loader also decodes every copy):
 
 - `rrc_decode_per_view_vs_once_dali`: the rate of a DALI pipeline decoding once and cutting 8 `random_resized_crop`
-  views / one doing 8 `decoders.image_random_crop` (> 1: decoding once wins).
+  views / one doing 8 `decoders.image_random_crop` (> 1: decoding once wins). Both resize in DALI: the dali-cpu
+  loader itself now decodes in DALI and resizes with torch (docs/DESIGN.md, "Views per copy").
 - `rrc_decode_per_view_vs_once_torch`: the same for the torch backend's worker (Pillow decode once + 8 crop-resizes,
   against 8 decodes + crop-resizes).
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,22 @@ def noise_root(tmp_path_factory) -> Path:
     return root
 
 
-def _build(root, *, batch=3, val_batch=2, rank=0, world_size=1, seed=0, channels_last=False, views=1, **cfg_kwargs):
-    cfg = DataConfig(root=str(root), backend="dali-cpu", image_size=SIZE, dali_threads=1, **cfg_kwargs)
+def _build(
+    root,
+    *,
+    batch=3,
+    val_batch=2,
+    rank=0,
+    world_size=1,
+    seed=0,
+    channels_last=False,
+    views=1,
+    views_in_dali=False,
+    **cfg_kwargs,
+):
+    """dali-cpu data; `views_in_dali`: random_resized views per copy resized by DALI, the GPU's graph."""
+    cfg_kwargs.setdefault("dali_threads", 1)
+    cfg = DataConfig(root=str(root), backend="dali-cpu", image_size=SIZE, **cfg_kwargs)
     place = Placement(
         unique_per_rank=batch,
         views_per_image=views,
@@ -76,7 +91,13 @@ def _build(root, *, batch=3, val_batch=2, rank=0, world_size=1, seed=0, channels
         device=CPU,
         channels_last=channels_last,
     )
-    return build_dali_data(cfg, place, gpu=False)
+    return build_dali_data(cfg, place, gpu=False, views_in_dali=views_in_dali)
+
+
+# Shared view; one view per copy resized by torch from DALI's draws (the CPU's graph); and resized in DALI (the GPU's).
+VIEWS = pytest.mark.parametrize(
+    ("views", "views_in_dali"), [(1, False), (8, False), (8, True)], ids=["shared", "per_copy", "per_copy_dali_resize"]
+)
 
 
 def _to_pixels(images_BCHW: torch.Tensor, data) -> torch.Tensor:
@@ -90,10 +111,10 @@ def _file_color(path: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(load_rgb(path), dtype=np.float32).reshape(-1, 3).mean(0))
 
 
-@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
+@VIEWS
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_train_batches_shape_dtype_values_and_labels(solid_root, channels_last, views):
-    data = _build(solid_root, batch=4, channels_last=channels_last, views=views)
+def test_train_batches_shape_dtype_values_and_labels(solid_root, channels_last, views, views_in_dali):
+    data = _build(solid_root, batch=4, channels_last=channels_last, views=views, views_in_dali=views_in_dali)
     assert data.backend == "dali-cpu" and data.num_train == 11 and data.num_val == 7
     assert data.classes == ["n00000000", "n00000001", "n00000002"]
     assert len(data.train) == math.ceil(11 / 4) == 3
@@ -180,10 +201,11 @@ def _batches(loader, count):
     return out
 
 
-@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
+@VIEWS
 @pytest.mark.parametrize("train_crop", ["random_resized", "pad_random"])
-def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop, views):
+def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop, views, views_in_dali):
     kwargs = dict(batch=2, rank=1, world_size=2, seed=3, train_crop=train_crop, channels_last=True, views=views)
+    kwargs.update(views_in_dali=views_in_dali)
     reference = _build(noise_root, **kwargs).train
     assert len(reference) == 3
     expected = _batches(reference, 3) + _batches(reference, 3)  # epochs 0 and 1
@@ -213,13 +235,120 @@ def test_mid_epoch_resume_is_bit_identical(noise_root, train_crop, views):
     assert expected[0][0].shape[0] == 2 * views
 
 
-@pytest.mark.parametrize("train_crop", ["pad_random", "random_resized"])
-def test_one_view_per_copy_gives_the_authors_count_of_distinct_views(noise_root, train_crop):
+def _spy_cpu_views(loader) -> list:
+    """Records every call of the loader's CPU view builder: (decoded images, draws, views built)."""
+    calls, build = [], loader._cpu_views
+
+    def spy(images_HW3, draws_BD):
+        out = build(images_HW3, draws_BD)
+        calls.append(([image.clone() for image in images_HW3], draws_BD.clone(), out.clone()))
+        return out
+
+    loader._cpu_views = spy
+    return calls
+
+
+@pytest.mark.parametrize(("channels_last", "hflip"), [(False, True), (True, False)])
+def test_cpu_views_per_copy_are_random_resized_crops_of_dalis_decoded_image(noise_root, channels_last, hflip):
+    """Random_resized with one view per copy on the CPU: DALI decodes each image once and draws every view's box and
+    flip; torch resizes. Each view is torchvision's resized_crop (antialiased bilinear) of its own image at its own
+    box, flipped on its own coin and normalised; each box lies in the image with RandomResizedCrop's area (from
+    min_crop_scale = 0.5) and aspect ratio (3/4 to 4/3)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    views = 8
+    data = _build(noise_root, batch=4, views=views, min_crop_scale=0.5, hflip=hflip, channels_last=channels_last)
+    calls = _spy_cpu_views(data.train)
+    delivered = [(images.clone(), index.clone()) for images, _, index in data.train.iter_with_indices()]
+    assert len(calls) == len(delivered) == 3  # 10 images, 4 per batch
+    mean = torch.tensor(data.mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(data.std, dtype=torch.float64).view(3, 1, 1)
+    flipped, worst = [], 0.0
+    for (decoded, draws, built), (images, index) in zip(calls, delivered):
+        assert torch.equal(images, built) and images.shape == (4 * views, 3, SIZE, SIZE)
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for b, image_HW3 in enumerate(decoded):
+            # The decoded image is this row's file (the same libjpeg-turbo decode as Pillow's, within a grey level).
+            from_file = torch.from_numpy(np.asarray(load_rgb(data.train.paths[index[b]]), dtype=np.float32))
+            assert (image_HW3.float() - from_file).abs().mean() < 1.0
+            height, width = image_HW3.shape[:2]
+            for v in range(views):
+                top, left, box_h, box_w = draws[b, 4 * v : 4 * v + 4].tolist()
+                flip = bool(draws[b, 4 * views + v])
+                assert 0 <= top and top + box_h <= height and 0 <= left and left + box_w <= width
+                assert 0.5 - 0.05 <= box_h * box_w / (height * width) <= 1.0
+                assert 3 / 4 - 0.06 <= box_w / box_h <= 4 / 3 + 0.06
+                image_3HW = image_HW3.permute(2, 0, 1)
+                expected = TF.resized_crop(image_3HW, top, left, box_h, box_w, [SIZE, SIZE], antialias=True)
+                if flip:
+                    expected = expected.flip(2)
+                expected = (expected.double() / 255 - mean) / std
+                grey_levels = ((images[b * views + v].double() - expected) * std * 255).abs().max().item()
+                worst = max(worst, grey_levels)
+                flipped.append(flip)
+    assert worst <= 1.0 + 1e-3, worst  # torch's channels_last uint8 kernel vs torchvision's path: rounding only
+    if hflip:
+        assert 0 < sum(flipped) < len(flipped)
+    else:
+        assert not any(flipped)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_view_threads_do_every_sample_once_and_raise_a_failure(threads):
+    from mixmo_dist.data.dali import _on_threads
+
+    done = []
+    _on_threads(done.append, 40, threads)
+    assert sorted(done) == list(range(40))
+
+    def fail_at_7(i: int) -> None:
+        if i == 7:
+            raise ValueError("sample 7")
+
+    with pytest.raises(ValueError, match="sample 7"):
+        _on_threads(fail_at_7, 40, threads)
+    assert not [t for t in threading.enumerate() if t.name == "mixmo-dali-views"]
+
+
+def test_cpu_views_per_copy_do_not_depend_on_the_number_of_threads(noise_root):
+    """The same bits with 1 and 3 DALI threads (and as many view-building threads)."""
+    kwargs = dict(batch=3, views=8, seed=5, channels_last=True)
+    one = _batches(_build(noise_root, **kwargs).train, 3)
+    three = _batches(_build(noise_root, dali_threads=3, **kwargs).train, 3)
+    for (a, la, ia), (b, lb, ib) in zip(one, three, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(a, b)
+
+
+def test_a_held_batch_of_cpu_views_is_never_written_again_and_dropped_ones_are_reused(noise_root):
+    """The view buffers are reused only once the consumer has dropped every tensor of the batch."""
+    loader = _build(noise_root, batch=2, views=8).train
+    assert len(loader) == 5
+    it = loader.iter_with_indices()
+    held, _, _ = next(it)
+    held_row = held[3]  # a view of the batch keeps it alive as well
+    snapshot = held.clone()
+    del held
+    buffers = set()
+    for _epoch in range(2):
+        for images, _, _ in it:
+            buffers.add(images.data_ptr())
+            del images
+        it = loader.iter_with_indices()
+    assert torch.equal(held_row, snapshot[3])
+    slots = {slot[0].data_ptr() for slot in loader._view_slots}
+    # 3 slots: the held batch, the one the loop has, and the next (the generator holds the last one it yielded).
+    assert len(loader._view_slots) == 3 and buffers <= slots and held_row.data_ptr() not in buffers
+
+
+@pytest.mark.parametrize(
+    ("train_crop", "views_in_dali"), [("pad_random", False), ("random_resized", False), ("random_resized", True)]
+)
+def test_one_view_per_copy_gives_the_authors_count_of_distinct_views(noise_root, train_crop, views_in_dali):
     """As for the torch backend: 1 distinct view among an image's 8 copies (b=4, M=2) with a shared view; with one
     view per copy what 8 independent draws give (pad_random: 7.83 on average; random_resized: 8)."""
     from test_data_torch import AUTHORS_DISTINCT_PAD, COPIES, distinct_views_per_image
 
-    kwargs = dict(batch=5, train_crop=train_crop, hflip=True, min_crop_scale=0.1)
+    kwargs = dict(batch=5, train_crop=train_crop, hflip=True, min_crop_scale=0.1, views_in_dali=views_in_dali)
     assert set(distinct_views_per_image(_build(noise_root, **kwargs).train, epochs=2)) == {1.0}
     loader = _build(noise_root, views=COPIES, **kwargs).train
     images, _ = next(iter(loader))
@@ -283,9 +412,9 @@ def test_pad_random_pads_four_black_pixels_at_most(solid_root, views):
     assert len(widths) >= 5  # the offsets really vary (9 x 9 possibilities)
 
 
-@pytest.mark.parametrize("views", [1, 8], ids=["shared", "per_copy"])
+@VIEWS
 @pytest.mark.parametrize("hflip", [False, True])
-def test_horizontal_flip(tmp_path, hflip, views):
+def test_horizontal_flip(tmp_path, hflip, views, views_in_dali):
     """Flips are drawn per view: with one view per copy an image's views are flipped on their own coins."""
     for split in ("train", "val"):
         folder = tmp_path / split / "a"
@@ -296,7 +425,7 @@ def test_horizontal_flip(tmp_path, hflip, views):
             pixels_HW3[:, 20:] = (30, 30, 220)
             Image.fromarray(pixels_HW3).save(folder / f"{k}.JPEG", quality=95)
     # min_crop_scale=1: the whole image, so both halves are always inside the crop.
-    data = _build(tmp_path, batch=4, min_crop_scale=1.0, hflip=hflip, views=views)
+    data = _build(tmp_path, batch=4, min_crop_scale=1.0, hflip=hflip, views=views, views_in_dali=views_in_dali)
     flipped = []
     for _ in range(4):
         for images, _ in data.train:

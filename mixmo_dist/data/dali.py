@@ -26,13 +26,16 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, DALIRaggedIterator, LastBatchPolicy
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from mixmo_dist.config import DataConfig
 from mixmo_dist.data import Data
@@ -40,7 +43,7 @@ from mixmo_dist.data.folder import CorruptImageError, load_rgb, unreadable_image
 from mixmo_dist.data.index import PathTable, folder_tables
 from mixmo_dist.data.placement import Placement
 from mixmo_dist.data.plan import EpochPlan
-from mixmo_dist.data.transforms import pad_random_views
+from mixmo_dist.data.transforms import Normalisation, pad_random_views, resized_view_into
 from mixmo_dist.runtime.seeds import derive_seed
 
 __all__ = ["DaliTrainLoader", "DaliValLoader", "build_dali_data"]
@@ -53,6 +56,8 @@ _OUTPUTS = ["images", "index"]
 _CROP_ATTEMPTS = 10
 # pad_random pads this many pixels on every side before the random crop (the CIFAR recipe).
 _PAD = 4
+# Reused output buffers of the CPU views per copy: the consumer's batch, the next one, and one more in hand.
+_VIEW_SLOTS = 3
 _STATE_FORMAT = "mixmo_dist.dali/2"
 _STATE_FORMAT_1 = "mixmo_dist.dali/1"  # before the shared epoch plan: resumable at its batch, not bit-exactly
 
@@ -72,6 +77,8 @@ class _Augment:
     gpu: bool
     views: int = 1
     """V augmented views of every train sample (`Placement.views_per_image`)."""
+    views_in_dali: bool = False
+    """random_resized with V > 1: resized by DALI (the GPU's graph), else by torch from DALI's draws (the CPU's)."""
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -88,7 +95,8 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
         images: float32, [B,H,W,C] when aug.channels_last else [B,C,H,W] (V > 1 in training: [B,V,H,W,C] /
             [B,V,C,H,W]); on the GPU when aug.gpu.
         index: int32 [B,1] sample indices (CPU); [B,1+3V] for pad_random with V > 1: then (top, left, flip) of
-            every view follow the index.
+            every view follow the index; [B,1+5V] for random_resized with V > 1 on the CPU, whose images are then
+            the decoded ones (`_cpu_view_draws`).
     """
     decoder_device = "mixed" if aug.gpu else "cpu"
     # The order is ours (see the module docstring): no shuffling and no shard rotation inside DALI. Shards are
@@ -118,7 +126,11 @@ def _image_pipeline(*, files: list[str], indices: list[int], shard_id: int, num_
         flips = fn.random.coin_flip(probability=0.5 if aug.hflip else 0.0, shape=(aug.views, 1), dtype=types.INT32)
         draws = fn.reshape(fn.cat(offsets, flips, axis=1), shape=(3 * aug.views,))
         return _normalise(images, aug, crop_pos=(0.5, 0.5), mirror=0), fn.cat(index, draws, axis=0)
-    return _train_views(jpegs, aug, decoder_device), index
+    views = _train_views(jpegs, aug, decoder_device)
+    if isinstance(views, tuple):  # random_resized views per copy on the CPU: the draws follow the index
+        images, draws = views
+        return images, fn.cat(index, draws, axis=0)
+    return views, index
 
 
 def _train_views(jpegs, aug: _Augment, decoder_device: str):
@@ -137,6 +149,8 @@ def _train_views(jpegs, aug: _Augment, decoder_device: str):
                 num_attempts=_CROP_ATTEMPTS,
             )
             crops = [fn.resize(window, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)]
+        elif not aug.views_in_dali:
+            return _cpu_view_draws(jpegs, aug)
         else:
             # One view per copy: decode the whole image once, then one random window per view (an ROI decode per
             # view would decode the image V times; docs/DESIGN.md has the measurement).
@@ -174,6 +188,35 @@ def _train_views(jpegs, aug: _Augment, decoder_device: str):
     return _normalise(images, aug, crop_pos=(crop_pos_x, crop_pos_y), mirror=_flip(aug))
 
 
+def _cpu_view_draws(jpegs, aug: _Augment):
+    """One random_resized view per copy on the CPU: the decoded images and every view's draws, for the loader to
+    resize (`_Batches._cpu_views`).
+
+    DALI's CPU resize costs ~1.0 ms per 224 px view here, with or without antialiasing (0.76), against 0.27 ms for
+    torch's antialiased bilinear uint8 kernel, the torch backend's; 8 views in DALI were 5.2x the shared view's
+    loader time (docs/BENCHMARKS.md). So DALI decodes each image once and draws the V windows
+    (`random_crop_generator`: RandomResizedCrop's area and aspect draws, 10 attempts, then the centred fallback) and
+    the V flips from its checkpointed generators, and the loader resizes with torch on `dali_threads` threads.
+
+    Returns:
+        (images: the decoded uint8 [H,W,3] of every sample, each its own size (`DALIRaggedIterator`),
+         draws: int32 [5V]: (top, left, height, width) of every view, then its V flips).
+    """
+    decoded = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    size_2 = decoded.shape(dtype=types.INT32)[0:2]
+    draws = []
+    for _ in range(aug.views):
+        anchor, shape = fn.random_crop_generator(
+            size_2,
+            random_area=(aug.min_crop_scale, 1.0),
+            random_aspect_ratio=(3 / 4, 4 / 3),
+            num_attempts=_CROP_ATTEMPTS,
+        )
+        draws += [fn.cast(anchor, dtype=types.INT32), fn.cast(shape, dtype=types.INT32)]
+    flips = fn.random.coin_flip(probability=0.5 if aug.hflip else 0.0, shape=(aug.views,), dtype=types.INT32)
+    return decoded, fn.cat(*draws, flips, axis=0)
+
+
 def _flip(aug: _Augment):
     """A per-sample coin for a horizontal flip (0 = never when flips are off)."""
     return fn.random.coin_flip(probability=0.5) if aug.hflip else 0
@@ -196,6 +239,30 @@ def _normalise(images, aug: _Augment, *, crop_pos, mirror, sequence: bool = Fals
         # HWC rows are what channels_last means physically; the wrapper only permutes the view.
         output_layout=frames + ("HWC" if aug.channels_last else "CHW"),
     )
+
+
+def _on_threads(work: Callable[[int], None], count: int, threads: int) -> None:
+    """`work(i)` for i in 0..count-1 on `threads` threads (this one and threads - 1 daemon threads started here,
+    which a process exit does not wait for), each taking the next i; raises the first failure after all have ended.
+    """
+    following = itertools.count()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while (i := next(following)) < count and not failures:
+                work(i)
+        except BaseException as err:  # noqa: BLE001  (raised again in the calling thread)
+            failures.append(err)
+
+    helpers = [threading.Thread(target=run, name="mixmo-dali-views", daemon=True) for _ in range(threads - 1)]
+    for helper in helpers:
+        helper.start()
+    run()
+    for helper in helpers:
+        helper.join()
+    if failures:
+        raise failures[0]
 
 
 class _Batches:
@@ -228,6 +295,9 @@ class _Batches:
         self._device_id = (
             (device.index if device.index is not None else torch.cuda.current_device()) if aug.gpu else None
         )
+        self._normalisation: Normalisation | None = None  # for CPU views per copy
+        self._cpu_views_per_copy = aug.train_crop == "random_resized" and aug.views > 1 and not aug.views_in_dali
+        self._view_slots: list[list] = []  # [buffer, its numpy array, weak reference to the delivered alias]
 
     @property
     def paths(self) -> Sequence[str]:
@@ -265,6 +335,18 @@ class _Batches:
         )
         # prepare_first_batch=False: building must not decode (a corrupt first batch would then escape the
         # diagnosis in _next, and a restored pipeline must not run ahead of its checkpoint).
+        if training and self._cpu_views_per_copy:
+            # Decoded images of different sizes: a list of them per batch (DALI's `pad` to one batch tensor cost
+            # ~1.0 ms of CPU per image, as much as the decode).
+            return DALIRaggedIterator(
+                [pipe],
+                _OUTPUTS,
+                output_types=[DALIRaggedIterator.SPARSE_LIST_TAG, DALIRaggedIterator.DENSE_TAG],
+                reader_name=_READER,
+                last_batch_policy=policy,
+                auto_reset=False,
+                prepare_first_batch=False,
+            )
         return DALIGenericIterator(
             [pipe],
             _OUTPUTS,
@@ -277,12 +359,16 @@ class _Batches:
     def _convert(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DALI outputs -> (images_BCHW float32 on device, labels_B int64 on device, index_B int64 on CPU)."""
         images = out["images"]
+        index = out["index"].long()
+        if isinstance(images, list):  # random_resized views per copy on the CPU, still to be resized
+            images_BCHW = self._cpu_views(images, index[:, 1:]).to(self._device, non_blocking=True)
+            index_B = index[:, 0]
+            return images_BCHW, self._class_of_N[index_B.to(self._device, non_blocking=True)], index_B
         if images.dim() == 5:
             images = images.flatten(0, 1)  # [B,V,...] views of each sample -> [B*V,...], sample-major
         if self._aug.channels_last:
             images = images.permute(0, 3, 1, 2)  # [B,H,W,C] -> a [B,C,H,W] view in channels_last memory format
         images_BCHW = images.to(self._device, non_blocking=True)
-        index = out["index"].long()
         index_B = index[:, 0]
         labels_B = self._class_of_N[index_B.to(self._device, non_blocking=True)]
         if index.shape[1] > 1:  # pad_random views to cut here: (top, left, flip) per view after the index
@@ -292,6 +378,54 @@ class _Batches:
             cl = self._aug.channels_last
             images_BCHW = pad_random_views(images_BCHW, draws_BV3[..., :2], flips_BV, fill_3, channels_last=cl)
         return images_BCHW, labels_B, index_B.cpu()
+
+    def _cpu_views(self, images_HW3: list[torch.Tensor], draws_BD: torch.Tensor) -> torch.Tensor:
+        """The V views of every decoded image from DALI's draws (`_cpu_view_draws`), resized by torch on the loader's
+        threads (`dali_threads` of them, the samples split among them; torch's kernels release the GIL).
+
+        Returns:
+            float32 [B*V,3,S,S], sample-major, normalised; channels_last memory when asked.
+        """
+        aug, views, side = self._aug, self._aug.views, self._aug.image_size
+        batch = len(images_HW3)
+        out_N3SS, delivered_N3SS = self._views_buffer((batch * views, 3, side, side))
+        boxes = draws_BD[:, : 4 * views].reshape(batch, views, 4).tolist()
+        flips = draws_BD[:, 4 * views :].bool().tolist()
+        if self._normalisation is None:
+            self._normalisation = Normalisation([m / 255 for m in aug.mean_255], [s / 255 for s in aug.std_255])
+
+        def sample(b: int) -> None:
+            image_13HW = images_HW3[b].permute(2, 0, 1).unsqueeze(0)
+            for v in range(views):
+                out_13SS = out_N3SS[b * views + v : b * views + v + 1]
+                resized_view_into(out_13SS, image_13HW, tuple(boxes[b][v]), flips[b][v], self._normalisation)
+
+        _on_threads(sample, batch, self._threads)
+        return delivered_N3SS
+
+    def _views_buffer(self, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the buffer to write a batch of CPU views into, the tensor to deliver: the same memory).
+
+        A batch's 150 MB of new float32 pages cost ~0.2 ms of CPU per 224 px view on this VM (allocated and zeroed
+        at the first write, freed when the consumer drops the batch), half of what the view costs otherwise. So up to
+        `_VIEW_SLOTS` buffers are written again: the delivered tensor is an alias with a storage of its own, and its
+        slot is free again once the consumer has dropped it and every view of it (a weak reference expires), as in
+        `data/batch_pool.py`. A consumer holding more batches gets new buffers.
+        """
+        fmt = torch.channels_last if self._aug.channels_last else torch.contiguous_format
+        for slot in self._view_slots:
+            if slot[0].shape == shape and (slot[2] is None or slot[2].expired()):
+                break
+        else:
+            if len(self._view_slots) >= _VIEW_SLOTS:
+                fresh = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+                return fresh, fresh
+            buffer = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+            slot = [buffer, buffer.numpy(), None]
+            self._view_slots.append(slot)
+        alias = torch.from_numpy(slot[1])
+        slot[2] = StorageWeakRef(alias.untyped_storage())
+        return slot[0], alias
 
     def _corrupt_error(self, err: RuntimeError, candidates: Sequence[int]) -> CorruptImageError | None:
         """Finds the file behind a DALI pipeline failure, or None when no candidate is at fault.
@@ -541,7 +675,7 @@ class DaliValLoader(_Batches):
             yield batch
 
 
-def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
+def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool, views_in_dali: bool = False) -> Data:
     """Builds the DALI training and validation loaders of an ImageNet-layout folder `cfg.root`.
 
     Args:
@@ -550,6 +684,8 @@ def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
         place: this rank's placement; `unique_per_rank` is the training batch, the run seed orders the samples on
             every rank and, mixed with the rank, seeds the augmentation.
         gpu: decode on the GPU (nvJPEG "mixed" decoder) instead of on the CPU; the device must then be CUDA.
+        views_in_dali: random_resized views per copy resized by DALI (`random_resized_crop`), not by torch from
+            DALI's draws; always on the GPU. The tests set it on the CPU to run the GPU's graph there.
     Returns:
         Data with backend "dali-gpu" or "dali-cpu".
     Raises:
@@ -577,6 +713,7 @@ def build_dali_data(cfg: DataConfig, place: Placement, *, gpu: bool) -> Data:
         std_255=tuple(255.0 * v for v in place.std),
         channels_last=place.channels_last,
         gpu=gpu,
+        views_in_dali=gpu or bool(views_in_dali),
         views=place.views_per_image,
     )
     common = dict(

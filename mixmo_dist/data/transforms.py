@@ -131,22 +131,39 @@ def random_resized_views_into(
         out_V3SS: uint8 [V,3,S,S] (with `normalise` None) or float32 (with `normalise`), in any memory format;
             channels_last is the cheapest (the resize's own output layout).
     """
-    views, _, side, _ = out_V3SS.shape
+    views = out_V3SS.shape[0]
     assert (normalise is None) == (out_V3SS.dtype == torch.uint8), "uint8 views, or float32 normalised ones"
     image_13HW = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     for v in range(views):
-        top, left, box_h, box_w = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
-        # The box as its own channels_last tensor: torch's kernel resizes a contiguous input ~20% faster than a
-        # window of the whole image (0.30 -> 0.235 ms per 224 px view here, with the copy; the same bits).
-        crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
-        crop_13hw = crop_13hw.contiguous(memory_format=torch.channels_last)
-        view_13SS = F.interpolate(crop_13hw, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        if hflip and bool(torch.rand((), generator=gen) < 0.5):
-            view_13SS = view_13SS.flip(3)
-        if normalise is None:
-            out_V3SS[v] = view_13SS[0]
-        else:
-            normalise.into(out_V3SS[v : v + 1], view_13SS)
+        box = random_resized_crop_box(img.height, img.width, min_crop_scale, gen)
+        flip = hflip and bool(torch.rand((), generator=gen) < 0.5)
+        resized_view_into(out_V3SS[v : v + 1], image_13HW, box, flip, normalise)
+
+
+def resized_view_into(
+    out_13SS: Tensor,
+    image_13HW: Tensor,
+    box: tuple[int, int, int, int],
+    flip: bool,
+    normalise: Normalisation | None = None,
+) -> None:
+    """One view: the (top, left, height, width) `box` of the uint8 image resized to S x S (bilinear, antialiased),
+    flipped when `flip`, written into `out_13SS` as uint8 or normalised to float32 by `normalise`. The torch
+    backend's views and the DALI backend's CPU views per copy (whose boxes and flips DALI draws) both come from here.
+    """
+    top, left, box_h, box_w = box
+    side = out_13SS.shape[-1]
+    # The box as its own channels_last tensor: torch's kernel resizes a contiguous input ~20% faster than a
+    # window of the whole image (0.30 -> 0.235 ms per 224 px view here, with the copy; the same bits).
+    crop_13hw = image_13HW[:, :, top : top + box_h, left : left + box_w]
+    crop_13hw = crop_13hw.contiguous(memory_format=torch.channels_last)
+    view_13SS = F.interpolate(crop_13hw, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    if flip:
+        view_13SS = view_13SS.flip(3)
+    if normalise is None:
+        out_13SS.copy_(view_13SS)
+    else:
+        normalise.into(out_13SS, view_13SS)
 
 
 def random_resized_views(
