@@ -310,6 +310,26 @@ def test_the_view_threads_do_every_sample_once_and_raise_a_failure(threads):
     assert not [t for t in threading.enumerate() if t.name == "mixmo-dali-views"]
 
 
+@pytest.mark.parametrize("saved_in_dali", [True, False])
+def test_a_state_of_the_other_views_graph_resumes_at_its_batch(noise_root, caplog, saved_in_dali):
+    """A mid-epoch state written by the other per-copy graph (DALI's resize before 2026-12-07, or the GPU's): its DALI
+    checkpoint cannot restore this graph, so the loader resumes at the same batch, same files, with new draws."""
+    kwargs = dict(batch=2, views=8, seed=4)
+    writer = _build(noise_root, views_in_dali=saved_in_dali, **kwargs).train
+    _batches(writer, 2)
+    state = writer.state_dict()
+    assert state["batch"] == 2 and state["dali_checkpoint"] is not None
+    if saved_in_dali:
+        del state["graph"]  # as the states written before the key existed
+    reference = [index for _, _, index in _batches(_build(noise_root, **kwargs).train, 5)]
+    reader = _build(noise_root, views_in_dali=not saved_in_dali, **kwargs).train
+    with caplog.at_level("WARNING", logger="mixmo_dist"):
+        reader.load_state_dict(state)
+    assert "another pipeline graph" in caplog.text and "resuming at batch 2" in caplog.text
+    got = _batches(reader, 3)
+    assert [index.tolist() for _, _, index in got] == [index.tolist() for index in reference[2:]]
+
+
 def test_cpu_views_per_copy_do_not_depend_on_the_number_of_threads(noise_root):
     """The same bits with 1 and 3 DALI threads (and as many view-building threads)."""
     kwargs = dict(batch=3, views=8, seed=5, channels_last=True)

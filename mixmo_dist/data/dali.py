@@ -58,6 +58,8 @@ _CROP_ATTEMPTS = 10
 _PAD = 4
 # Reused output buffers of the CPU views per copy: the consumer's batch, the next one, and one more in hand.
 _VIEW_SLOTS = 3
+_GRAPH_DALI_VIEWS = "dali-views"  # every graph but the next one
+_GRAPH_TORCH_VIEWS = "torch-views"  # random_resized views per copy on the CPU: DALI's draws, torch's resize
 _STATE_FORMAT = "mixmo_dist.dali/2"
 _STATE_FORMAT_1 = "mixmo_dist.dali/1"  # before the shared epoch plan: resumable at its batch, not bit-exactly
 
@@ -297,6 +299,8 @@ class _Batches:
         )
         self._normalisation: Normalisation | None = None  # for CPU views per copy
         self._cpu_views_per_copy = aug.train_crop == "random_resized" and aug.views > 1 and not aug.views_in_dali
+        # Which graph a DALI checkpoint in this loader's state belongs to (states without the key: the DALI one).
+        self._graph = _GRAPH_TORCH_VIEWS if self._cpu_views_per_copy else _GRAPH_DALI_VIEWS
         self._view_slots: list[list] = []  # [buffer, its numpy array, weak reference to the delivered alias]
 
     @property
@@ -575,6 +579,7 @@ class DaliTrainLoader(_Batches):
             "rank": self._rank,
             "seed": self._seed,
             "dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii"),
+            "graph": self._graph,
         }
 
     def _check_state(self, state: dict) -> None:
@@ -606,6 +611,16 @@ class DaliTrainLoader(_Batches):
             self._start = batch
             return
         encoded = state.get("dali_checkpoint")
+        if encoded is not None and state.get("graph", _GRAPH_DALI_VIEWS) != self._graph:
+            # A DALI checkpoint restores only the graph that wrote it ("doesn't recognize __RandomResizedCrop_1").
+            log.warning(
+                "DALI loader state of another pipeline graph (%s, now %s: the random_resized views per copy changed "
+                "how they are resized): resuming at batch %d with fresh augmentation draws",
+                state.get("graph", _GRAPH_DALI_VIEWS),
+                self._graph,
+                batch,
+            )
+            encoded = None
         if 0 < batch < self._plan.steps and encoded is not None:
             self._start, self._restore = int(state["pipeline_start"]), base64.b64decode(encoded)
         else:
