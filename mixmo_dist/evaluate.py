@@ -44,6 +44,7 @@ from typing import Any
 import torch.distributed as dist
 
 from mixmo_dist.checkpoint import CheckpointError
+from mixmo_dist.checkpoint.reader import WEIGHTS
 from mixmo_dist.config import ConfigError, parse_overrides
 from mixmo_dist.evaluation.runner import run
 from mixmo_dist.runtime.files import write_json_atomic
@@ -80,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "--ood", help="image folder DIR/<class>/<image> of classes outside the training set: OOD detection metrics"
     )
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="auto",
+        help="auto (default): the EMA weights when the run kept them (optim.ema_decay; what its validation scored), "
+        "else the trained ones; ema; raw: the trained weights",
+    )
     return parser
 
 

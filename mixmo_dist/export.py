@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from mixmo_dist.checkpoint import CheckpointError
-from mixmo_dist.checkpoint.reader import load_checkpoint, resolve_checkpoint
+from mixmo_dist.checkpoint.reader import WEIGHTS, load_checkpoint, resolve_checkpoint
 from mixmo_dist.config import ConfigError
 from mixmo_dist.model.weights import export_folded, export_hub
 from mixmo_dist.runtime.logs import setup_logging
@@ -35,11 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="output .safetensors file")
     where.add_argument("--hub-dir", help="output folder in the Hugging Face Hub / timm format (must be new or empty)")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="auto",
+        help="auto (default): the EMA weights when the run kept them (what its validation scored), else the trained "
+        "ones; ema; raw",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     target = f"--out {args.out}" if args.out else f"--hub-dir {args.hub_dir}"
     try:
-        loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        loaded = load_checkpoint(resolve_checkpoint(args.checkpoint), weights=args.weights)
         if args.out:
             result = {"out": str(args.out), **export_folded(loaded, args.out)}
         else:

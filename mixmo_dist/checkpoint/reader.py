@@ -42,6 +42,8 @@ class LoadedCheckpoint:
         shape: the stored shape settings (arch, num_members, num_classes, classes, ...).
         model: the MixMoNet with the checkpoint's weights, on the CPU, in eval mode.
         mean, std: the input normalisation the run trained with (see `normalization_of`).
+        weights: which weights `model` holds: "ema" (the moving average, what the run validated with when
+            optim.ema_decay was set) or "raw" (the trained weights, model.safetensors).
     """
 
     path: Path
@@ -51,6 +53,7 @@ class LoadedCheckpoint:
     model: MixMoNet
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    weights: str = "raw"
 
     @property
     def classes(self) -> list[str]:
@@ -64,13 +67,20 @@ def _merge(stored: Mapping[str, Any], overrides: Mapping[str, Mapping[str, Any]]
     return merged
 
 
-def load_checkpoint(step_dir: str | os.PathLike[str], overrides: Mapping[str, Mapping[str, Any]] | None = None):
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_checkpoint(
+    step_dir: str | os.PathLike[str], overrides: Mapping[str, Mapping[str, Any]] | None = None, weights: str = "auto"
+):
     """Rebuild the MixMoNet of a verified step directory (see `resolve_checkpoint`) from its own files.
 
     Args:
         step_dir: the checkpoint directory.
         overrides: `{section: {key: value}}` applied over the stored config (e.g. a new `data.root`); settings that
             define tensor shapes (model.arch, model.num_classes, mixmo.num_members) come from the checkpoint.
+        weights: "auto" = the EMA weights when the run kept them (optim.ema_decay set: its validation scored those),
+            else the trained ones; "ema" = the EMA weights (an error without them); "raw" = the trained weights.
 
     Returns:
         LoadedCheckpoint; weights are loaded with safetensors only, strictly.
@@ -91,17 +101,36 @@ def load_checkpoint(step_dir: str | os.PathLike[str], overrides: Mapping[str, Ma
             log.warning("--%s.%s has no effect: the network's shape comes from checkpoint %s", section, key, step_dir)
     config = config_from_dict(_merge(state["config"], overrides))
     model = build_model(shape["arch"], int(shape["num_members"]), int(shape["num_classes"]))
-    tensors = store.read_tensors(step_dir, "model.safetensors")
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    kept_ema = state["config"].get("optim", {}).get("ema_decay") is not None
+    if weights == "ema" and not kept_ema:
+        raise CheckpointError(
+            f"checkpoint {step_dir} has no EMA weights (the run had optim.ema_decay null); use --weights raw or auto"
+        )
+    which = "ema" if kept_ema and weights != "raw" else "raw"
+    if which == "ema":
+        source = "trainer.safetensors (ema/)"
+        tensors = {k[4:]: v for k, v in store.read_tensors(step_dir, "trainer.safetensors").items() if k[:4] == "ema/"}
+        if not tensors:
+            raise CheckpointError(f"checkpoint {step_dir}: optim.ema_decay is set but {source} holds no tensors")
+    else:
+        source = "model.safetensors"
+        tensors = store.read_tensors(step_dir, "model.safetensors")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:400]
         raise CheckpointError(
-            f"checkpoint {step_dir}: model.safetensors does not fit {shape['arch']} with M={shape['num_members']}, "
+            f"checkpoint {step_dir}: {source} does not fit {shape['arch']} with M={shape['num_members']}, "
             f"K={shape['num_classes']}: {detail}"
         ) from None
+    if which == "ema":
+        log.info(
+            "checkpoint %s: the EMA weights (what its run validated with; --weights raw for the trained ones)", step_dir
+        )
     mean, std = normalization_of(step_dir, shape["arch"])
-    return LoadedCheckpoint(step_dir, int(state.get("step", 0)), config, shape, model.eval(), mean, std)
+    return LoadedCheckpoint(step_dir, int(state.get("step", 0)), config, shape, model.eval(), mean, std, which)
 
 
 def normalization_of(step_dir: Path, arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
     setup_logging(accelerator.is_main_process)
     resolve = lambda: [str(resolve_checkpoint(p)) for p in args.checkpoint]  # noqa: E731
     paths = _broadcast_from_main(comm, accelerator.is_main_process, resolve)
-    loaded = [load_checkpoint(p, overrides) for p in paths]
+    loaded = [load_checkpoint(p, overrides, getattr(args, "weights", "auto")) for p in paths]
     classes = check_same_classes(loaded)
     first = loaded[0]
     data_cfg = first.config.data
@@ -301,6 +301,7 @@ def run(args: argparse.Namespace, overrides: dict) -> dict:
         checkpoints=[str(item.path) for item in loaded],
         steps=[item.step for item in loaded],
         archs=[item.shape["arch"] for item in loaded],
+        weights=[item.weights for item in loaded],
         members_per_network=[net.num_members for net in evaluator.networks],
         num_members=evaluator.num_members,
         split=args.split,

@@ -83,6 +83,7 @@ def export_folded(loaded: LoadedCheckpoint, out: str | os.PathLike[str]) -> dict
         "std": json.dumps(list(loaded.std)),
         "source_checkpoint": str(loaded.path.resolve()),
         "source_step": str(loaded.step),
+        "source_weights": loaded.weights,
         "num_members": str(loaded.shape["num_members"]),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in loaded.model.folded_state_dict().items()}
@@ -118,6 +119,7 @@ def hub_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
             "num_members": int(loaded.shape["num_members"]),
             "source_checkpoint": str(loaded.path.resolve()),
             "source_step": int(loaded.step),
+            "source_weights": loaded.weights,
             "folding": "encoders summed, heads averaged: the logits are the members' mean logits",
         },
     }
@@ -133,7 +135,8 @@ def _model_card(config: dict[str, Any], metrics: dict[str, Any] | None) -> str:
         f"# {arch}, MixMo M={mixmo['num_members']}, folded",
         "",
         f"A {mixmo['num_members']}-member MixMo network (Ramé, Sun, Cord, ICCV 2021) trained with mixmo_dist and "
-        f"folded into a plain timm `{arch}` ({mixmo['folding']}). Step {mixmo['source_step']} of "
+        f"folded into a plain timm `{arch}` ({mixmo['folding']}). Step {mixmo['source_step']} "
+        f"({'the EMA weights' if mixmo.get('source_weights') == 'ema' else 'the trained weights'}) of "
         f"`{mixmo['source_checkpoint']}`; {config['num_classes']} classes, input "
         f"{config['pretrained_cfg']['input_size'][1]} px.",
         "",
