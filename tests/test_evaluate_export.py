@@ -258,6 +258,44 @@ def test_hub_export_loads_in_a_fresh_timm_process_with_the_ensembles_logits(run_
     assert sorted(p.name for p in hub.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("kind", ["hub-dir", "out"])
+def test_an_export_onto_a_full_disk_is_one_line_leaves_nothing_and_works_once_space_is_freed(
+    run_a, tmp_path, capsys, kind
+):
+    """A real tmpfs with 1 MiB left: the folded resnet18 (~45 MB) does not fit. One line naming the target and the
+    cause (safetensors raises its own error for a failed write, not an OSError), no partial file or temporary
+    folder; once space is freed, the same command writes the export."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_bsize - (1 << 20)))
+        target = disk / "exports" / ("hub" if kind == "hub-dir" else "folded.safetensors")
+        command = ["--checkpoint", str(run_a), f"--{kind}", str(target)]
+        capsys.readouterr()
+        assert export_main(command) == 2
+        captured = capsys.readouterr()
+        assert (
+            captured.err
+            == f"error: cannot write --{kind} {target} (No space left on device); choose a writable place\n"
+        )
+        assert captured.out == "" and sorted(p.name for p in disk.rglob("*")) == ["exports", "filler"]
+        (disk / "filler").unlink()
+        assert export_main(command) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["mixmo"] if kind == "hub-dir" else printed)["source_weights"] == "raw"  # run_a has no EMA
+        written = target / "model.safetensors" if kind == "hub-dir" else target
+        with safe_open(str(written), "pt") as f:
+            assert "fc.weight" in f.keys()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_export_errors_exit_2(tmp_path, capsys):
     assert export_main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "error: checkpoint" in capsys.readouterr().err

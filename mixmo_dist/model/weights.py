@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,7 @@ def export_folded(loaded: LoadedCheckpoint, out: str | os.PathLike[str]) -> dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in loaded.model.folded_state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as part:
-        save_file(tensors, str(part), metadata=metadata)
+        _save_file(tensors, part, metadata)
     return metadata
 
 
@@ -174,7 +175,7 @@ def export_hub(loaded: LoadedCheckpoint, out_dir: str | os.PathLike[str], metric
     try:
         part.mkdir()
         (part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(part / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(tensors, part / "model.safetensors", {"format": "pt"})
         (part / "README.md").write_text(_model_card(config, metrics))
         for child in part.iterdir():
             os.chmod(child, 0o666 & ~_umask())
@@ -185,6 +186,19 @@ def export_hub(loaded: LoadedCheckpoint, out_dir: str | os.PathLike[str], metric
         shutil.rmtree(part, ignore_errors=True)
         raise
     return config
+
+
+def _save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, with a failed write raised as the OSError it is: safetensors reports a full disk or
+    a quota as its own SafetensorError ("I/O error: No space left on device (os error 28)"), which the commands'
+    one-line handling of OSError would not catch."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
