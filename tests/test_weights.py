@@ -98,6 +98,7 @@ def test_export_folded_writes_the_folded_weights_and_every_metadata_field(loaded
         "std": "[0.4, 0.5, 0.6]",
         "source_checkpoint": str(loaded.path.resolve()),
         "source_step": "42",
+        "source_weights": "raw",
         "num_members": str(M),
     }
     assert meta == expected
@@ -138,6 +139,7 @@ def test_hub_config_every_field(loaded):
             "num_members": M,
             "source_checkpoint": str(loaded.path.resolve()),
             "source_step": 42,
+            "source_weights": "raw",
             "folding": "encoders summed, heads averaged: the logits are the members' mean logits",
         },
     }
@@ -154,7 +156,7 @@ def test_model_card_with_and_without_metrics(loaded):
         "---",
         f"# {ARCH}, MixMo M=3, folded",
     ]
-    assert "Step 42 of" in card and "5 classes, input 40 px." in card
+    assert "Step 42 (the trained weights) of" in card and "5 classes, input 40 px." in card
     assert 'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)' in lines
     assert lines[-3:] == ["|---|---|", "| top1 | 0.75 |", "| nll | 0.5 |"]
     assert card.endswith("| nll | 0.5 |\n")
@@ -170,7 +172,7 @@ def test_model_card_with_and_without_metrics(loaded):
                 "",
                 "A 3-member MixMo network (Ramé, Sun, Cord, ICCV 2021) trained with mixmo_dist and folded into a "
                 "plain timm `resnet18` (encoders summed, heads averaged: the logits are the members' mean logits). "
-                "Step 42 of "
+                "Step 42 (the trained weights) of "
                 f"`{loaded.path.resolve()}`; 5 classes, input 40 px.",
                 "",
                 "```python",
@@ -189,6 +191,8 @@ def test_model_card_with_and_without_metrics(loaded):
     bare = _model_card(config, None)
     assert bare.endswith("The run recorded no validation metrics.\n") and "| metric" not in bare
     assert _model_card(config, {}).endswith("The run recorded no validation metrics.\n")
+    ema = hub_config(dataclasses.replace(loaded, weights="ema"))
+    assert ema["mixmo"]["source_weights"] == "ema" and "Step 42 (the EMA weights) of" in _model_card(ema, None)
 
 
 def test_export_hub_writes_the_folder_and_only_it(loaded, tmp_path):
