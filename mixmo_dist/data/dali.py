@@ -364,17 +364,15 @@ class _Batches:
         """DALI outputs -> (images_BCHW float32 on device, labels_B int64 on device, index_B int64 on CPU)."""
         images = out["images"]
         index = out["index"].long()
+        index_B = index[:, 0]
+        labels_B = self._class_of_N[index_B.to(self._device, non_blocking=True)]
         if isinstance(images, list):  # random_resized views per copy on the CPU, still to be resized
-            images_BCHW = self._cpu_views(images, index[:, 1:]).to(self._device, non_blocking=True)
-            index_B = index[:, 0]
-            return images_BCHW, self._class_of_N[index_B.to(self._device, non_blocking=True)], index_B
+            return self._cpu_views(images, index[:, 1:]).to(self._device, non_blocking=True), labels_B, index_B.cpu()
         if images.dim() == 5:
             images = images.flatten(0, 1)  # [B,V,...] views of each sample -> [B*V,...], sample-major
         if self._aug.channels_last:
             images = images.permute(0, 3, 1, 2)  # [B,H,W,C] -> a [B,C,H,W] view in channels_last memory format
         images_BCHW = images.to(self._device, non_blocking=True)
-        index_B = index[:, 0]
-        labels_B = self._class_of_N[index_B.to(self._device, non_blocking=True)]
         if index.shape[1] > 1:  # pad_random views to cut here: (top, left, flip) per view after the index
             draws_BV3 = index[:, 1:].reshape(index.shape[0], -1, 3).to(self._device)
             fill_3 = -(torch.tensor(self._aug.mean_255) / torch.tensor(self._aug.std_255)).to(self._device)

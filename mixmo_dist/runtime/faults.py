@@ -361,18 +361,20 @@ def record_and_requeue(
         return phrase
     phrase = f"; requeueing job {record['job']} ({len(same)} of fault.max_requeues={max_requeues} in a row)"
     say(phrase)
+    failure = _run_requeue(cmd)
+    if failure:
+        print(f"error: rank {state.rank}: {failure} (another rank may have requeued)", file=sys.stderr, flush=True)
+    return phrase
+
+
+def _run_requeue(cmd: list[str]) -> str | None:
+    """Runs `scontrol requeue JOB`; None when slurmctld took it, else what went wrong (scontrol's answer or the
+    error of running it)."""
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        failure = (
-            None
-            if res.returncode == 0
-            else (f"`{' '.join(cmd)}` answered: {' '.join(res.stderr.split())[:200]} (another rank may have requeued)")
-        )
     except (OSError, subprocess.TimeoutExpired) as err:
-        failure = f"requeue failed ({' '.join(cmd)}: {err})"
-    if failure:
-        print(f"error: rank {state.rank}: {failure}", file=sys.stderr, flush=True)
-    return phrase
+        return f"`{' '.join(cmd)}` failed: {err}"
+    return None if res.returncode == 0 else f"`{' '.join(cmd)}` answered: {' '.join(res.stderr.split())[:200]}"
 
 
 def requeue_after_failed_step(out_dir: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -402,15 +404,10 @@ def requeue_after_failed_step(out_dir: Path, env: dict[str, str] | None = None) 
     if not asked:
         return 0, f"no rank of job {job} (restart {restart}) asked for a requeue in {out_dir / 'faults.jsonl'}"
     first = asked[0]
-    cmd = ["scontrol", "requeue", job]
     why = f"rank {first.get('rank')} asked for it after a {first.get('kind')} at step {first.get('step')}"
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return 1, f"requeue of job {job} failed ({' '.join(cmd)}: {err}); {why}"
-    if res.returncode != 0:
-        answer = " ".join(res.stderr.split())[:200]
-        return 1, f"`{' '.join(cmd)}` answered: {answer} (a rank may have requeued it already); {why}"
+    failure = _run_requeue(["scontrol", "requeue", job])
+    if failure:
+        return 1, f"{failure} (a rank may have requeued it already); {why}"
     return 0, f"requeued job {job}: {why}"
 
 
