@@ -7,14 +7,16 @@ M = 3 members throughout, so a sum and a mean of the members differ, and so do /
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mixmo_dist.checkpoint.reader import LoadedCheckpoint
@@ -516,3 +518,28 @@ def test_a_pickle_that_is_more_than_weights_is_refused_unread(tmp_path):
 
 class _Pickled:
     """An object torch.load(weights_only=True) refuses to build."""
+
+
+def test_a_failed_safetensors_write_is_raised_as_the_oserror_it_is(tmp_path):
+    """safetensors reports a full disk as its own SafetensorError; `_save_file` raises it as an OSError (errno,
+    message, file) so the commands' one-line handling of OSError names it. A real 64 KiB tmpfs."""
+    from mixmo_dist.model.weights import _save_file
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        target = disk / "x.safetensors"
+        with pytest.raises(OSError) as info:
+            _save_file({"a": torch.zeros(100_000)}, target, {"format": "pt"})
+        err = info.value
+        assert (err.errno, err.strerror, err.filename) == (errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        assert isinstance(err.__cause__, SafetensorError)
+        _save_file({"a": torch.arange(4.0)}, target, {"format": "pt"})  # what fits is written
+        assert torch.equal(load_file(str(target))["a"], torch.arange(4.0))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
