@@ -62,6 +62,23 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @contextmanager
+def tmpfs_mount(path: Path, size: str):
+    """`path` as a new tmpfs of `size` (e.g. "64k") for the block, unmounted afterwards; skips without root or mount."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextmanager
 def read_only_mount(path: Path, source: Path | None = None):
     """`path` as a read-only mount for the block: an empty tmpfs, or a read-only bind of `source` (a copy of a run).
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ACCELERATE_LAUNCH, read_only_mount
+from conftest import ACCELERATE_LAUNCH, read_only_mount, tmpfs_mount
 from PIL import Image, ImageFilter
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -265,14 +265,7 @@ def test_an_export_onto_a_full_disk_is_one_line_leaves_nothing_and_works_once_sp
     """A real tmpfs with 1 MiB left: the folded resnet18 (~45 MB) does not fit. One line naming the target and the
     cause (safetensors raises its own error for a failed write, not an OSError), no partial file or temporary
     folder; once space is freed, the same command writes the export."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with tmpfs_mount(tmp_path / "disk", "64m") as disk:
         st = os.statvfs(disk)
         (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_bsize - (1 << 20)))
         target = disk / "exports" / ("hub" if kind == "hub-dir" else "folded.safetensors")
@@ -292,8 +285,6 @@ def test_an_export_onto_a_full_disk_is_one_line_leaves_nothing_and_works_once_sp
         written = target / "model.safetensors" if kind == "hub-dir" else target
         with safe_open(str(written), "pt") as f:
             assert "fc.weight" in f.keys()
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_export_errors_exit_2(tmp_path, capsys):

@@ -10,12 +10,12 @@ import dataclasses
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import tmpfs_mount
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -525,14 +525,7 @@ def test_a_failed_safetensors_write_is_raised_as_the_oserror_it_is(tmp_path):
     message, file) so the commands' one-line handling of OSError names it. A real 64 KiB tmpfs."""
     from mixmo_dist.model.weights import _save_file
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with tmpfs_mount(tmp_path / "disk", "64k") as disk:
         target = disk / "x.safetensors"
         with pytest.raises(OSError) as info:
             _save_file({"a": torch.zeros(100_000)}, target, {"format": "pt"})
@@ -541,5 +534,3 @@ def test_a_failed_safetensors_write_is_raised_as_the_oserror_it_is(tmp_path):
         assert isinstance(err.__cause__, SafetensorError)
         _save_file({"a": torch.arange(4.0)}, target, {"format": "pt"})  # what fits is written
         assert torch.equal(load_file(str(target))["a"], torch.arange(4.0))
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
